@@ -1,0 +1,100 @@
+"""The Multi-step item table: rows of the items touched in the current window, in CPU memory.
+
+Each touched item keeps its current table value (the cached encoder vector moved by plain SGD
+with every gradient the CF model sent it; the regression target at window end) and the sum of
+those gradients. Only touched items are stored, so memory grows with the window's items, not
+the catalogue. With CUDA present the rows are pinned so copies to the GPU are asynchronous.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ItemTable:
+    """Sparse per-window item rows: value and summed gradient, keyed by catalogue row."""
+
+    def __init__(self, dim: int, pin: bool | None = None, capacity: int = 1024):
+        self.dim = dim
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._keys = torch.empty(0, dtype=torch.long)  # sorted item rows
+        self._slots = torch.empty(0, dtype=torch.long)  # slot of each sorted key
+        self._items = torch.empty(0, dtype=torch.long)  # item of each slot, insertion order
+        self.values = self._alloc(capacity)
+        self.grads = self._alloc(capacity)
+
+    def _alloc(self, n: int) -> torch.Tensor:
+        t = torch.zeros(n, self.dim, dtype=torch.float32)
+        return t.pin_memory() if self.pin else t
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def items(self) -> torch.Tensor:
+        """Touched item rows in insertion order."""
+        return self._items.clone()
+
+    def slots(self, items: torch.Tensor) -> torch.Tensor:
+        """Slot of each item, -1 where the item is not in the table."""
+        items = items.cpu().long()
+        if len(self._keys) == 0:
+            return torch.full_like(items, -1)
+        pos = torch.searchsorted(self._keys, items).clamp(max=len(self._keys) - 1)
+        found = self._keys[pos] == items
+        return torch.where(found, self._slots[pos], torch.full_like(items, -1))
+
+    def missing(self, items: torch.Tensor) -> torch.Tensor:
+        """The given (unique) items that the table does not hold yet."""
+        return items.cpu()[self.slots(items) < 0]
+
+    def insert(self, items: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Add new items with their freshly encoded vectors (zero gradient so far)."""
+        if len(items) == 0:
+            return
+        n = len(self._items)
+        need = n + len(items)
+        if need > len(self.values):
+            cap = max(need, 2 * len(self.values))
+            for name in ("values", "grads"):
+                new = self._alloc(cap)
+                new[:n] = getattr(self, name)[:n]
+                setattr(self, name, new)
+        self.values[n:need] = vectors.detach().float().cpu()
+        self.grads[n:need] = 0
+        self._items = torch.cat([self._items, items.cpu().long()])
+        keys = torch.cat([self._keys, items.cpu().long()])
+        slots = torch.cat([self._slots, torch.arange(n, need)])
+        order = torch.argsort(keys)
+        self._keys, self._slots = keys[order], slots[order]
+
+    def rows(self, items: torch.Tensor, device) -> torch.Tensor:
+        """Current values of held items, moved to ``device``."""
+        return self.values[self.slots(items)].to(device, non_blocking=True)
+
+    def apply(self, items: torch.Tensor, grads: torch.Tensor, lr: float) -> None:
+        """Plain SGD on the rows (no momentum, no decay) and accumulate the gradients."""
+        s = self.slots(items)
+        g = grads.detach().float().cpu()
+        self.values.index_add_(0, s, g, alpha=-lr)
+        self.grads.index_add_(0, s, g)
+
+    def targets(self, items: torch.Tensor) -> torch.Tensor:
+        """Regression targets (current values) of held items, on CPU."""
+        return self.values[self.slots(items)]
+
+    def clear(self) -> None:
+        """Forget every row (end of window); capacity is kept for the next window."""
+        self._keys = torch.empty(0, dtype=torch.long)
+        self._slots = torch.empty(0, dtype=torch.long)
+        self._items = torch.empty(0, dtype=torch.long)
+
+    def state_dict(self) -> dict:
+        """The rows held now, for checkpoints."""
+        n = len(self._items)
+        return {"items": self._items.clone(), "values": self.values[:n].clone(), "grads": self.grads[:n].clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore rows saved by ``state_dict``."""
+        self.clear()
+        self.insert(state["items"], state["values"])
+        self.grads[: len(state["items"])] = state["grads"]

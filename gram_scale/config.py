@@ -1,0 +1,189 @@
+"""All options of a run: one dataclass, CLI flags mirroring its fields, validated once at start."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gram_scale.errors import InputError
+
+TASKS = ("kt", "news")
+STRATEGIES = ("e2e", "single", "multi")
+POOLINGS = ("mean", "cls")
+REPORTERS = ("none", "wandb", "tensorboard")
+PRECISIONS = ("fp32", "bf16")
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Options:
+    """Every option of a training run; each field is also a ``--flag``."""
+
+    # what to train on
+    task: str = _opt("kt", "task: kt (knowledge tracing, DKT) or news (MIND, NRMS)", choices=TASKS)
+    data: str = _opt(
+        "",
+        "data folder (KT: items.csv + interactions.csv; news: MIND train/ and dev/); "
+        "empty = a built-in synthetic set generated into the cache folder",
+    )
+    use_abstract: bool = _opt(False, "news: item text is title + abstract instead of the title")
+    valid_frac: float = _opt(0.1, "KT: fraction of users for validation")
+    test_frac: float = _opt(0.1, "KT: fraction of users for test")
+    cold_frac: float = _opt(0.1, "KT: fraction of items held out of training (cold start)")
+    # content encoder
+    encoder: str = _opt("", "Hugging Face encoder folder (loaded offline); empty = all-MiniLM-L6-v2")
+    pooling: str = _opt("mean", "item vector pooling: mean or cls", choices=POOLINGS)
+    max_tokens: int = _opt(32, "max tokens per item text")
+    freeze_encoder: bool = _opt(False, "never update the encoder (the frozen baseline)")
+    keyed_dropout: bool = _opt(
+        True,
+        "encoder dropout masks keyed by (step, item) so that every strategy and rank layout "
+        "draws the same masks (needed for exact equivalence with dropout on)",
+    )
+    # GRAM
+    strategy: str = _opt("single", "e2e, single (GRAM single-step) or multi", choices=STRATEGIES)
+    window: str = _opt("1E", "multi: encoder update latency, in steps (10) or epochs (0.5E, 1E)")
+    table_lr: float = _opt(1.0, "multi: SGD learning rate of the item table inside a window")
+    encoder_batch_size: int = _opt(64, "items per encoder chunk (window-end updates, evaluation)")
+    encoder_epochs: int = _opt(1, "multi: regression passes over the window's items")
+    # CF model and optimisation
+    epochs: int = _opt(3, "training epochs")
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0 = no limit)")
+    batch_size: int = _opt(32, "global CF batch: KT sequences or news training samples")
+    seq_len: int = _opt(50, "KT: interactions per training sequence window")
+    history_len: int = _opt(50, "news: clicked news per user history (latest kept)")
+    negatives: int = _opt(4, "news: non-clicked candidates per clicked one (K)")
+    cf_layers: int = _opt(2, "KT: LSTM layers")
+    cf_heads: int = _opt(4, "news: self-attention heads")
+    cf_dropout: float = _opt(0.1, "dropout inside the CF model")
+    lr_encoder: float = _opt(5e-5, "encoder learning rate (AdamW)")
+    lr_cf: float = _opt(1e-3, "CF model learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (both optimizers)")
+    eval_batch_size: int = _opt(256, "sequences or impressions per evaluation batch")
+    seed: int = _opt(0, "random seed (data split, initialisation, order, dropout)")
+    # run
+    config: str = _opt(
+        "none", "DeepSpeed JSON for the encoder (ds_configs/zero2.json ...) or none", metavar="PATH"
+    )
+    precision: str = _opt("fp32", "fp32 or bf16 (encoder under DeepSpeed)", choices=PRECISIONS)
+    output_dir: str = _opt("outputs/run", "where metrics, options and exports are written")
+    cache_dir: str = _opt("", "generated data and token caches; empty = $GRAM_CACHE or ~/.cache")
+    log_every: int = _opt(10, "log training loss every this many steps")
+    report_to: str = _opt("none", "tracker: none, wandb or tensorboard", choices=REPORTERS)
+    export: bool = _opt(True, "write the encoder folder, CF weights and item vectors")
+    progress: bool = _opt(True, "show a progress bar")
+
+    # -- derived ---------------------------------------------------------------------------
+    def window_spec(self) -> tuple[str, float]:
+        """('steps', n) or ('epochs', fraction)."""
+        return parse_window(self.window)
+
+    def resolved_cache_dir(self) -> Path:
+        """The cache folder for generated data."""
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        env = os.environ.get("GRAM_CACHE")
+        return Path(env) if env else Path.home() / ".cache" / "gram-scale"
+
+    def to_json(self) -> str:
+        """The options as JSON (written next to the outputs)."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+_WINDOW = re.compile(r"^(?:(\d+)|(\d*\.?\d+)[eE])$")
+
+
+def parse_window(text: str) -> tuple[str, float]:
+    """Parse ``--window``: ``N`` steps or ``F E`` epochs."""
+    m = _WINDOW.match(str(text).strip())
+    if not m:
+        raise InputError(
+            "--window", None, f"expected a number of steps (10) or epochs (0.5E, 1E), got {text!r}"
+        )
+    if m.group(1) is not None:
+        n = int(m.group(1))
+        if n < 1:
+            raise InputError("--window", None, f"must be at least 1 step, got {text!r}")
+        return "steps", float(n)
+    frac = float(m.group(2))
+    if frac <= 0:
+        raise InputError("--window", None, f"must be a positive fraction of an epoch, got {text!r}")
+    return "epochs", frac
+
+
+def validate(opts: Options) -> Options:
+    """Check every value once; the first bad one raises InputError naming the flag."""
+    for f in dataclasses.fields(opts):
+        choices = f.metadata.get("choices")
+        if choices and getattr(opts, f.name) not in choices:
+            raise InputError(
+                _flag(f.name), None, f"must be one of {', '.join(choices)}, got {getattr(opts, f.name)!r}"
+            )
+    positive = ["max_tokens", "encoder_batch_size", "encoder_epochs", "epochs", "batch_size",
+                "seq_len", "history_len", "negatives", "cf_layers", "cf_heads", "eval_batch_size",
+                "log_every"]  # fmt: skip
+    for name in positive:
+        if getattr(opts, name) < 1:
+            raise InputError(_flag(name), None, f"must be at least 1, got {getattr(opts, name)}")
+    if opts.max_steps < 0:
+        raise InputError("--max-steps", None, f"must be 0 or more, got {opts.max_steps}")
+    for name in ("lr_encoder", "lr_cf", "table_lr"):
+        if not getattr(opts, name) > 0:
+            raise InputError(_flag(name), None, f"must be positive, got {getattr(opts, name)}")
+    if opts.weight_decay < 0:
+        raise InputError("--weight-decay", None, f"must be 0 or more, got {opts.weight_decay}")
+    if not 0 <= opts.cf_dropout < 1:
+        raise InputError("--cf-dropout", None, f"must be in [0, 1), got {opts.cf_dropout}")
+    for name in ("valid_frac", "test_frac", "cold_frac"):
+        if not 0 <= getattr(opts, name) < 1:
+            raise InputError(_flag(name), None, f"must be in [0, 1), got {getattr(opts, name)}")
+    if opts.valid_frac + opts.test_frac >= 1:
+        raise InputError("--valid-frac", None, "valid and test fractions leave no training users")
+    parse_window(opts.window)
+    if opts.data and not Path(opts.data).is_dir():
+        raise InputError(opts.data, None, "data folder not found")
+    if opts.encoder and not (Path(opts.encoder) / "config.json").is_file():
+        raise InputError(opts.encoder, None, "not a Hugging Face model folder (no config.json)")
+    if opts.config.lower() != "none" and not Path(opts.config).is_file():
+        raise InputError(opts.config, None, "DeepSpeed config file not found")
+    return opts
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, instead of argparse's usage dump
+        raise InputError(None, None, f"{self.prog}: {message}")
+
+
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    """An argparse parser with one flag per Options field."""
+    parser = _Parser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Options):
+        kw = {"default": f.default, "help": f.metadata["help"], "dest": f.name}
+        if f.type in ("bool", bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float}.get(str(f.type), str)
+            if "metavar" in f.metadata:
+                kw["metavar"] = f.metadata["metavar"]
+            if "choices" in f.metadata:
+                kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        parser.add_argument(_flag(f.name), **kw)
+    return parser
+
+
+def parse_options(argv: list[str] | None = None, prog: str = "train.py") -> Options:
+    """Parse and validate command-line flags."""
+    ns = build_parser(prog).parse_args(argv)
+    return validate(Options(**vars(ns)))

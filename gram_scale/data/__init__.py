@@ -1,0 +1,1 @@
+"""Files -> item catalogue and interaction sequences -> token cache -> batches."""

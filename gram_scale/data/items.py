@@ -1,0 +1,60 @@
+"""Item catalogue (ids and texts) and the packed token cache built from it once per run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Catalogue:
+    """Every item of a data set in a fixed order: row ``i`` of every item tensor is ``ids[i]``."""
+
+    ids: list[str]
+    texts: list[str]
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.index:
+            self.index = {item_id: i for i, item_id in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class TokenCache:
+    """Each item's tokens, packed in one tensor so batches carry item rows and never re-tokenize."""
+
+    input_ids: torch.Tensor  # [n_items, max_len] int64, right-padded with pad_id
+    lengths: torch.Tensor  # [n_items] int64
+    pad_id: int
+
+    @classmethod
+    def build(cls, tokenizer, texts: list[str], max_tokens: int, chunk: int = 4096) -> TokenCache:
+        """Tokenize all texts once (truncated to ``max_tokens``) and pack them."""
+        rows: list[list[int]] = []
+        for start in range(0, len(texts), chunk):
+            enc = tokenizer(texts[start : start + chunk], truncation=True, max_length=max_tokens)
+            rows.extend(enc["input_ids"])
+        width = max((len(r) for r in rows), default=1)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return cls(ids, lengths, pad_id)
+
+    def rows(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask for the given item rows, trimmed to their longest text."""
+        items = items.cpu()
+        lengths = self.lengths[items]
+        width = int(lengths.max()) if len(items) else 1
+        ids = self.input_ids[items, :width]
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        return ids, mask
+
+    def mean_tokens(self) -> float:
+        """Average tokens per item (drives the encoder cost per item)."""
+        return float(self.lengths.float().mean()) if len(self.lengths) else 0.0

@@ -1,0 +1,295 @@
+"""Everything about processes and the encoder engine lives here.
+
+- ``Comm``: rank, world size and the three collectives GRAM needs (sum, variable-length
+  gather, gradient sum); one process short-circuits every call.
+- ``owner_slices``: who encodes and back-propagates which unique item (contiguous balanced
+  shares of the sorted global union).
+- ``EncoderRunner``: encodes item rows in chunks, back-propagates a surrogate with given item
+  gradients, steps the optimizer. Two back ends: plain torch (with a manual gradient sum across
+  ranks, i.e. DDP semantics) and a DeepSpeed ZeRO engine prepared by Accelerate, whose
+  backward/step we call ourselves because GRAM needs several backward passes per update.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from gram_scale.encoder import ContentEncoder, row_keys
+
+
+class Comm:
+    """Collectives over all ranks (no-ops on one process)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | str = "cpu"):
+        self.rank, self.world, self.device = rank, world, torch.device(device)
+
+    def sum_int(self, value: int) -> int:
+        """Sum of an integer over ranks."""
+        if self.world == 1:
+            return int(value)
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def max_int(self, value: int) -> int:
+        """Max of an integer over ranks."""
+        if self.world == 1:
+            return int(value)
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def all_reduce_(self, tensors) -> None:
+        """In-place sum over ranks."""
+        if self.world == 1:
+            return
+        for t in tensors:
+            if t is None:
+                continue
+            moved = t.to(self.device)
+            dist.all_reduce(moved)
+            if moved is not t:
+                t.copy_(moved)
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's rows (any first-dim length) in rank order."""
+        if self.world == 1:
+            return rows
+        n = self.max_int(len(rows))
+        counts = torch.tensor([len(rows)], dtype=torch.long, device=self.device)
+        all_counts = [torch.zeros_like(counts) for _ in range(self.world)]
+        dist.all_gather(all_counts, counts)
+        padded = rows.new_zeros((n, *rows.shape[1:])).to(self.device)
+        padded[: len(rows)] = rows.to(self.device)
+        out = [torch.zeros_like(padded) for _ in range(self.world)]
+        dist.all_gather(out, padded)
+        return torch.cat([o[: int(c)] for o, c in zip(out, all_counts)]).to(rows.device)
+
+    def union(self, items: torch.Tensor) -> torch.Tensor:
+        """Sorted union of every rank's item rows."""
+        return torch.unique(self.gather_rows(items.cpu()), sorted=True)
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self.world > 1:
+            dist.barrier()
+
+
+def owner_slices(n: int, world: int) -> list[slice]:
+    """Balanced contiguous shares of ``n`` sorted items: rank r owns ``slices[r]``."""
+    return [slice(r * n // world, (r + 1) * n // world) for r in range(world)]
+
+
+class EncoderRunner:
+    """Encodes item rows, back-propagates item gradients through the encoder, steps it."""
+
+    def __init__(self, encoder: ContentEncoder, tokens, comm: Comm, opts, engine=None, optimizer=None):
+        self.encoder = encoder  # the plain module (inside the engine when there is one)
+        self.engine = engine  # DeepSpeed engine, or None
+        self.optimizer = optimizer
+        self.tokens = tokens
+        self.comm = comm
+        self.device = comm.device
+        self.chunk = opts.encoder_batch_size
+        self.keyed = opts.keyed_dropout
+        self.seed = opts.seed
+        self.trainable = not opts.freeze_encoder
+        self.item_forwards = 0
+        self.item_backwards = 0
+        self.calls = 0  # encoder forward calls (must match across ranks under ZeRO-3)
+        self._pending_backward = False
+
+    @property
+    def module(self):
+        return self.engine if self.engine is not None else self.encoder
+
+    def _keys(self, items: torch.Tensor, salt: int | None):
+        if salt is None or not self.keyed:
+            return None
+        return row_keys(items, self.seed * 1_000_003 + salt)
+
+    def encode(self, items: torch.Tensor, salt: int | None, grad: bool) -> torch.Tensor:
+        """Vectors of ``items`` in one forward call; train mode (keyed dropout by ``salt``)."""
+        self.module.train()
+        ids, mask = self.tokens.rows(items)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        keys = self._keys(items, salt)
+        with torch.set_grad_enabled(grad and self.trainable):
+            out = self.module(ids, mask, keys=keys) if keys is not None else self.module(ids, mask)
+        self.calls += 1
+        self.item_forwards += len(items)
+        return out.float()
+
+    def backward(
+        self, vectors: torch.Tensor, grads: torch.Tensor, last: bool = True, count: int | None = None
+    ) -> None:
+        """Back-propagate ``sum(vectors * grads)``: each row gets exactly its item gradient.
+
+        ``last=False`` keeps a DeepSpeed engine from treating this backward as the end of the
+        accumulation (ZeRO would otherwise reduce and drop the partial gradients early);
+        ``count`` overrides the rows counted (0 for a padding call)."""
+        if not self.trainable:
+            return
+        surrogate = (vectors * grads.to(vectors.device, vectors.dtype)).sum()
+        self.item_backwards += len(vectors) if count is None else count
+        if self.engine is not None:
+            # The engine averages gradients over ranks; ours are partial sums, so scale back up.
+            self.engine.set_gradient_accumulation_boundary(last)
+            self.engine.backward(surrogate * self.comm.world)
+        else:
+            surrogate.backward()
+        self._pending_backward = True
+
+    def step(self) -> None:
+        """One optimizer step from the gradients back-propagated since the last step."""
+        if not self.trainable or not self._pending_backward:
+            return
+        if self.engine is not None:
+            self.engine.step()
+        else:
+            params = [p for p in self.encoder.parameters() if p.grad is not None]
+            self.comm.all_reduce_([p.grad for p in params])
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._pending_backward = False
+
+    @torch.no_grad()
+    def eval_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """Eval-mode vectors for ``items`` (no dropout), split over ranks and gathered."""
+        self.module.eval()
+        mine = owner_slices(len(items), self.comm.world)[self.comm.rank]
+        part = items[mine]
+        n_chunks = self.comm.max_int(-(-len(part) // self.chunk))
+        outs = []
+        for c in range(n_chunks):
+            chunk = part[c * self.chunk : (c + 1) * self.chunk]
+            real = len(chunk)
+            if real == 0:  # pad: every rank makes the same number of calls (ZeRO-3)
+                chunk = items[:1]
+            ids, mask = self.tokens.rows(chunk)
+            out = self.module(ids.to(self.device), mask.to(self.device)).float()
+            outs.append(out[:real])
+        mine_vecs = torch.cat(outs) if outs else torch.zeros(0, self.encoder.dim, device=self.device)
+        self.module.train()
+        return self.comm.gather_rows(mine_vecs)
+
+
+# ---- Accelerate / DeepSpeed setup -----------------------------------------------------------
+def fill_ds_config(raw: dict, opts, world: int, hidden: int) -> dict:
+    """Replace DeepSpeed ``"auto"`` values from our flags (we have no dataloader to infer from)."""
+    import copy
+
+    cfg = copy.deepcopy(raw)
+    micro = opts.encoder_batch_size
+
+    def fill(d: dict, key: str, value) -> None:
+        if d.get(key) == "auto":
+            d[key] = value
+
+    fill(cfg, "train_micro_batch_size_per_gpu", micro)
+    fill(cfg, "gradient_accumulation_steps", 1)
+    fill(cfg, "train_batch_size", micro * world * int(cfg.get("gradient_accumulation_steps", 1)))
+    fill(cfg, "gradient_clipping", 0.0)
+    for key in ("bf16", "fp16"):
+        if key in cfg:
+            fill(cfg[key], "enabled", key == "bf16" and opts.precision == "bf16")
+    if opts.precision == "bf16":
+        cfg.setdefault("bf16", {})["enabled"] = True
+    opt = cfg.get("optimizer", {}).get("params", {})
+    fill(opt, "lr", opts.lr_encoder)
+    fill(opt, "weight_decay", opts.weight_decay)
+    fill(opt, "betas", [0.9, 0.999])
+    fill(opt, "eps", 1e-8)
+    zero = cfg.get("zero_optimization", {})
+    fill(zero, "reduce_bucket_size", hidden * hidden)
+    fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+    fill(zero, "stage3_param_persistence_threshold", 10 * hidden)
+    left = [k for k, v in _walk(cfg) if v == "auto"]
+    if left:
+        from gram_scale.errors import InputError
+
+        raise InputError(opts.config, None, f"cannot fill 'auto' for {', '.join(left)}")
+    return cfg
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def read_ds_config(path: str) -> dict | None:
+    """The DeepSpeed JSON named by ``--config``, or None for ``none``."""
+    import json
+
+    from gram_scale.errors import InputError
+
+    if path.lower() == "none":
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, exc.lineno, f"not valid JSON: {exc.msg}") from None
+    except OSError as exc:
+        raise InputError(path, None, f"cannot read: {exc.strerror}") from None
+    if not isinstance(cfg, dict) or "zero_optimization" not in cfg:
+        raise InputError(path, None, "not a DeepSpeed config (no zero_optimization section)")
+    return cfg
+
+
+def make_accelerator(opts, ds_raw: dict | None):
+    """An Accelerator for this run: DeepSpeed plugin when a config is given, gloo without GPUs."""
+    import datetime
+
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    kwargs = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=1800))]
+    launched = os.environ.get("LOCAL_RANK") is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ds_raw is not None and not launched:
+        # DeepSpeed needs a process group even for one process: make a 1-rank one.
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        launched = True
+    if launched and not torch.cuda.is_available():
+        # Without this every CPU rank believes it is rank 0 of 1 under DeepSpeed.
+        kwargs = [InitProcessGroupKwargs(backend="gloo", timeout=datetime.timedelta(seconds=1800))]
+    plugin = None
+    if ds_raw is not None:
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_raw)
+    log_with = None if opts.report_to == "none" else opts.report_to
+    return Accelerator(
+        deepspeed_plugin=plugin, log_with=log_with, project_dir=opts.output_dir, kwargs_handlers=kwargs
+    )
+
+
+def build_runner(accelerator, encoder: ContentEncoder, tokens, opts, ds_raw: dict | None) -> EncoderRunner:
+    """Wrap the encoder: a DeepSpeed engine when configured, else a module with AdamW."""
+    comm = Comm(accelerator.process_index, accelerator.num_processes, accelerator.device)
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    if ds_raw is None:
+        encoder.to(accelerator.device)
+        optimizer = torch.optim.AdamW(params, lr=opts.lr_encoder, weight_decay=opts.weight_decay)
+        return EncoderRunner(encoder, tokens, comm, opts, optimizer=optimizer)
+    from accelerate.utils import DummyOptim
+
+    cfg = fill_ds_config(ds_raw, opts, comm.world, encoder.dim)
+    accelerator.state.deepspeed_plugin.deepspeed_config = cfg
+    accelerator.state.deepspeed_plugin.hf_ds_config.config = cfg
+    if "optimizer" in cfg:
+        optimizer = DummyOptim(params, lr=opts.lr_encoder, weight_decay=opts.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=opts.lr_encoder, weight_decay=opts.weight_decay)
+    engine, optimizer = accelerator.prepare(encoder, optimizer)
+    return EncoderRunner(encoder, tokens, comm, opts, engine=engine, optimizer=optimizer)

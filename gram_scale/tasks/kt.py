@@ -1,0 +1,113 @@
+"""Knowledge tracing: DKT-style 2-layer LSTM over item vectors, BCE, AUC / accuracy / cold AUC."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from gram_scale.data.batches import Batch, epoch_order, gather
+from gram_scale.metrics import accuracy, auc
+
+
+class DKT(nn.Module):
+    """Input at t: item vector of t-1 split by its correctness; logit at t: state . item t."""
+
+    def __init__(self, dim: int, layers: int = 2, dropout: float = 0.0):
+        super().__init__()
+        self.lstm = nn.LSTM(2 * dim, dim, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.out = nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, vecs: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T] for vectors [B, T, d] and correctness [B, T]."""
+        c = correct.unsqueeze(-1).to(vecs.dtype)
+        x = torch.cat([vecs * c, vecs * (1 - c)], dim=-1)
+        x = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)  # shift: see only the past
+        h, _ = self.lstm(x)
+        return (self.out(h) * vecs).sum(-1) + self.bias
+
+
+def _windows(seqs, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for items, correct in seqs:
+        for start in range(0, len(items), length):
+            out.append((items[start : start + length], correct[start : start + length]))
+    return out
+
+
+def _collate(windows) -> Batch:
+    t = max(len(w[0]) for w in windows)
+    items = torch.full((len(windows), t), -1, dtype=torch.long)
+    correct = torch.zeros((len(windows), t), dtype=torch.long)
+    for i, (it, c) in enumerate(windows):
+        items[i, : len(it)] = it
+        correct[i, : len(c)] = c
+    return Batch(items, {"correct": correct})
+
+
+class KTTask:
+    """Batches, loss and metrics for knowledge tracing."""
+
+    name = "kt"
+    main_metric = "auc"
+
+    def __init__(self, data, opts, dim: int):
+        self.data = data
+        self.opts = opts
+        self.model = DKT(dim, opts.cf_layers, opts.cf_dropout)
+        self.train_windows = _windows(data.train, opts.seq_len)
+        self.split_windows = {
+            "valid": _windows(data.valid, opts.seq_len),
+            "test": _windows(data.test, opts.seq_len),
+        }
+
+    def num_train_batches(self) -> int:
+        """Global batches per epoch (the last one may be smaller)."""
+        return -(-len(self.train_windows) // self.opts.batch_size)
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        """The epoch's global batches, in an order fixed by (seed, epoch)."""
+        order = epoch_order(len(self.train_windows), self.opts.seed, epoch).tolist()
+        bs = self.opts.batch_size
+        for start in range(0, len(order), bs):
+            yield _collate([self.train_windows[i] for i in order[start : start + bs]])
+
+    def loss(self, batch: Batch, vecs: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(summed BCE over real positions, number of positions)."""
+        correct = batch.fields["correct"].to(vecs.device)
+        logits = self.model(vecs, correct)
+        mask = (batch.items >= 0).to(vecs.device)
+        bce = nn.functional.binary_cross_entropy_with_logits(
+            logits[mask], correct[mask].to(logits.dtype), reduction="sum"
+        )
+        return bce, int(mask.sum())
+
+    @torch.no_grad()
+    def evaluate(self, split: str, item_vectors: torch.Tensor) -> dict[str, float]:
+        """AUC, accuracy and cold-start AUC on a split, from one vector per catalogue item."""
+        was_training = self.model.training
+        self.model.eval()
+        labels, probs, cold = [], [], []
+        windows = self.split_windows[split]
+        cold_items = self.data.cold_items
+        for start in range(0, len(windows), self.opts.eval_batch_size):
+            batch = _collate(windows[start : start + self.opts.eval_batch_size])
+            vecs = gather(item_vectors, batch.items.where(batch.items >= 0, len(item_vectors)))
+            correct = batch.fields["correct"].to(vecs.device)
+            p = torch.sigmoid(self.model(vecs, correct)).float().cpu()
+            mask = batch.items >= 0
+            labels.append(batch.fields["correct"][mask])
+            probs.append(p[mask])
+            cold.append(cold_items[batch.items[mask]])
+        self.model.train(was_training)
+        if not labels:
+            return {"auc": float("nan"), "acc": float("nan"), "cold_auc": float("nan")}
+        y, p, c = torch.cat(labels), torch.cat(probs), torch.cat(cold)
+        return {
+            "auc": auc(y, p),
+            "acc": accuracy(y, p),
+            "cold_auc": auc(y[c], p[c]) if c.any() else float("nan"),
+            "interactions": int(len(y)),
+        }

@@ -1,0 +1,160 @@
+"""The training loop, written out: data -> token cache -> encoder + CF model -> strategy steps
+-> evaluation -> exports."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+
+import torch
+
+from gram_scale.config import Options
+from gram_scale.data.items import TokenCache
+from gram_scale.data.load import load_data
+from gram_scale.distributed import build_runner, make_accelerator, read_ds_config
+from gram_scale.encoder import default_encoder_path, load_encoder
+from gram_scale.export import export_run, publish
+from gram_scale.strategies import make_strategy
+from gram_scale.strategies.base import CFUpdate
+from gram_scale.tasks import make_task
+
+
+def _say(accelerator, text: str) -> None:
+    if accelerator.is_main_process:
+        print(text, flush=True)
+
+
+def evaluate(task, runner, split: str) -> dict:
+    """Metrics of a split from fresh eval-mode encoder vectors of every catalogue item
+    (cold-start items included, so they are never stale)."""
+    vectors = runner.eval_vectors(torch.arange(len(task.data.catalogue)))
+    return task.evaluate(split, vectors)
+
+
+def train(opts: Options) -> dict:
+    """Run one training job; returns the metrics dict (also written to the output folder)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if opts.report_to == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+        print("wandb: no WANDB_API_KEY, logging offline (sync later with `wandb sync`)", flush=True)
+    ds_raw = None if opts.freeze_encoder else read_ds_config(opts.config)
+    accelerator = make_accelerator(opts, ds_raw)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if world > 1 and opts.batch_size < world:
+        from gram_scale.errors import InputError
+
+        raise InputError("--batch-size", None, f"{opts.batch_size} is smaller than the {world} processes")
+
+    with accelerator.main_process_first():  # generate the default data set once
+        data = load_data(opts)
+    encoder, tokenizer = load_encoder(opts.encoder or default_encoder_path(), opts.pooling)
+    tokens = TokenCache.build(tokenizer, data.catalogue.texts, opts.max_tokens)
+    if opts.freeze_encoder:
+        encoder.requires_grad_(False)
+    torch.manual_seed(opts.seed)
+    task = make_task(opts, data, encoder.dim)
+    task.model.to(accelerator.device)
+    cf_opt = torch.optim.AdamW(task.model.parameters(), lr=opts.lr_cf, weight_decay=opts.weight_decay)
+    runner = build_runner(accelerator, encoder, tokens, opts, ds_raw)
+    cf = CFUpdate(task, cf_opt, runner.comm)
+    steps_per_epoch = task.num_train_batches()
+    strategy = make_strategy(opts, runner, cf, steps_per_epoch)
+    total_steps = steps_per_epoch * opts.epochs
+    if opts.max_steps:
+        total_steps = min(total_steps, opts.max_steps)
+
+    if opts.report_to != "none":
+        accelerator.init_trackers("gram-scale", config=vars(opts))
+    _say(accelerator, f"{opts.task}: {len(data.catalogue)} items, {steps_per_epoch} steps/epoch, "
+                      f"strategy {opts.strategy}, {world} process(es) on {accelerator.device}, "
+                      f"{tokens.mean_tokens():.1f} tokens/item")  # fmt: skip
+
+    progress = None
+    if opts.progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, desc="train", file=sys.stderr, dynamic_ncols=True)
+    counters = {"occurrences": 0, "unique": 0, "item_forwards": 0, "item_backwards": 0}
+    history: list[dict] = []
+    step, t0 = 0, time.perf_counter()
+    valid: dict = {}
+    for epoch in range(opts.epochs):
+        task.model.train()
+        for batch in task.train_batches(epoch):
+            if opts.max_steps and step >= opts.max_steps:
+                break
+            res = strategy.step(batch.slice(rank, world), step)
+            fwd, bwd = runner.comm.sum_int(res.item_forwards), runner.comm.sum_int(res.item_backwards)
+            counters["occurrences"] += res.occurrences
+            counters["unique"] += res.unique
+            counters["item_forwards"] += fwd
+            counters["item_backwards"] += bwd
+            rec = {"step": step, "epoch": epoch, "loss": res.loss, "occurrences": res.occurrences,
+                   "unique": res.unique, "item_forwards": fwd, "item_backwards": bwd,
+                   "encoder_updated": res.encoder_updated}  # fmt: skip
+            history.append(rec)
+            step += 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{res.loss:.4f}", r=f"{res.occurrences / max(res.unique, 1):.1f}")
+            if opts.report_to != "none" and step % opts.log_every == 0:
+                accelerator.log({"train/loss": res.loss, "train/item_backwards": bwd,
+                                 "train/occurrence_unique_ratio": res.occurrences / max(res.unique, 1),
+                                 "train/items_per_s": counters["occurrences"] / (time.perf_counter() - t0)},
+                                step=step)  # fmt: skip
+        if opts.max_steps and step >= opts.max_steps and epoch < opts.epochs - 1:
+            break
+        valid = evaluate(task, runner, "valid")
+        _say(accelerator, f"epoch {epoch}: valid " + _fmt(valid))
+        if opts.report_to != "none":
+            accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=step)
+    tail = strategy.finish(step)
+    if tail is not None:
+        counters["item_forwards"] += runner.comm.sum_int(tail.item_forwards)
+        counters["item_backwards"] += runner.comm.sum_int(tail.item_backwards)
+        valid = evaluate(task, runner, "valid")
+    if not valid:
+        valid = evaluate(task, runner, "valid")
+    train_time = time.perf_counter() - t0
+    if progress is not None:
+        progress.close()
+    test = evaluate(task, runner, "test")
+    metrics = {
+        "valid": valid,
+        "test": test,
+        "steps": step,
+        "train_seconds": train_time,
+        "processes": world,
+        "counters": counters,
+        "occurrence_unique_ratio": counters["occurrences"] / max(counters["unique"], 1),
+        "history": history,
+    }
+    _say(accelerator, "final valid " + _fmt(valid))
+    _say(accelerator, "final test  " + _fmt(test))
+    if opts.report_to != "none":
+        accelerator.log({f"test/{k}": v for k, v in test.items()}, step=step)
+
+    vectors = runner.eval_vectors(torch.arange(len(data.catalogue))) if opts.export else None
+    encoder_state = None
+    if opts.export and runner.engine is not None:
+        encoder_state = accelerator.get_state_dict(runner.engine)  # gathers ZeRO-3 shards
+        encoder_state = {k.removeprefix("model."): v for k, v in encoder_state.items() if k.startswith("model.")}
+    if accelerator.is_main_process:
+        publish(opts.output_dir, lambda tmp: export_run(
+            tmp, encoder if opts.export else None, tokenizer, encoder_state, task.model,
+            data.catalogue.ids, vectors, metrics, opts.to_json()))  # fmt: skip
+        print(f"wrote {opts.output_dir}/metrics.json", flush=True)
+    accelerator.wait_for_everyone()
+    if opts.report_to != "none":
+        accelerator.end_training()
+    # Free the engine before the process group goes (torch 2.13 gloo can abort at exit otherwise).
+    del strategy, cf, runner
+    gc.collect()
+    accelerator.end_training()
+    return metrics
+
+
+def _fmt(m: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
