@@ -1,8 +1,10 @@
 """The Multi-step item table: rows of the items touched in the current window, in CPU memory.
 
-Each touched item keeps its current table value (the cached encoder vector moved by plain SGD
-with every gradient the CF model sent it; the regression target at window end) and the sum of
-those gradients. Only touched items are stored, so memory grows with the window's items, not
+Each touched item keeps the encoder vector it was cached with (``base``) and the sum of the
+gradients the CF model sent it (``grads``). Its table row, the value later CF steps read, is
+``base - lr * grads``: the cached vector moved by plain SGD. The window-end regression target is
+that row; its gradient ``h - (base - lr * grads)`` is computed as ``(h - base) + lr * grads`` so
+the small gradient is not lost in the cancellation of two nearly equal vectors. Only touched items are stored, so memory grows with the window's items, not
 the catalogue. With CUDA present the rows are pinned so copies to the GPU are asynchronous.
 """
 
@@ -14,13 +16,14 @@ import torch
 class ItemTable:
     """Sparse per-window item rows: value and summed gradient, keyed by catalogue row."""
 
-    def __init__(self, dim: int, pin: bool | None = None, capacity: int = 1024):
+    def __init__(self, dim: int, lr: float = 1.0, pin: bool | None = None, capacity: int = 1024):
         self.dim = dim
+        self.lr = lr
         self.pin = torch.cuda.is_available() if pin is None else pin
         self._keys = torch.empty(0, dtype=torch.long)  # sorted item rows
         self._slots = torch.empty(0, dtype=torch.long)  # slot of each sorted key
         self._items = torch.empty(0, dtype=torch.long)  # item of each slot, insertion order
-        self.values = self._alloc(capacity)
+        self.base = self._alloc(capacity)
         self.grads = self._alloc(capacity)
 
     def _alloc(self, n: int) -> torch.Tensor:
@@ -53,13 +56,13 @@ class ItemTable:
             return
         n = len(self._items)
         need = n + len(items)
-        if need > len(self.values):
-            cap = max(need, 2 * len(self.values))
-            for name in ("values", "grads"):
+        if need > len(self.base):
+            cap = max(need, 2 * len(self.base))
+            for name in ("base", "grads"):
                 new = self._alloc(cap)
                 new[:n] = getattr(self, name)[:n]
                 setattr(self, name, new)
-        self.values[n:need] = vectors.detach().float().cpu()
+        self.base[n:need] = vectors.detach().float().cpu()
         self.grads[n:need] = 0
         self._items = torch.cat([self._items, items.cpu().long()])
         keys = torch.cat([self._keys, items.cpu().long()])
@@ -68,19 +71,23 @@ class ItemTable:
         self._keys, self._slots = keys[order], slots[order]
 
     def rows(self, items: torch.Tensor, device) -> torch.Tensor:
-        """Current values of held items, moved to ``device``."""
-        return self.values[self.slots(items)].to(device, non_blocking=True)
-
-    def apply(self, items: torch.Tensor, grads: torch.Tensor, lr: float) -> None:
-        """Plain SGD on the rows (no momentum, no decay) and accumulate the gradients."""
+        """Current table rows (cached vector moved by SGD) of held items, on ``device``."""
         s = self.slots(items)
-        g = grads.detach().float().cpu()
-        self.values.index_add_(0, s, g, alpha=-lr)
-        self.grads.index_add_(0, s, g)
+        return (self.base[s] - self.lr * self.grads[s]).to(device, non_blocking=True)
 
-    def targets(self, items: torch.Tensor) -> torch.Tensor:
-        """Regression targets (current values) of held items, on CPU."""
-        return self.values[self.slots(items)]
+    def apply(self, items: torch.Tensor, grads: torch.Tensor) -> None:
+        """Accumulate the CF gradients of held items (their rows move by plain SGD)."""
+        self.grads.index_add_(0, self.slots(items), grads.detach().float().cpu())
+
+    def base_and_grads(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached vectors and summed gradients of held items, on CPU."""
+        s = self.slots(items)
+        return self.base[s], self.grads[s]
+
+    def regression_grad(self, items: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """d/dh of 0.5 * ||h - row||^2 for freshly encoded ``h`` of held items."""
+        base, grads = self.base_and_grads(items)
+        return (h.detach() - base.to(h.device)) + self.lr * grads.to(h.device)
 
     def clear(self) -> None:
         """Forget every row (end of window); capacity is kept for the next window."""
@@ -91,10 +98,14 @@ class ItemTable:
     def state_dict(self) -> dict:
         """The rows held now, for checkpoints."""
         n = len(self._items)
-        return {"items": self._items.clone(), "values": self.values[:n].clone(), "grads": self.grads[:n].clone()}
+        return {
+            "items": self._items.clone(),
+            "base": self.base[:n].clone(),
+            "grads": self.grads[:n].clone(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore rows saved by ``state_dict``."""
         self.clear()
-        self.insert(state["items"], state["values"])
+        self.insert(state["items"], state["base"])
         self.grads[: len(state["items"])] = state["grads"]

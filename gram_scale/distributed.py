@@ -86,7 +86,9 @@ def owner_slices(n: int, world: int) -> list[slice]:
 class EncoderRunner:
     """Encodes item rows, back-propagates item gradients through the encoder, steps it."""
 
-    def __init__(self, encoder: ContentEncoder, tokens, comm: Comm, opts, engine=None, optimizer=None):
+    def __init__(
+        self, encoder: ContentEncoder, tokens, comm: Comm, opts, engine=None, optimizer=None
+    ):
         self.encoder = encoder  # the plain module (inside the engine when there is one)
         self.engine = engine  # DeepSpeed engine, or None
         self.optimizer = optimizer
@@ -124,7 +126,11 @@ class EncoderRunner:
         return out.float()
 
     def backward(
-        self, vectors: torch.Tensor, grads: torch.Tensor, last: bool = True, count: int | None = None
+        self,
+        vectors: torch.Tensor,
+        grads: torch.Tensor,
+        last: bool = True,
+        count: int | None = None,
     ) -> None:
         """Back-propagate ``sum(vectors * grads)``: each row gets exactly its item gradient.
 
@@ -172,7 +178,9 @@ class EncoderRunner:
             ids, mask = self.tokens.rows(chunk)
             out = self.module(ids.to(self.device), mask.to(self.device)).float()
             outs.append(out[:real])
-        mine_vecs = torch.cat(outs) if outs else torch.zeros(0, self.encoder.dim, device=self.device)
+        mine_vecs = (
+            torch.cat(outs) if outs else torch.zeros(0, self.encoder.dim, device=self.device)
+        )
         self.module.train()
         return self.comm.gather_rows(mine_vecs)
 
@@ -251,7 +259,9 @@ def make_accelerator(opts, ds_raw: dict | None):
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     kwargs = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=1800))]
-    launched = os.environ.get("LOCAL_RANK") is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launched = (
+        os.environ.get("LOCAL_RANK") is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    )
     if ds_raw is not None and not launched:
         # DeepSpeed needs a process group even for one process: make a 1-rank one.
         import socket
@@ -270,11 +280,16 @@ def make_accelerator(opts, ds_raw: dict | None):
         plugin = DeepSpeedPlugin(hf_ds_config=ds_raw)
     log_with = None if opts.report_to == "none" else opts.report_to
     return Accelerator(
-        deepspeed_plugin=plugin, log_with=log_with, project_dir=opts.output_dir, kwargs_handlers=kwargs
+        deepspeed_plugin=plugin,
+        log_with=log_with,
+        project_dir=opts.output_dir,
+        kwargs_handlers=kwargs,
     )
 
 
-def build_runner(accelerator, encoder: ContentEncoder, tokens, opts, ds_raw: dict | None) -> EncoderRunner:
+def build_runner(
+    accelerator, encoder: ContentEncoder, tokens, opts, ds_raw: dict | None
+) -> EncoderRunner:
     """Wrap the encoder: a DeepSpeed engine when configured, else a module with AdamW."""
     comm = Comm(accelerator.process_index, accelerator.num_processes, accelerator.device)
     params = [p for p in encoder.parameters() if p.requires_grad]

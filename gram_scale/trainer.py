@@ -7,13 +7,20 @@ import gc
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 from gram_scale.config import Options
 from gram_scale.data.items import TokenCache
 from gram_scale.data.load import load_data
-from gram_scale.distributed import build_runner, make_accelerator, read_ds_config
+from gram_scale.distributed import (
+    Comm,
+    EncoderRunner,
+    build_runner,
+    make_accelerator,
+    read_ds_config,
+)
 from gram_scale.encoder import default_encoder_path, load_encoder
 from gram_scale.export import export_run, publish
 from gram_scale.strategies import make_strategy
@@ -33,10 +40,58 @@ def evaluate(task, runner, split: str) -> dict:
     return task.evaluate(split, vectors)
 
 
+@dataclass
+class Session:
+    """Everything a run trains, built once by ``setup``."""
+
+    data: object
+    encoder: object
+    tokenizer: object
+    tokens: TokenCache
+    task: object
+    runner: EncoderRunner
+    cf: CFUpdate
+    strategy: object
+    steps_per_epoch: int
+
+
+def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> Session:
+    """Encoder, token cache, CF model, optimizers and strategy; no Accelerator = plain 1 process."""
+    encoder, tokenizer = load_encoder(opts.encoder or default_encoder_path(), opts.pooling)
+    tokens = TokenCache.build(tokenizer, data.catalogue.texts, opts.max_tokens)
+    if opts.freeze_encoder:
+        encoder.requires_grad_(False)
+    torch.manual_seed(opts.seed)
+    task = make_task(opts, data, encoder.dim)
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    task.model.to(device)
+    cf_opt = torch.optim.AdamW(
+        task.model.parameters(), lr=opts.lr_cf, weight_decay=opts.weight_decay
+    )
+    if accelerator is None:
+        encoder.to(device)
+        enc_opt = torch.optim.AdamW(
+            [p for p in encoder.parameters() if p.requires_grad],
+            lr=opts.lr_encoder,
+            weight_decay=opts.weight_decay,
+        )
+        runner = EncoderRunner(encoder, tokens, Comm(), opts, optimizer=enc_opt)
+    else:
+        runner = build_runner(accelerator, encoder, tokens, opts, ds_raw)
+    cf = CFUpdate(task, cf_opt, runner.comm)
+    steps_per_epoch = task.num_train_batches()
+    strategy = make_strategy(opts, runner, cf, steps_per_epoch)
+    return Session(data, encoder, tokenizer, tokens, task, runner, cf, strategy, steps_per_epoch)
+
+
 def train(opts: Options) -> dict:
     """Run one training job; returns the metrics dict (also written to the output folder)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if opts.report_to == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+    if (
+        opts.report_to == "wandb"
+        and not os.environ.get("WANDB_API_KEY")
+        and "WANDB_MODE" not in os.environ
+    ):
         os.environ["WANDB_MODE"] = "offline"
         print("wandb: no WANDB_API_KEY, logging offline (sync later with `wandb sync`)", flush=True)
     ds_raw = None if opts.freeze_encoder else read_ds_config(opts.config)
@@ -45,22 +100,15 @@ def train(opts: Options) -> dict:
     if world > 1 and opts.batch_size < world:
         from gram_scale.errors import InputError
 
-        raise InputError("--batch-size", None, f"{opts.batch_size} is smaller than the {world} processes")
+        raise InputError(
+            "--batch-size", None, f"{opts.batch_size} is smaller than the {world} processes"
+        )
 
     with accelerator.main_process_first():  # generate the default data set once
         data = load_data(opts)
-    encoder, tokenizer = load_encoder(opts.encoder or default_encoder_path(), opts.pooling)
-    tokens = TokenCache.build(tokenizer, data.catalogue.texts, opts.max_tokens)
-    if opts.freeze_encoder:
-        encoder.requires_grad_(False)
-    torch.manual_seed(opts.seed)
-    task = make_task(opts, data, encoder.dim)
-    task.model.to(accelerator.device)
-    cf_opt = torch.optim.AdamW(task.model.parameters(), lr=opts.lr_cf, weight_decay=opts.weight_decay)
-    runner = build_runner(accelerator, encoder, tokens, opts, ds_raw)
-    cf = CFUpdate(task, cf_opt, runner.comm)
-    steps_per_epoch = task.num_train_batches()
-    strategy = make_strategy(opts, runner, cf, steps_per_epoch)
+    s = setup(opts, data, accelerator, ds_raw)
+    task, runner, strategy, tokens = s.task, s.runner, s.strategy, s.tokens
+    encoder, tokenizer, steps_per_epoch = s.encoder, s.tokenizer, s.steps_per_epoch
     total_steps = steps_per_epoch * opts.epochs
     if opts.max_steps:
         total_steps = min(total_steps, opts.max_steps)
@@ -86,7 +134,10 @@ def train(opts: Options) -> dict:
             if opts.max_steps and step >= opts.max_steps:
                 break
             res = strategy.step(batch.slice(rank, world), step)
-            fwd, bwd = runner.comm.sum_int(res.item_forwards), runner.comm.sum_int(res.item_backwards)
+            fwd, bwd = (
+                runner.comm.sum_int(res.item_forwards),
+                runner.comm.sum_int(res.item_backwards),
+            )
             counters["occurrences"] += res.occurrences
             counters["unique"] += res.unique
             counters["item_forwards"] += fwd
@@ -98,7 +149,9 @@ def train(opts: Options) -> dict:
             step += 1
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{res.loss:.4f}", r=f"{res.occurrences / max(res.unique, 1):.1f}")
+                progress.set_postfix(
+                    loss=f"{res.loss:.4f}", r=f"{res.occurrences / max(res.unique, 1):.1f}"
+                )
             if opts.report_to != "none" and step % opts.log_every == 0:
                 accelerator.log({"train/loss": res.loss, "train/item_backwards": bwd,
                                  "train/occurrence_unique_ratio": res.occurrences / max(res.unique, 1),
@@ -140,7 +193,9 @@ def train(opts: Options) -> dict:
     encoder_state = None
     if opts.export and runner.engine is not None:
         encoder_state = accelerator.get_state_dict(runner.engine)  # gathers ZeRO-3 shards
-        encoder_state = {k.removeprefix("model."): v for k, v in encoder_state.items() if k.startswith("model.")}
+        encoder_state = {
+            k.removeprefix("model."): v for k, v in encoder_state.items() if k.startswith("model.")
+        }
     if accelerator.is_main_process:
         publish(opts.output_dir, lambda tmp: export_run(
             tmp, encoder if opts.export else None, tokenizer, encoder_state, task.model,
@@ -150,7 +205,7 @@ def train(opts: Options) -> dict:
     if opts.report_to != "none":
         accelerator.end_training()
     # Free the engine before the process group goes (torch 2.13 gloo can abort at exit otherwise).
-    del strategy, cf, runner
+    del strategy, runner, s
     gc.collect()
     accelerator.end_training()
     return metrics

@@ -21,7 +21,9 @@ class EndToEnd:
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
         rows, index = occurrence_index(batch.items)
         real = len(rows)
-        h = self.runner.encode(rows if real else torch.zeros(1, dtype=torch.long), salt=step, grad=True)
+        h = self.runner.encode(
+            rows if real else torch.zeros(1, dtype=torch.long), salt=step, grad=True
+        )
         loss, g = self.cf.loss_and_item_grads(batch, h[:real].detach(), index)
         if real:
             self.runner.backward(h, g)

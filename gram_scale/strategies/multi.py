@@ -35,10 +35,9 @@ class MultiStep:
     def __init__(self, runner, cf: CFUpdate, opts, steps_per_epoch: int):
         self.runner, self.cf, self.comm = runner, cf, runner.comm
         self.window = window_steps(opts.window_spec(), steps_per_epoch)
-        self.table_lr = opts.table_lr
         self.encoder_epochs = opts.encoder_epochs
         self.chunk = opts.encoder_batch_size
-        self.table = ItemTable(runner.encoder.dim)
+        self.table = ItemTable(runner.encoder.dim, lr=opts.table_lr)
         self.windows_done = 0
 
     def _mine(self, items: torch.Tensor) -> torch.Tensor:
@@ -56,9 +55,11 @@ class MultiStep:
             h = self.runner.encode(mine if len(mine) else new[:1], salt=window, grad=False)
             self.table.insert(new, self.comm.gather_rows(h[: len(mine)]))
         rows = self.table.rows(union, self.runner.device)
-        loss, g = self.cf.loss_and_item_grads(batch, rows, local_to_global_index(local, index, union))
+        loss, g = self.cf.loss_and_item_grads(
+            batch, rows, local_to_global_index(local, index, union)
+        )
         self.comm.all_reduce_([g])
-        self.table.apply(union, g, self.table_lr)
+        self.table.apply(union, g)
         self.cf.step()
         updated = (step + 1) % self.window == 0
         if updated:
@@ -75,9 +76,7 @@ class MultiStep:
     def end_window(self, window: int) -> None:
         """Regress the encoder onto the touched rows, then clear the table."""
         items = self.table.items()
-        targets = self.table.targets(items)
-        share = owner_slices(len(items), self.comm.world)[self.comm.rank]
-        mine, mine_targets = items[share], targets[share]
+        mine = items[owner_slices(len(items), self.comm.world)[self.comm.rank]]
         n_chunks = self.comm.max_int(math.ceil(len(mine) / self.chunk))
         for _ in range(self.encoder_epochs if self.runner.trainable else 0):
             for c in range(n_chunks):
@@ -88,8 +87,7 @@ class MultiStep:
                     self.runner.backward(h, torch.zeros_like(h), last=last, count=0)
                     continue
                 h = self.runner.encode(chunk, salt=window, grad=True)
-                target = mine_targets[c * self.chunk : (c + 1) * self.chunk].to(h.device)
-                self.runner.backward(h, h.detach() - target, last=last)  # d/dh 0.5||h - t||^2
+                self.runner.backward(h, self.table.regression_grad(chunk, h), last=last)
             self.runner.step()
         self.table.clear()
         self.windows_done += 1
@@ -100,4 +98,6 @@ class MultiStep:
             return None
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
         self.end_window(step // self.window)
-        return StepResult(0.0, 0, 0, self.runner.item_forwards - f0, self.runner.item_backwards - b0, True)
+        return StepResult(
+            0.0, 0, 0, self.runner.item_forwards - f0, self.runner.item_backwards - b0, True
+        )

@@ -28,7 +28,9 @@ class SingleStep:
         # A rank that owns nothing still runs one call (ZeRO-3 gathers parameters collectively).
         h_mine = self.runner.encode(mine if real else union[:1], salt=step, grad=True)
         rows = self.comm.gather_rows(h_mine[:real].detach())  # union order
-        loss, g = self.cf.loss_and_item_grads(batch, rows, local_to_global_index(local, index, union))
+        loss, g = self.cf.loss_and_item_grads(
+            batch, rows, local_to_global_index(local, index, union)
+        )
         self.comm.all_reduce_([g])  # every occurrence on every rank, summed per item
         own_g = g[owner_slices(len(union), self.comm.world)[self.comm.rank]]
         if real:

@@ -21,9 +21,10 @@ class NRMSUser(nn.Module):
     def __init__(self, dim: int, heads: int = 4, dropout: float = 0.1, query_dim: int = 200):
         super().__init__()
         self.start = nn.Parameter(torch.zeros(1, 1, dim))
-        self.mhsa = nn.MultiheadAttention(dim, heads, batch_first=True)
+        # no biases, as in NRMS: the key bias and the score bias cannot change a softmax
+        self.mhsa = nn.MultiheadAttention(dim, heads, bias=False, batch_first=True)
         self.drop = nn.Dropout(dropout)
-        self.att = nn.Sequential(nn.Linear(dim, query_dim), nn.Tanh(), nn.Linear(query_dim, 1))
+        self.att = nn.Sequential(nn.Linear(dim, query_dim), nn.Tanh(), nn.Linear(query_dim, 1, bias=False))
 
     def forward(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """User vectors [B, d] from history vectors [B, H, d] and mask [B, H]."""
@@ -51,11 +52,17 @@ class NewsTask:
 
     def __init__(self, data, opts, dim: int):
         if dim % opts.cf_heads:
-            raise InputError("--cf-heads", None, f"encoder dim {dim} is not divisible by {opts.cf_heads}")
+            raise InputError(
+                "--cf-heads", None, f"encoder dim {dim} is not divisible by {opts.cf_heads}"
+            )
         self.data = data
         self.opts = opts
         self.model = NRMSUser(dim, opts.cf_heads, opts.cf_dropout)
-        self.samples = [(i, int(p)) for i, imp in enumerate(data.train) for p in torch.nonzero(imp.labels).flatten()]
+        self.samples = [
+            (i, int(p))
+            for i, imp in enumerate(data.train)
+            for p in torch.nonzero(imp.labels).flatten()
+        ]
 
     def num_train_batches(self) -> int:
         """Global batches per epoch."""

@@ -1,0 +1,59 @@
+"""Tiny models and data for fast tests: a 2-layer BERT with MiniLM's tokenizer, small synth sets."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+
+from gram_scale.config import Options, validate
+from gram_scale.encoder import default_encoder_path
+
+
+def make_tiny_encoder(folder: Path, dropout: float = 0.1, hidden: int = 32, seed: int = 0) -> Path:
+    """A randomly initialised BERT folder (hidden 32, 2 layers) with the MiniLM tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=64,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )  # fmt: skip
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(folder))
+    src = Path(default_encoder_path())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, folder / name)
+    return folder
+
+
+def options(**kw) -> Options:
+    """Validated options for a quick run (no progress bar, no exports unless asked)."""
+    base = dict(progress=False, export=False, epochs=1, batch_size=8, seq_len=20, max_tokens=16,
+                lr_encoder=1e-3, lr_cf=1e-3, encoder_batch_size=16, history_len=10, cf_heads=2)  # fmt: skip
+    base.update(kw)
+    return validate(Options(**base))
+
+
+def replace(opts: Options, **kw) -> Options:
+    """A copy of options with some fields changed."""
+    return validate(dataclasses.replace(opts, **kw))
+
+
+def params(session) -> dict[str, torch.Tensor]:
+    """A detached copy of every encoder and CF parameter of a session."""
+    out = {f"enc.{k}": v.detach().clone() for k, v in session.encoder.named_parameters()}
+    out.update({f"cf.{k}": v.detach().clone() for k, v in session.task.model.named_parameters()})
+    return out
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference between two parameter dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
