@@ -39,7 +39,9 @@ class Options:
     test_frac: float = _opt(0.1, "KT: fraction of users for test")
     cold_frac: float = _opt(0.1, "KT: fraction of items held out of training (cold start)")
     # content encoder
-    encoder: str = _opt("", "Hugging Face encoder folder (loaded offline); empty = all-MiniLM-L6-v2")
+    encoder: str = _opt(
+        "", "Hugging Face encoder folder (loaded offline); empty = all-MiniLM-L6-v2"
+    )
     pooling: str = _opt("mean", "item vector pooling: mean or cls", choices=POOLINGS)
     max_tokens: int = _opt(32, "max tokens per item text")
     freeze_encoder: bool = _opt(False, "never update the encoder (the frozen baseline)")
@@ -125,7 +127,9 @@ def validate(opts: Options) -> Options:
         choices = f.metadata.get("choices")
         if choices and getattr(opts, f.name) not in choices:
             raise InputError(
-                _flag(f.name), None, f"must be one of {', '.join(choices)}, got {getattr(opts, f.name)!r}"
+                _flag(f.name),
+                None,
+                f"must be one of {', '.join(choices)}, got {getattr(opts, f.name)!r}",
             )
     positive = ["max_tokens", "encoder_batch_size", "encoder_epochs", "epochs", "batch_size",
                 "seq_len", "history_len", "negatives", "cf_layers", "cf_heads", "eval_batch_size",

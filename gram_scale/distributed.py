@@ -295,7 +295,11 @@ def build_runner(
     params = [p for p in encoder.parameters() if p.requires_grad]
     if ds_raw is None:
         encoder.to(accelerator.device)
-        optimizer = torch.optim.AdamW(params, lr=opts.lr_encoder, weight_decay=opts.weight_decay)
+        optimizer = None
+        if params:  # a frozen encoder has none
+            optimizer = torch.optim.AdamW(
+                params, lr=opts.lr_encoder, weight_decay=opts.weight_decay
+            )
         return EncoderRunner(encoder, tokens, comm, opts, optimizer=optimizer)
     from accelerate.utils import DummyOptim
 

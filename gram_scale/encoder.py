@@ -110,7 +110,9 @@ class ContentEncoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, keys: torch.Tensor | None = None):
         with keyed_dropout(keys):
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.model(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
         return pool(hidden, attention_mask, self.pooling)
 
 
@@ -141,7 +143,9 @@ def load_encoder(path: str, pooling: str = "mean"):
             str(folder), local_files_only=True, attn_implementation="eager", add_pooling_layer=False
         )
     except TypeError:
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager")
+        model = AutoModel.from_pretrained(
+            str(folder), local_files_only=True, attn_implementation="eager"
+        )
     except (OSError, ValueError) as exc:
         raise InputError(folder, None, f"cannot load encoder: {str(exc).splitlines()[0]}") from exc
     return ContentEncoder(model, pooling), tokenizer

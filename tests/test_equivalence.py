@@ -63,7 +63,9 @@ def test_multi_window_1_equals_single(task_opts, dropout):
     # One window-end chunk per step: the re-encode then has the very shapes of the cache fill,
     # so the regression's (h - cached h) term is exactly zero rather than float rounding that
     # Adam would amplify on near-zero gradient coordinates.
-    opts = replace(with_dropout(opts, nodrop, dropout), table_lr=1.0, window="1", encoder_batch_size=512)
+    opts = replace(
+        with_dropout(opts, nodrop, dropout), table_lr=1.0, window="1", encoder_batch_size=512
+    )
     single, _ = run_steps(replace(opts, strategy="single"), data, 3)
     multi, _ = run_steps(replace(opts, strategy="multi"), data, 3)
     assert max_diff(params(single), params(multi)) < TOL

@@ -16,7 +16,9 @@ class DKT(nn.Module):
 
     def __init__(self, dim: int, layers: int = 2, dropout: float = 0.0):
         super().__init__()
-        self.lstm = nn.LSTM(2 * dim, dim, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            2 * dim, dim, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0
+        )
         self.out = nn.Linear(dim, dim)
         self.bias = nn.Parameter(torch.zeros(()))
 

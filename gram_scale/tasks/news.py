@@ -24,7 +24,9 @@ class NRMSUser(nn.Module):
         # no biases, as in NRMS: the key bias and the score bias cannot change a softmax
         self.mhsa = nn.MultiheadAttention(dim, heads, bias=False, batch_first=True)
         self.drop = nn.Dropout(dropout)
-        self.att = nn.Sequential(nn.Linear(dim, query_dim), nn.Tanh(), nn.Linear(query_dim, 1, bias=False))
+        self.att = nn.Sequential(
+            nn.Linear(dim, query_dim), nn.Tanh(), nn.Linear(query_dim, 1, bias=False)
+        )
 
     def forward(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """User vectors [B, d] from history vectors [B, H, d] and mask [B, H]."""
