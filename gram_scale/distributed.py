@@ -103,6 +103,7 @@ class EncoderRunner:
         self.item_backwards = 0
         self.calls = 0  # encoder forward calls (must match across ranks under ZeRO-3)
         self._pending_backward = False
+        self.peak_activation_bytes = 0  # largest encoder graph kept for a backward (activations)
 
     @property
     def module(self):
@@ -119,8 +120,20 @@ class EncoderRunner:
         ids, mask = self.tokens.rows(items)
         ids, mask = ids.to(self.device), mask.to(self.device)
         keys = self._keys(items, salt)
+        saved = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[0] += t.numel() * t.element_size()
+            return t
+
         with torch.set_grad_enabled(grad and self.trainable):
-            out = self.module(ids, mask, keys=keys) if keys is not None else self.module(ids, mask)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = (
+                    self.module(ids, mask, keys=keys)
+                    if keys is not None
+                    else self.module(ids, mask)
+                )
+        self.peak_activation_bytes = max(self.peak_activation_bytes, saved[0])
         self.calls += 1
         self.item_forwards += len(items)
         return out.float()

@@ -157,3 +157,33 @@ def save_encoder(encoder: ContentEncoder, tokenizer, folder: str | Path, state_d
     encoder.model.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
     (folder / POOLING_FILE).write_text(json.dumps({"pooling": encoder.pooling}) + "\n")
+
+
+def make_tiny_bert(
+    folder: str | Path, dropout: float = 0.1, hidden: int = 32, seed: int = 0
+) -> Path:
+    """A randomly initialised 2-layer BERT folder with the MiniLM tokenizer (tests, tiny bench)."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=64,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )  # fmt: skip
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(tmp))
+    src = Path(default_encoder_path())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, tmp / name)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # built meanwhile by another process
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -125,52 +125,55 @@ def train(opts: Options) -> dict:
 
         progress = tqdm(total=total_steps, desc="train", file=sys.stderr, dynamic_ncols=True)
     counters = {"occurrences": 0, "unique": 0, "item_forwards": 0, "item_backwards": 0}
-    history: list[dict] = []
-    step, t0 = 0, time.perf_counter()
+    history: list[dict] = []  # one record per step
+    epochs: list[dict] = []  # one record per evaluation: cumulative training time and metrics
+    step, train_seconds = 0, 0.0  # training time excludes evaluation
     valid: dict = {}
     for epoch in range(opts.epochs):
         task.model.train()
         for batch in task.train_batches(epoch):
             if opts.max_steps and step >= opts.max_steps:
                 break
+            t = time.perf_counter()
             res = strategy.step(batch.slice(rank, world), step)
-            fwd, bwd = (
-                runner.comm.sum_int(res.item_forwards),
-                runner.comm.sum_int(res.item_backwards),
-            )
+            train_seconds += time.perf_counter() - t
+            fwd = runner.comm.sum_int(res.item_forwards)
+            bwd = runner.comm.sum_int(res.item_backwards)
             counters["occurrences"] += res.occurrences
             counters["unique"] += res.unique
             counters["item_forwards"] += fwd
             counters["item_backwards"] += bwd
-            rec = {"step": step, "epoch": epoch, "loss": res.loss, "occurrences": res.occurrences,
-                   "unique": res.unique, "item_forwards": fwd, "item_backwards": bwd,
-                   "encoder_updated": res.encoder_updated}  # fmt: skip
-            history.append(rec)
+            history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": res.occurrences,
+                            "unique": res.unique, "item_forwards": fwd, "item_backwards": bwd,
+                            "encoder_updated": res.encoder_updated})  # fmt: skip
             step += 1
+            ratio = res.occurrences / max(res.unique, 1)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(
-                    loss=f"{res.loss:.4f}", r=f"{res.occurrences / max(res.unique, 1):.1f}"
-                )
+                progress.set_postfix(loss=f"{res.loss:.4f}", r=f"{ratio:.1f}")
             if opts.report_to != "none" and step % opts.log_every == 0:
-                accelerator.log({"train/loss": res.loss, "train/item_backwards": bwd,
-                                 "train/occurrence_unique_ratio": res.occurrences / max(res.unique, 1),
-                                 "train/items_per_s": counters["occurrences"] / (time.perf_counter() - t0)},
+                accelerator.log({"train/loss": res.loss, "train/item_forwards": fwd,
+                                 "train/item_backwards": bwd, "train/occurrence_unique_ratio": ratio,
+                                 "train/items_per_s": counters["occurrences"] / max(train_seconds, 1e-9)},
                                 step=step)  # fmt: skip
         if opts.max_steps and step >= opts.max_steps and epoch < opts.epochs - 1:
             break
-        valid = evaluate(task, runner, "valid")
-        _say(accelerator, f"epoch {epoch}: valid " + _fmt(valid))
-        if opts.report_to != "none":
-            accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=step)
-    tail = strategy.finish(step)
+        if epoch < opts.epochs - 1:
+            valid = evaluate(task, runner, "valid")
+            epochs.append(
+                {"epoch": epoch, "step": step, "train_seconds": train_seconds, "valid": valid}
+            )
+            _say(accelerator, f"epoch {epoch}: valid " + _fmt(valid))
+            if opts.report_to != "none":
+                accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=step)
+    t = time.perf_counter()
+    tail = strategy.finish(step)  # Multi-step: a last partial window still updates the encoder
+    train_seconds += time.perf_counter() - t
     if tail is not None:
         counters["item_forwards"] += runner.comm.sum_int(tail.item_forwards)
         counters["item_backwards"] += runner.comm.sum_int(tail.item_backwards)
-        valid = evaluate(task, runner, "valid")
-    if not valid:
-        valid = evaluate(task, runner, "valid")
-    train_time = time.perf_counter() - t0
+    valid = evaluate(task, runner, "valid")
+    epochs.append({"epoch": epoch, "step": step, "train_seconds": train_seconds, "valid": valid})
     if progress is not None:
         progress.close()
     test = evaluate(task, runner, "test")
@@ -178,10 +181,13 @@ def train(opts: Options) -> dict:
         "valid": valid,
         "test": test,
         "steps": step,
-        "train_seconds": train_time,
+        "train_seconds": train_seconds,
         "processes": world,
         "counters": counters,
         "occurrence_unique_ratio": counters["occurrences"] / max(counters["unique"], 1),
+        "encoder_peak_activation_bytes": runner.peak_activation_bytes,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "epochs": epochs,
         "history": history,
     }
     _say(accelerator, "final valid " + _fmt(valid))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import options, replace
 from test_equivalence import run_steps
+from tiny import options, replace
 
 from gram_scale.accumulator import ItemTable
 from gram_scale.data.load import load_data

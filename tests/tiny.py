@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import torch
 
 from gram_scale.config import Options, validate
-from gram_scale.encoder import default_encoder_path
+from gram_scale.encoder import make_tiny_bert
 
 
 def make_tiny_encoder(folder: Path, dropout: float = 0.1, hidden: int = 32, seed: int = 0) -> Path:
     """A randomly initialised BERT folder (hidden 32, 2 layers) with the MiniLM tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return folder
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=64,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-    )  # fmt: skip
-    BertModel(config, add_pooling_layer=False).save_pretrained(str(folder))
-    src = Path(default_encoder_path())
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, folder / name)
-    return folder
+    return make_tiny_bert(folder, dropout=dropout, hidden=hidden, seed=seed)
 
 
 def options(**kw) -> Options:
