@@ -57,7 +57,7 @@ class Options:
     encoder_batch_size: int = _opt(64, "items per encoder chunk (window-end updates, evaluation)")
     encoder_epochs: int = _opt(1, "multi: regression passes over the window's items")
     # CF model and optimisation
-    epochs: int = _opt(3, "training epochs")
+    epochs: int = _opt(2, "training epochs")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0 = no limit)")
     batch_size: int = _opt(32, "global CF batch: KT sequences or news training samples")
     seq_len: int = _opt(50, "KT: interactions per training sequence window")

@@ -198,10 +198,10 @@ def train(opts: Options) -> dict:
     vectors = runner.eval_vectors(torch.arange(len(data.catalogue))) if opts.export else None
     encoder_state = None
     if opts.export and runner.engine is not None:
-        encoder_state = accelerator.get_state_dict(runner.engine)  # gathers ZeRO-3 shards
-        encoder_state = {
-            k.removeprefix("model."): v for k, v in encoder_state.items() if k.startswith("model.")
-        }
+        # Collective under ZeRO-3 (every rank takes part); only the main process gets the dict.
+        full = accelerator.get_state_dict(runner.engine)
+        if full is not None:
+            encoder_state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
     if accelerator.is_main_process:
         publish(opts.output_dir, lambda tmp: export_run(
             tmp, encoder if opts.export else None, tokenizer, encoder_state, task.model,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 # Built-in default sizes: large enough that the text signal is learnable and the batch
 # repetition (R_batch) is real, small enough that the default job runs in minutes on 2 cores.
-DEFAULT_KT = {"n_users": 400, "n_items": 300, "mean_len": 50, "n_unused_items": 10, "zipf": 1.0}
+DEFAULT_KT = {"n_users": 300, "n_items": 300, "mean_len": 50, "n_unused_items": 10, "zipf": 1.0}
 DEFAULT_NEWS = {"n_users": 300, "n_news": 400, "impressions_per_user": 3, "n_candidates": 5}
 
 
