@@ -71,51 +71,89 @@ WORKLOADS: dict[str, Workload] = {
         task="kt",
         generator=dict(n_users=60, n_items=60, mean_len=30, n_unused_items=4, seed=1),
         encoder="tiny",
-        options=dict(max_tokens=16, batch_size=4, seq_len=12, epochs=2, lr_encoder=1e-3,
-                     lr_cf=1e-3, encoder_batch_size=16),  # fmt: skip
+        options=dict(
+            max_tokens=16,
+            batch_size=4,
+            seq_len=12,
+            epochs=2,
+            lr_encoder=1e-3,
+            lr_cf=1e-3,
+            encoder_batch_size=16,
+        ),
     ),
     "kt-small": Workload(
-        doc="""Knowledge tracing with the real all-MiniLM-L6-v2 encoder, texts of 8-20 words
-        (32 max tokens), a Zipf(1) catalogue: write_kt(n_users=200, n_items=120, mean_len=40,
-        n_unused_items=5, seed=0), about 6,600 training interactions and 43 steps per epoch
-        (batch 8 x seq 25), R_batch about 2.9, R_epoch about 64. 2 epochs, lr encoder 5e-5,
-        lr CF 1e-3, encoder chunks of 64.""",
+        doc="""Knowledge tracing with the real all-MiniLM-L6-v2 encoder on short texts (8-20
+        words, 16.6 tokens on average, 32 max): write_kt(n_users=200, n_items=120, mean_len=40,
+        n_unused_items=5, seed=0). 6,631 training interactions over 103 distinct items per
+        epoch, batch 8 x seq 25: 43 steps per epoch, R_batch 2.9, R_epoch 64. 2 epochs, lr
+        encoder 5e-5, lr CF 1e-3, encoder chunks of 16 (as the paper's small CE batch: the
+        chunk, not the CF batch, bounds Multi-step's encoder memory).""",
         task="kt",
         generator=dict(n_users=200, n_items=120, mean_len=40, n_unused_items=5, seed=0),
         encoder="minilm",
-        options=dict(max_tokens=32, batch_size=8, seq_len=25, epochs=2, lr_encoder=5e-5,
-                     lr_cf=1e-3, encoder_batch_size=64),  # fmt: skip
+        options=dict(
+            max_tokens=32,
+            batch_size=8,
+            seq_len=25,
+            epochs=2,
+            lr_encoder=5e-5,
+            lr_cf=1e-3,
+            encoder_batch_size=16,
+        ),
     ),
     "news-small": Workload(
-        doc="""MIND-style news recommendation (NRMS) with all-MiniLM-L6-v2 on titles (32 max
-        tokens): write_mind(n_users=150, n_news=200, impressions_per_user=2, n_candidates=5,
-        history_len=10, n_dev_only_news=10, seed=0); histories of 10, 4 negatives, batch 8.
-        News histories repeat across users less than KT sequences repeat items, so R_batch is
-        low (about 1.6): the workload where Single-step buys least. 2 epochs, lr encoder 5e-5,
-        lr CF 1e-3, encoder chunks of 64.""",
+        doc="""MIND-style news recommendation (NRMS) with all-MiniLM-L6-v2 on titles (12.8
+        tokens on average, 32 max): write_mind(n_users=150, n_news=200, impressions_per_user=2,
+        n_candidates=5, history_len=10, n_dev_only_news=10, seed=0); histories of 10, 4
+        negatives, batch 8: 35 steps and 4,085 item occurrences over 190 distinct news per
+        epoch. Histories and candidates repeat less within a batch than KT items do (R_batch
+        1.7, R_epoch 21): the workload where Single-step buys least. 2 epochs, lr encoder 5e-5,
+        lr CF 1e-3, encoder chunks of 16.""",
         task="news",
-        generator=dict(n_users=150, n_news=200, impressions_per_user=2, n_candidates=5,
-                       history_len=10, n_dev_only_news=10, seed=0),  # fmt: skip
+        generator=dict(
+            n_users=150,
+            n_news=200,
+            impressions_per_user=2,
+            n_candidates=5,
+            history_len=10,
+            n_dev_only_news=10,
+            seed=0,
+        ),
         encoder="minilm",
-        options=dict(max_tokens=32, batch_size=8, history_len=10, negatives=4, epochs=2,
-                     lr_encoder=5e-5, lr_cf=1e-3, encoder_batch_size=64),  # fmt: skip
+        options=dict(
+            max_tokens=32,
+            batch_size=8,
+            history_len=10,
+            negatives=4,
+            epochs=2,
+            lr_encoder=5e-5,
+            lr_cf=1e-3,
+            encoder_batch_size=16,
+        ),
     ),
     "kt-skewed": Workload(
-        doc="""A TOEIC-like catalogue, the setting where GRAM.md says Multi-step pays most: few
-        items, many interactions per item, long texts. write_kt(n_users=400, n_items=100,
-        mean_len=50, n_unused_items=5, zipf=0.8, seed=0), then every item text is lengthened
-        to 64 words by appending words drawn (seeded per item) from its own text, so the
-        level/topic signal keeps its share of the words and the encoder sees full 64-token
-        inputs. About 15,000 training interactions over about 85 items per epoch (R_epoch
-        about 180), batch 8 x seq 50. E2E would take many minutes per epoch on 2 CPU cores, so
-        it trains only --e2e-steps (default 4) steps and its epoch time is extrapolated. 2
-        epochs, lr encoder 5e-5, lr CF 1e-3, encoder chunks of 32.""",
+        doc="""A TOEIC-like catalogue, where GRAM.md says Multi-step pays most: few items, many
+        interactions per item, long texts. write_kt(n_users=400, n_items=100, mean_len=50,
+        n_unused_items=5, zipf=0.8, seed=0), then every item text is lengthened to 64 words by
+        appending words drawn (seeded per item) from its own text, so the level/topic signal
+        keeps its share of the words and every item fills 64 tokens. 14,212 training
+        interactions over 85 distinct items per epoch (R_epoch 167), batch 8 x seq 50: 55 steps
+        per epoch, R_batch 3.8. E2E would take several minutes per epoch on 2 CPU cores, so it
+        trains --e2e-steps (default 4) steps and its epoch time is extrapolated; no E2E
+        accuracy. 1 epoch (--epochs 2 or more on a GPU), lr encoder 5e-5, lr CF 1e-3, encoder
+        chunks of 16.""",
         task="kt",
-        generator=dict(n_users=400, n_items=100, mean_len=50, n_unused_items=5, zipf=0.8,
-                       seed=0),  # fmt: skip
+        generator=dict(n_users=400, n_items=100, mean_len=50, n_unused_items=5, zipf=0.8, seed=0),
         encoder="minilm",
-        options=dict(max_tokens=64, batch_size=8, seq_len=50, epochs=2, lr_encoder=5e-5,
-                     lr_cf=1e-3, encoder_batch_size=32),  # fmt: skip
+        options=dict(
+            max_tokens=64,
+            batch_size=8,
+            seq_len=50,
+            epochs=1,
+            lr_encoder=5e-5,
+            lr_cf=1e-3,
+            encoder_batch_size=16,
+        ),
         words_per_item=64,
         e2e_steps=4,
     ),
@@ -265,15 +303,17 @@ def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dic
         "occurrence_unique_ratio": first["occurrence_unique_ratio"],
         "occurrences_per_backward": counters["occurrences"] / max(counters["item_backwards"], 1),
         "peak_rss_bytes": max(r["rss"] for r in runs),
-        "encoder_activation_bytes": max(r["metrics"]["encoder_peak_activation_bytes"] for r in runs),
+        "encoder_activation_bytes": max(
+            r["metrics"]["encoder_peak_activation_bytes"] for r in runs
+        ),
         "cuda_peak_bytes": first.get("cuda_peak_bytes"),
         "valid": None if extrapolated else first["valid"],
         "test": None if extrapolated else first["test"],
         "curve": [] if extrapolated else [
             [e["train_seconds"], e["valid"].get(METRIC)] for e in first["epochs"]
         ],
-        "runs": [{"dir": r["dir"], "argv": r["argv"], "train_seconds": r["metrics"]["train_seconds"],
-                  "steps": r["metrics"]["steps"], "peak_rss_bytes": r["rss"],
+        "runs": [{"dir": r["dir"], "argv": r["argv"], "steps": r["metrics"]["steps"],
+                  "train_seconds": r["metrics"]["train_seconds"], "peak_rss_bytes": r["rss"],
                   "wall_seconds": r["wall"]} for r in runs],
     }  # fmt: skip
     if extrapolated:
@@ -397,6 +437,12 @@ def machine_line(m: dict) -> str:
 
 
 # ---- targets and Markdown -------------------------------------------------------------------
+def rows_in_order(result: dict) -> list[tuple[str, dict]]:
+    """``(name, row)`` per strategy in run order (results.json itself sorts its keys)."""
+    rows = result["strategies"]
+    return [(name, rows[name]) for name in result.get("order", rows)]
+
+
 def _mib(b: float | None) -> str:
     return "-" if b is None else f"{b / MiB:,.1f}"
 
@@ -435,7 +481,7 @@ def targets(result: dict) -> list[dict]:
                             f"{100 * (a - b):+.2f} points (limit 1)"})  # fmt: skip
     key = "cuda_peak_bytes" if result["machine"]["gpu"] else "encoder_activation_bytes"
     what = "CUDA peak memory" if key == "cuda_peak_bytes" else "encoder activation memory"
-    for name, row in rows.items():
+    for name, row in rows_in_order(result):
         if not name.startswith("multi"):
             continue
         share = row[key] / max(e2e[key], 1)
@@ -449,7 +495,11 @@ def markdown(result: dict) -> str:
     """``results.md``: header, one table row per strategy, the targets and the bound."""
     m, stats, pred = result["machine"], result["stats"], result["predicted"]
     cuda = m["gpu"] is not None
-    tokens = "" if not stats.get("tokens_per_item") else f", {stats['tokens_per_item']:.1f} tokens per item"
+    tokens = (
+        ""
+        if not stats.get("tokens_per_item")
+        else f", {stats['tokens_per_item']:.1f} tokens per item"
+    )
     head = ["strategy", "time / epoch (s)", "speed-up vs e2e", "encoder fwd items / epoch",
             "encoder bwd items / epoch", "occurrences / encoder bwd", "occ / unique per step",
             "peak RSS (MiB)", "encoder activations (MiB)"]  # fmt: skip
@@ -477,7 +527,7 @@ def markdown(result: dict) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
     ]
-    for name, r in result["strategies"].items():
+    for name, r in rows_in_order(result):
         mark = " (extrapolated)" if r["extrapolated"] else ""
         cells = [
             f"{name}{mark}",
@@ -539,7 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="training epochs; default: workload's")
     p.add_argument("--config", default="none", metavar="PATH|none",
                    help="DeepSpeed JSON for the encoder of every run")  # fmt: skip
-    p.add_argument("--cache-dir", default="", help="generated data; empty = $GRAM_CACHE or ~/.cache")
+    p.add_argument(
+        "--cache-dir", default="", help="generated data; empty = $GRAM_CACHE or ~/.cache"
+    )
     return p
 
 
@@ -547,8 +599,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse and check the flags; the first bad one raises InputError naming it."""
     args = build_parser().parse_args(argv)
     if args.workload not in WORKLOADS:
-        raise InputError("--workload", None,
-                         f"must be one of {', '.join(WORKLOADS)}, got {args.workload!r}")  # fmt: skip
+        choices = ", ".join(WORKLOADS)
+        raise InputError("--workload", None, f"must be one of {choices}, got {args.workload!r}")
     if args.repeats < 1:
         raise InputError("--repeats", None, f"must be at least 1, got {args.repeats}")
     if args.e2e_steps is not None and args.e2e_steps < 0:
@@ -640,6 +692,7 @@ def bench(args: argparse.Namespace) -> dict:
         "options": dataclasses.asdict(base),
         "stats": stats,
         "predicted": {"R_batch": stats["R_batch"], "R_epoch": stats["R_epoch"]},
+        "order": list(rows),  # results.json sorts its keys; this keeps the table's row order
         "strategies": rows,
         "bound": bound,
     }

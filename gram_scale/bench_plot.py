@@ -24,11 +24,11 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")  # no display on benchmark machines
     import matplotlib.pyplot as plt
 
-    from gram_scale.bench import METRIC, machine_line
+    from gram_scale.bench import METRIC, machine_line, rows_in_order
 
     fig, ax = plt.subplots(figsize=(8, 5))
     xs = []
-    for name, row in result["strategies"].items():
+    for name, row in rows_in_order(result):
         if row["extrapolated"]:
             ends = [row["time_per_epoch_s"] * (k + 1) for k in range(result["epochs"])]
             for k, x in enumerate(ends):

@@ -79,6 +79,11 @@ class Options:
     output_dir: str = _opt("outputs/run", "where metrics, options and exports are written")
     cache_dir: str = _opt("", "generated data and token caches; empty = $GRAM_CACHE or ~/.cache")
     log_every: int = _opt(10, "log training loss every this many steps")
+    save_every: int = _opt(0, "write a checkpoint every this many steps (0 = never)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept (older ones are deleted)")
+    resume: str = _opt(
+        "", "resume from a checkpoint folder, or 'latest' in --output-dir", metavar="PATH|latest"
+    )
     report_to: str = _opt("none", "tracker: none, wandb or tensorboard", choices=REPORTERS)
     export: bool = _opt(True, "write the encoder folder, CF weights and item vectors")
     progress: bool = _opt(True, "show a progress bar")
@@ -137,6 +142,12 @@ def validate(opts: Options) -> Options:
     for name in positive:
         if getattr(opts, name) < 1:
             raise InputError(_flag(name), None, f"must be at least 1, got {getattr(opts, name)}")
+    if opts.save_every < 0:
+        raise InputError("--save-every", None, f"must be 0 or more, got {opts.save_every}")
+    if opts.keep_checkpoints < 1:
+        raise InputError(
+            "--keep-checkpoints", None, f"must be at least 1, got {opts.keep_checkpoints}"
+        )
     if opts.max_steps < 0:
         raise InputError("--max-steps", None, f"must be 0 or more, got {opts.max_steps}")
     for name in ("lr_encoder", "lr_cf", "table_lr"):

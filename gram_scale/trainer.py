@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+from gram_scale.checkpoint import TrainState, find_resume
+from gram_scale.checkpoint import load as load_checkpoint
+from gram_scale.checkpoint import save as save_checkpoint
 from gram_scale.config import Options
 from gram_scale.data.items import TokenCache
 from gram_scale.data.load import load_data
@@ -124,19 +128,31 @@ def train(opts: Options) -> dict:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=total_steps, desc="train", file=sys.stderr, dynamic_ncols=True)
-    counters = {"occurrences": 0, "unique": 0, "item_forwards": 0, "item_backwards": 0}
-    history: list[dict] = []  # one record per step
-    epochs: list[dict] = []  # one record per evaluation: cumulative training time and metrics
-    step, train_seconds = 0, 0.0  # training time excludes evaluation
-    valid: dict = {}
-    for epoch in range(opts.epochs):
+    state = TrainState(strategy)
+    accelerator.register_for_checkpointing(task.model, s.cf.optimizer, state)
+    if runner.engine is None and runner.optimizer is not None:  # a DeepSpeed engine saves itself
+        accelerator.register_for_checkpointing(encoder, runner.optimizer)
+    resume_from = find_resume(opts.output_dir, opts.resume, say=lambda m: _say(accelerator, m))
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from)
+        _say(accelerator, f"resumed from {resume_from} at step {state.step}")
+    if progress is not None:
+        progress.update(state.step)
+    counters, history, epochs = state.counters, state.history, state.epochs
+    fault = _fault_step(rank)
+    for epoch in range(state.epoch, opts.epochs):
         task.model.train()
-        for batch in task.train_batches(epoch):
-            if opts.max_steps and step >= opts.max_steps:
+        for i, batch in enumerate(task.train_batches(epoch)):
+            if i < state.batch_in_epoch:  # already trained before the checkpoint
+                continue
+            if opts.max_steps and state.step >= opts.max_steps:
                 break
+            if state.step == fault:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
+            step = state.step
             t = time.perf_counter()
             res = strategy.step(batch.slice(rank, world), step)
-            train_seconds += time.perf_counter() - t
+            state.train_seconds += time.perf_counter() - t
             fwd = runner.comm.sum_int(res.item_forwards)
             bwd = runner.comm.sum_int(res.item_backwards)
             counters["occurrences"] += res.occurrences
@@ -146,26 +162,29 @@ def train(opts: Options) -> dict:
             history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": res.occurrences,
                             "unique": res.unique, "item_forwards": fwd, "item_backwards": bwd,
                             "encoder_updated": res.encoder_updated})  # fmt: skip
-            step += 1
+            state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
             ratio = res.occurrences / max(res.unique, 1)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{res.loss:.4f}", r=f"{ratio:.1f}")
-            if opts.report_to != "none" and step % opts.log_every == 0:
+            if opts.report_to != "none" and state.step % opts.log_every == 0:
                 accelerator.log({"train/loss": res.loss, "train/item_forwards": fwd,
                                  "train/item_backwards": bwd, "train/occurrence_unique_ratio": ratio,
-                                 "train/items_per_s": counters["occurrences"] / max(train_seconds, 1e-9)},
-                                step=step)  # fmt: skip
-        if opts.max_steps and step >= opts.max_steps and epoch < opts.epochs - 1:
+                                 "train/items_per_s": counters["occurrences"] / max(state.train_seconds, 1e-9)},
+                                step=state.step)  # fmt: skip
+            if opts.save_every and state.step % opts.save_every == 0:
+                save_checkpoint(accelerator, state, opts.output_dir, opts.keep_checkpoints)
+        if opts.max_steps and state.step >= opts.max_steps and epoch < opts.epochs - 1:
             break
         if epoch < opts.epochs - 1:
             valid = evaluate(task, runner, "valid")
-            epochs.append(
-                {"epoch": epoch, "step": step, "train_seconds": train_seconds, "valid": valid}
-            )
+            epochs.append({"epoch": epoch, "step": state.step, "train_seconds": state.train_seconds,
+                           "valid": valid})  # fmt: skip
             _say(accelerator, f"epoch {epoch}: valid " + _fmt(valid))
             if opts.report_to != "none":
-                accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=step)
+                accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=state.step)
+        state.epoch, state.batch_in_epoch = epoch + 1, 0
+    step, train_seconds = state.step, state.train_seconds
     t = time.perf_counter()
     tail = strategy.finish(step)  # Multi-step: a last partial window still updates the encoder
     train_seconds += time.perf_counter() - t
@@ -173,7 +192,9 @@ def train(opts: Options) -> dict:
         counters["item_forwards"] += runner.comm.sum_int(tail.item_forwards)
         counters["item_backwards"] += runner.comm.sum_int(tail.item_backwards)
     valid = evaluate(task, runner, "valid")
-    epochs.append({"epoch": epoch, "step": step, "train_seconds": train_seconds, "valid": valid})
+    epochs.append(
+        {"epoch": len(epochs), "step": step, "train_seconds": train_seconds, "valid": valid}
+    )
     if progress is not None:
         progress.close()
     test = evaluate(task, runner, "test")
@@ -201,7 +222,9 @@ def train(opts: Options) -> dict:
         # Collective under ZeRO-3 (every rank takes part); only the main process gets the dict.
         full = accelerator.get_state_dict(runner.engine)
         if full is not None:
-            encoder_state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
+            encoder_state = {
+                k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")
+            }
     if accelerator.is_main_process:
         publish(opts.output_dir, lambda tmp: export_run(
             tmp, encoder if opts.export else None, tokenizer, encoder_state, task.model,
@@ -215,6 +238,16 @@ def train(opts: Options) -> dict:
     gc.collect()
     accelerator.end_training()
     return metrics
+
+
+def _fault_step(rank: int) -> int:
+    """``GRAM_FAULT_KILL=RANK:STEP`` makes that rank SIGKILL itself before that step, on the
+    first attempt only (an elastic restart must not hit it again); -1 when unset."""
+    spec = os.environ.get("GRAM_FAULT_KILL", "")
+    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return -1
+    fault_rank, fault_step = (int(x) for x in spec.split(":"))
+    return fault_step if fault_rank == rank else -1
 
 
 def _fmt(m: dict) -> str:

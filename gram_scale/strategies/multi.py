@@ -101,3 +101,12 @@ class MultiStep:
         return StepResult(
             0.0, 0, 0, self.runner.item_forwards - f0, self.runner.item_backwards - b0, True
         )
+
+    def state_dict(self) -> dict:
+        """The item table (the window's touched rows) and the window count."""
+        return {"table": self.table.state_dict(), "windows_done": self.windows_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the table and window count of a checkpoint."""
+        self.table.load_state_dict(state["table"])
+        self.windows_done = state["windows_done"]

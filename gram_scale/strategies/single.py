@@ -51,3 +51,10 @@ class SingleStep:
     def finish(self, step: int) -> StepResult | None:
         """Nothing is pending between steps."""
         return None
+
+    def state_dict(self) -> dict:
+        """No state beyond the models and optimizers."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore."""

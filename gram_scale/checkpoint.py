@@ -1,0 +1,156 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped.
+
+A checkpoint is ``<output>/checkpoints/step-<N>/``, written by ``accelerator.save_state`` (the
+DeepSpeed engine with its ZeRO shards, or the plain encoder and optimizer; the CF model and
+optimizer; every rank's RNG states) plus ``TrainState`` (step, data position, counters, history,
+and the strategy's own state: Multi-step's item table and window position). It is written into a
+hidden ``.tmp-`` folder, given a manifest of file sizes and SHA-256 sums, and only then renamed
+into place, so a crash mid-save leaves the previous checkpoint as the latest complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainState:
+    """Loop position and run records, saved with every checkpoint."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0  # batches of ``epoch`` already trained
+        self.train_seconds = 0.0
+        self.counters = {"occurrences": 0, "unique": 0, "item_forwards": 0, "item_backwards": 0}
+        self.history: list[dict] = []
+        self.epochs: list[dict] = []
+
+    def state_dict(self) -> dict:
+        """Plain data (tensors only inside the strategy state)."""
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "train_seconds": self.train_seconds, "counters": dict(self.counters),
+                "history": list(self.history), "epochs": list(self.epochs),
+                "strategy": self.strategy.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+        for key in (
+            "step",
+            "epoch",
+            "batch_in_epoch",
+            "train_seconds",
+            "counters",
+            "history",
+            "epochs",
+        ):
+            setattr(self, key, state[key])
+        self.strategy.load_state_dict(state["strategy"])
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    """Folder that holds a run's checkpoints."""
+    return Path(output_dir) / "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record size and checksum of every file of a checkpoint folder."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong (one line)."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (incomplete save)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return "unreadable manifest"
+    for name, meta in files.items():
+        p = folder / name
+        if not p.is_file():
+            return f"missing file {name}"
+        if p.stat().st_size != meta["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, expected {meta['bytes']}"
+        if _sha256(p) != meta["sha256"]:
+            return f"{name} checksum mismatch"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete-looking checkpoint folders, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def find_resume(output_dir: str | Path, resume: str, say=print) -> Path | None:
+    """The checkpoint to resume from: ``latest`` = newest intact one (corrupt ones reported and
+    skipped), or an explicit folder that must be intact."""
+    from gram_scale.errors import InputError
+
+    if not resume:
+        return None
+    if resume != "latest":
+        folder = Path(resume)
+        problem = verify(folder) if folder.is_dir() else "not found"
+        if problem:
+            raise InputError(folder, None, f"cannot resume: {problem}")
+        return folder
+    for _, folder in list_checkpoints(checkpoint_root(output_dir)):
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        say(f"checkpoint {folder} is corrupt ({problem}); trying the previous one")
+    say(f"no intact checkpoint under {checkpoint_root(output_dir)}; starting from scratch")
+    return None
+
+
+def save(accelerator, state: TrainState, output_dir: str | Path, keep: int) -> Path:
+    """Write a checkpoint of the current step on every rank; atomic by rename."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-step-{state.step:08d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every rank writes its shards and RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_manifest(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator, folder: Path) -> None:
+    """Restore every registered object and RNG state from a checkpoint folder."""
+    accelerator.load_state(str(folder))

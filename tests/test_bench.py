@@ -1,0 +1,199 @@
+"""``gram_scale.bench`` end to end on the tiny workload: outputs, schema, and every strategy's
+encoder counters recomputed from the batches the runs trained on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gram_scale.bench import RUNS, label, markdown, summarise, targets
+from gram_scale.config import Options, parse_window
+from gram_scale.data.load import load_data
+from gram_scale.stats import compute
+from gram_scale.strategies.multi import window_steps
+from gram_scale.tasks import make_task
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_FIELDS = {
+    "strategy", "window", "extrapolated", "steps", "epochs_done", "time_per_epoch_s",
+    "time_per_epoch_s_repeats", "speedup", "occurrences_per_epoch", "item_forwards_per_epoch",
+    "item_backwards_per_epoch", "counters", "occurrence_unique_ratio", "occurrences_per_backward",
+    "peak_rss_bytes", "encoder_activation_bytes", "cuda_peak_bytes", "valid", "test", "curve",
+    "runs",
+}  # fmt: skip
+LABELS = [label(s, w) for s, w in RUNS]
+
+
+def _bench(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    # One thread per run: the test checks counts, not speed, and shares 2 cores with other tests.
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "gram_scale.bench", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    """One run of the tiny workload into a temporary folder and cache."""
+    tmp = tmp_path_factory.mktemp("bench")
+    r = _bench("--workload", "tiny", "--out", str(tmp / "out"), "--cache-dir", str(tmp / "cache"),
+               "--repeats", "1")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp / "out", json.loads((tmp / "out" / "results.json").read_text()), r
+
+
+def test_outputs_and_schema(tiny):
+    out, res, proc = tiny
+    assert (out / "results.md").is_file()
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert res["order"] == LABELS and sorted(res["strategies"]) == sorted(LABELS)
+    for name, row in res["strategies"].items():
+        assert ROW_FIELDS <= row.keys(), (name, ROW_FIELDS - row.keys())
+        assert row["extrapolated"] is False and len(row["runs"]) == 1
+        assert row["epochs_done"] == res["epochs"] == 2
+        assert row["time_per_epoch_s"] > 0 and row["peak_rss_bytes"] > 0
+        assert row["encoder_activation_bytes"] > 0 and row["cuda_peak_bytes"] is None
+        assert 0 <= row["valid"]["auc"] <= 1 and 0 <= row["test"]["auc"] <= 1
+        assert len(row["curve"]) == 2  # one valid point per epoch
+    assert res["strategies"]["e2e"]["speedup"] == 1.0
+    m = res["machine"]
+    assert m["cpu"] and m["cores"] >= 1 and m["date"]
+    assert {"python", "torch", "transformers", "accelerate", "deepspeed"} <= m["versions"].keys()
+    assert len(res["targets"]) == 2 + 1 + 3  # single, 1E speed, 1E AUC, memory per multi
+    assert all(t["met"] in (True, False) for t in res["targets"])
+    assert res["bound"]["bound_e_over_c"] > 0
+    md = (out / "results.md").read_text()
+    assert "Targets:" in md and "e / c" in md
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(LABELS)  # header + one row per strategy, printed at the end
+    # the predicted ratios are gram_scale.stats on the very options the runs used
+    stats = compute(Options(**res["options"]))
+    assert res["predicted"] == {"R_batch": stats["R_batch"], "R_epoch": stats["R_epoch"]}
+    assert res["steps_per_epoch"] == stats["batches"]
+
+
+def _step_items(opts: Options) -> list[set[int]]:
+    """The item rows of every training step, as the trainer batches them."""
+    task = make_task(opts, load_data(opts), dim=8 * opts.cf_heads)  # the CF model is unused
+    steps = []
+    for epoch in range(opts.epochs):
+        for batch in task.train_batches(epoch):
+            steps.append(batch.items[batch.items >= 0])
+    return steps
+
+
+def test_counters_match_definitions(tiny):
+    _, res, _ = tiny
+    opts = Options(**res["options"])
+    steps = _step_items(opts)
+    spe = res["steps_per_epoch"]
+    occ = [len(s) for s in steps]
+    uniq = [len(torch.unique(s)) for s in steps]
+    for name, row in res["strategies"].items():
+        metrics = json.loads((Path(row["runs"][0]["dir"]) / "metrics.json").read_text())
+        hist, c = metrics["history"], metrics["counters"]
+        assert len(hist) == len(steps) == row["steps"] == 2 * spe, name
+        assert [h["occurrences"] for h in hist] == occ, name
+        assert [h["unique"] for h in hist] == uniq, name
+        assert c["occurrences"] == sum(occ) and c["unique"] == sum(uniq)
+        # the table's per-epoch figures are the run's totals over its epochs
+        assert row["item_backwards_per_epoch"] == c["item_backwards"] / 2
+        assert row["item_forwards_per_epoch"] == c["item_forwards"] / 2
+        fwd, bwd = [h["item_forwards"] for h in hist], [h["item_backwards"] for h in hist]
+        if row["strategy"] == "e2e":  # every occurrence encoded and back-propagated
+            assert fwd == occ and bwd == occ
+            for e in range(2):
+                assert sum(bwd[e * spe : (e + 1) * spe]) == sum(occ[e * spe : (e + 1) * spe])
+            assert c["item_forwards"] == c["item_backwards"] == c["occurrences"]
+        elif row["strategy"] == "single":  # each unique item of the step once
+            assert fwd == uniq and bwd == uniq
+            assert c["item_forwards"] == c["item_backwards"] == c["unique"]
+            assert c["item_backwards"] == round(c["occurrences"] / row["occurrence_unique_ratio"])
+        else:
+            _check_multi(row["window"], spe, steps, hist, c)
+
+
+def _check_multi(window: str, spe: int, steps: list, hist: list[dict], c: dict) -> None:
+    """Inside a window, forwards = items not cached yet; at its end every item the window
+    touched is re-encoded and back-propagated once; a partial last window closes at finish."""
+    w = window_steps(parse_window(window), spe)
+    touched: set[int] = set()
+    window_sizes = []
+    for step, (items, h) in enumerate(zip(steps, hist)):
+        new = set(items.tolist()) - touched
+        touched |= new
+        end = (step + 1) % w == 0
+        assert h["encoder_updated"] == end, (window, step)
+        assert h["item_forwards"] == len(new) + (len(touched) if end else 0), (window, step)
+        assert h["item_backwards"] == (len(touched) if end else 0), (window, step)
+        if end:
+            window_sizes.append(len(touched))
+            touched = set()
+    tail = len(touched)  # the last partial window, closed by strategy.finish
+    assert (tail > 0) == (len(steps) % w != 0), window
+    assert c["item_backwards"] == sum(window_sizes) + tail
+    assert c["item_forwards"] == 2 * c["item_backwards"]  # cache fill + re-encode, one pass each
+    if window == "1E":  # one window per epoch: the epoch's distinct items, as stats predicts
+        per_epoch = [len(torch.unique(torch.cat(steps[e * spe : (e + 1) * spe]))) for e in (0, 1)]
+        assert window_sizes == per_epoch and tail == 0
+
+
+def test_windows_differ(tiny):
+    _, res, _ = tiny
+    spe = res["steps_per_epoch"]
+    sizes = [window_steps(parse_window(w), spe) for s, w in RUNS if s == "multi"]
+    assert len(set(sizes)) == 3 and spe % 10 != 0  # 10-step windows straddle epochs
+
+
+def _fake_run(steps: int, seconds: float, auc: float) -> dict:
+    counters = {"occurrences": 30 * steps, "unique": 10 * steps, "item_forwards": 30 * steps,
+                "item_backwards": 30 * steps}  # fmt: skip
+    metrics = {"steps": steps, "train_seconds": seconds, "counters": counters,
+               "occurrence_unique_ratio": 3.0, "encoder_peak_activation_bytes": 1000 * steps,
+               "cuda_peak_bytes": None, "valid": {"auc": auc}, "test": {"auc": auc},
+               "epochs": [{"train_seconds": seconds, "valid": {"auc": auc}}]}  # fmt: skip
+    return {"metrics": metrics, "rss": 1 << 20, "wall": seconds + 1, "dir": "d", "argv": []}
+
+
+def test_extrapolated_e2e_has_no_accuracy():
+    spe = 10
+    e2e = summarise([_fake_run(3, 1.5, 0.9)], spe, extrapolated=True)
+    assert e2e["time_per_epoch_s"] == 5.0  # 1.5 s / 3 steps x 10 steps per epoch
+    assert e2e["item_backwards_per_epoch"] == 300 and e2e["valid"] is None and not e2e["curve"]
+    assert "extrapolated" in e2e["note"]
+    rows = {"e2e": e2e}
+    for name in LABELS[1:]:
+        rows[name] = summarise([_fake_run(20, 2.0, 0.7)], spe, extrapolated=False)
+    for row in rows.values():
+        row["speedup"] = e2e["time_per_epoch_s"] / row["time_per_epoch_s"]
+    result = {"workload": "fake", "order": list(rows), "description": "d", "epochs": 2, "steps_per_epoch": spe,
+              "repeats": 1, "total_seconds": 1.0, "strategies": rows, "bound": None,
+              "stats": {"occurrences": 300, "distinct_items": 20},
+              "predicted": {"R_batch": 3.0, "R_epoch": 15.0},
+              "machine": {"cpu": "c", "cores": 2, "gpu": None, "torch_threads": 2,
+                          "load_average_at_start": 0.0, "versions": {"python": "3"},
+                          "date": "today"}}  # fmt: skip
+    result["targets"] = targets(result)
+    auc = [t for t in result["targets"] if "AUC" in t["name"]]
+    assert len(auc) == 1 and auc[0]["met"] is None and "extrapolated" in auc[0]["text"]
+    md = markdown(result)
+    assert "| e2e (extrapolated) | 5.00 (extrapolated) |" in md
+    assert "n/a" in md.split("| e2e (extrapolated)")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [(["--workload", "nope"], "--workload"),
+     (["--workload", "tiny", "--repeats", "0"], "--repeats"),
+     (["--workload", "tiny", "--e2e-steps", "-1"], "--e2e-steps"),
+     (["--workload", "tiny", "--epochs", "x"], "--epochs")],
+)  # fmt: skip
+def test_bad_flags_exit_2(args, flag):
+    r = _bench(*args, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert flag in r.stderr
