@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -91,13 +92,12 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
 def train(opts: Options) -> dict:
     """Run one training job; returns the metrics dict (also written to the output folder)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if (
-        opts.report_to == "wandb"
-        and not os.environ.get("WANDB_API_KEY")
-        and "WANDB_MODE" not in os.environ
-    ):
-        os.environ["WANDB_MODE"] = "offline"
-        print("wandb: no WANDB_API_KEY, logging offline (sync later with `wandb sync`)", flush=True)
+    offline_note = None
+    if opts.report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
+        if os.environ.get("WANDB_MODE") in (None, "", "offline"):
+            # never reach for the cloud without a key: log locally, sync later
+            os.environ["WANDB_MODE"] = "offline"
+            offline_note = f"wandb: no WANDB_API_KEY, logging offline to {opts.output_dir}/wandb (sync later with `wandb sync`)"
     ds_raw = None if opts.freeze_encoder else read_ds_config(opts.config)
     accelerator = make_accelerator(opts, ds_raw)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -118,7 +118,11 @@ def train(opts: Options) -> dict:
         total_steps = min(total_steps, opts.max_steps)
 
     if opts.report_to != "none":
-        accelerator.init_trackers("gram-scale", config=vars(opts))
+        Path(opts.output_dir).mkdir(parents=True, exist_ok=True)
+        init = {"wandb": {"dir": opts.output_dir}} if opts.report_to == "wandb" else {}
+        accelerator.init_trackers("gram-scale", config=vars(opts), init_kwargs=init)
+        if offline_note:
+            _say(accelerator, offline_note)
     _say(accelerator, f"{opts.task}: {len(data.catalogue)} items, {steps_per_epoch} steps/epoch, "
                       f"strategy {opts.strategy}, {world} process(es) on {accelerator.device}, "
                       f"{tokens.mean_tokens():.1f} tokens/item")  # fmt: skip
@@ -214,7 +218,8 @@ def train(opts: Options) -> dict:
     _say(accelerator, "final valid " + _fmt(valid))
     _say(accelerator, "final test  " + _fmt(test))
     if opts.report_to != "none":
-        accelerator.log({f"test/{k}": v for k, v in test.items()}, step=step)
+        final = {f"valid/{k}": v for k, v in valid.items()} | {f"test/{k}": v for k, v in test.items()}
+        accelerator.log(final, step=step)
 
     vectors = runner.eval_vectors(torch.arange(len(data.catalogue))) if opts.export else None
     encoder_state = None

@@ -1,0 +1,34 @@
+"""DeepSpeed offload configs train on 2 CPU ranks; W&B logs offline with no key."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from launching import metrics, run
+
+
+@pytest.mark.parametrize("config", ["zero2_offload", "zero3_offload"])
+def test_offload_configs_train_with_falling_loss(config, kt_dir, tiny_encoder, tmp_path):
+    run(["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
+         "--epochs", "3", "--batch-size", "8", "--seq-len", "20", "--lr-cf", "3e-3",
+         "--config", f"ds_configs/{config}.json", "--no-progress", "--output-dir", str(tmp_path)],
+        processes=2)  # fmt: skip
+    losses = [h["loss"] for h in metrics(tmp_path)["history"]]
+    third = len(losses) // 3
+    assert third >= 4
+    assert sum(losses[-third:]) / third < sum(losses[:third]) / third - 0.01, losses
+
+
+def test_wandb_offline_run_holds_logged_keys(kt_dir, tiny_encoder, tmp_path):
+    r = run(["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
+             "--epochs", "2", "--max-steps", "6", "--batch-size", "8", "--log-every", "1",
+             "--report-to", "wandb", "--no-progress", "--output-dir", str(tmp_path)],
+            extra_env={"WANDB_MODE": "", "WANDB_API_KEY": ""})  # fmt: skip
+    assert r.stdout.count("logging offline") == 1
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    logged = set(re.findall(rb"(?:train|valid|test)/[a-z_@0-9]+", runs[0].read_bytes()))
+    for key in (b"train/loss", b"train/items_per_s", b"train/item_backwards",
+                b"train/occurrence_unique_ratio", b"valid/auc", b"test/auc"):  # fmt: skip
+        assert key in logged, logged
