@@ -22,6 +22,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -83,18 +84,18 @@ WORKLOADS: dict[str, Workload] = {
     ),
     "kt-small": Workload(
         doc="""Knowledge tracing with the real all-MiniLM-L6-v2 encoder on short texts (8-20
-        words, 16.6 tokens on average, 32 max): write_kt(n_users=200, n_items=120, mean_len=40,
-        n_unused_items=5, seed=0). 6,631 training interactions over 103 distinct items per
-        epoch, batch 8 x seq 25: 43 steps per epoch, R_batch 2.9, R_epoch 64. 2 epochs, lr
-        encoder 5e-5, lr CF 1e-3, encoder chunks of 16 (as the paper's small CE batch: the
-        chunk, not the CF batch, bounds Multi-step's encoder memory).""",
+        words, 32 max tokens): write_kt(n_users=120, n_items=80, mean_len=30, n_unused_items=4,
+        seed=0). 2,726 training interactions over 68 distinct items per epoch, batch 6 x seq
+        20: 30 steps per epoch, R_batch 2.8, R_epoch 40. 2 epochs, lr encoder 5e-5, lr CF 1e-3,
+        encoder chunks of 16 (a small CE batch as in the paper: the chunk, not the CF batch,
+        bounds Multi-step's encoder memory).""",
         task="kt",
-        generator=dict(n_users=200, n_items=120, mean_len=40, n_unused_items=5, seed=0),
+        generator=dict(n_users=120, n_items=80, mean_len=30, n_unused_items=4, seed=0),
         encoder="minilm",
         options=dict(
             max_tokens=32,
-            batch_size=8,
-            seq_len=25,
+            batch_size=6,
+            seq_len=20,
             epochs=2,
             lr_encoder=5e-5,
             lr_cf=1e-3,
@@ -102,17 +103,17 @@ WORKLOADS: dict[str, Workload] = {
         ),
     ),
     "news-small": Workload(
-        doc="""MIND-style news recommendation (NRMS) with all-MiniLM-L6-v2 on titles (12.8
-        tokens on average, 32 max): write_mind(n_users=150, n_news=200, impressions_per_user=2,
-        n_candidates=5, history_len=10, n_dev_only_news=10, seed=0); histories of 10, 4
-        negatives, batch 8: 35 steps and 4,085 item occurrences over 190 distinct news per
-        epoch. Histories and candidates repeat less within a batch than KT items do (R_batch
-        1.7, R_epoch 21): the workload where Single-step buys least. 2 epochs, lr encoder 5e-5,
-        lr CF 1e-3, encoder chunks of 16.""",
+        doc="""MIND-style news recommendation (NRMS) with all-MiniLM-L6-v2 on titles (32 max
+        tokens): write_mind(n_users=100, n_news=150, impressions_per_user=2, n_candidates=5,
+        history_len=10, n_dev_only_news=10, seed=0); histories of 10, 4 negatives, batch 8: 26
+        steps and 2,955 item occurrences over 137 distinct news per epoch. Histories and
+        candidates repeat less within a batch than KT items do (R_batch 2.0, R_epoch 22): the
+        workload where Single-step buys least. 2 epochs, lr encoder 5e-5, lr CF 1e-3, encoder
+        chunks of 16.""",
         task="news",
         generator=dict(
-            n_users=150,
-            n_news=200,
+            n_users=100,
+            n_news=150,
             impressions_per_user=2,
             n_candidates=5,
             history_len=10,
@@ -133,17 +134,17 @@ WORKLOADS: dict[str, Workload] = {
     ),
     "kt-skewed": Workload(
         doc="""A TOEIC-like catalogue, where GRAM.md says Multi-step pays most: few items, many
-        interactions per item, long texts. write_kt(n_users=400, n_items=100, mean_len=50,
-        n_unused_items=5, zipf=0.8, seed=0), then every item text is lengthened to 64 words by
+        interactions per item, long texts. write_kt(n_users=300, n_items=100, mean_len=50,
+        n_unused_items=5, zipf=1.0, seed=0), then every item text is lengthened to 64 words by
         appending words drawn (seeded per item) from its own text, so the level/topic signal
-        keeps its share of the words and every item fills 64 tokens. 14,212 training
-        interactions over 85 distinct items per epoch (R_epoch 167), batch 8 x seq 50: 55 steps
-        per epoch, R_batch 3.8. E2E would take several minutes per epoch on 2 CPU cores, so it
+        keeps its share of the words and every item fills 64 tokens. 11,364 training
+        interactions over 85 distinct items per epoch (R_epoch 134), batch 8 x seq 50: 43 steps
+        per epoch, R_batch 4.4. E2E would take several minutes per epoch on 2 CPU cores, so it
         trains --e2e-steps (default 4) steps and its epoch time is extrapolated; no E2E
         accuracy. 1 epoch (--epochs 2 or more on a GPU), lr encoder 5e-5, lr CF 1e-3, encoder
         chunks of 16.""",
         task="kt",
-        generator=dict(n_users=400, n_items=100, mean_len=50, n_unused_items=5, zipf=0.8, seed=0),
+        generator=dict(n_users=300, n_items=100, mean_len=50, n_unused_items=5, zipf=1.0, seed=0),
         encoder="minilm",
         options=dict(
             max_tokens=64,
@@ -704,9 +705,15 @@ def bench(args: argparse.Namespace) -> dict:
     return result
 
 
+def _terminate(signum, frame) -> None:
+    # An exception, unlike the default action, lets run_child kill the run it is waiting on.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``python -m gram_scale.bench --workload NAME [...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _terminate)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -50,6 +50,11 @@ class Options:
         "encoder dropout masks keyed by (step, item) so that every strategy and rank layout "
         "draws the same masks (needed for exact equivalence with dropout on)",
     )
+    lora: bool = _opt(False, "train LoRA adapters (peft) instead of all encoder weights")
+    lora_r: int = _opt(8, "LoRA rank")
+    lora_alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA branch")
+    lora_targets: str = _opt("query,value", "comma-separated module names that get adapters")
     # GRAM
     strategy: str = _opt("single", "e2e, single (GRAM single-step) or multi", choices=STRATEGIES)
     window: str = _opt("1E", "multi: encoder update latency, in steps (10) or epochs (0.5E, 1E)")
@@ -155,6 +160,12 @@ def validate(opts: Options) -> Options:
             raise InputError(_flag(name), None, f"must be positive, got {getattr(opts, name)}")
     if opts.weight_decay < 0:
         raise InputError("--weight-decay", None, f"must be 0 or more, got {opts.weight_decay}")
+    if opts.lora_r < 1:
+        raise InputError("--lora-r", None, f"must be at least 1, got {opts.lora_r}")
+    if not 0 <= opts.lora_dropout < 1:
+        raise InputError("--lora-dropout", None, f"must be in [0, 1), got {opts.lora_dropout}")
+    if not [t for t in opts.lora_targets.split(",") if t.strip()]:
+        raise InputError("--lora-targets", None, "names no module")
     if not 0 <= opts.cf_dropout < 1:
         raise InputError("--cf-dropout", None, f"must be in [0, 1), got {opts.cf_dropout}")
     for name in ("valid_frac", "test_frac", "cold_frac"):

@@ -124,11 +124,22 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def _auto_model(path: str):
+    from transformers import AutoModel
+
+    # eager attention: its dropout goes through F.dropout, so keyed masks reach it too
+    kw = {"local_files_only": True, "attn_implementation": "eager"}
+    try:  # no pooler head: we pool ourselves, and an untrained pooler would be random weights
+        return AutoModel.from_pretrained(path, add_pooling_layer=False, **kw)
+    except TypeError:
+        return AutoModel.from_pretrained(path, **kw)
+
+
 def load_encoder(path: str, pooling: str = "mean"):
     """Load ``(ContentEncoder, tokenizer)`` from a local folder; never touches the network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -138,17 +149,65 @@ def load_encoder(path: str, pooling: str = "mean"):
         raise InputError(folder, None, "not a Hugging Face model folder (no config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        # eager attention: its dropout goes through F.dropout, so keyed masks reach it too
-        model = AutoModel.from_pretrained(
-            str(folder), local_files_only=True, attn_implementation="eager", add_pooling_layer=False
-        )
-    except TypeError:
-        model = AutoModel.from_pretrained(
-            str(folder), local_files_only=True, attn_implementation="eager"
-        )
+        model = _auto_model(str(folder))
     except (OSError, ValueError) as exc:
         raise InputError(folder, None, f"cannot load encoder: {str(exc).splitlines()[0]}") from exc
     return ContentEncoder(model, pooling), tokenizer
+
+
+def lora_config(opts):
+    """The peft LoraConfig of ``--lora-*`` options."""
+    from peft import LoraConfig
+
+    targets = [t.strip() for t in opts.lora_targets.split(",") if t.strip()]
+    return LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+                      target_modules=targets)  # fmt: skip
+
+
+def apply_lora(encoder: ContentEncoder, opts) -> None:
+    """Wrap the encoder's transformer with LoRA adapters; only they stay trainable."""
+    from peft import get_peft_model
+
+    try:
+        encoder.model = get_peft_model(encoder.model, lora_config(opts))
+    except ValueError as exc:
+        raise InputError("--lora-targets", None, str(exc).splitlines()[0]) from None
+
+
+@contextlib.contextmanager
+def _zero3_off():
+    """Keep transformers from building a model inside ``deepspeed.zero.Init`` (a collective)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
+
+
+def save_lora_encoder(
+    base_path: str, opts, tokenizer, state_dict: dict, folder: Path, adapter: Path
+):
+    """Write the adapter alone (``adapter``) and the merged encoder as a plain HF folder.
+
+    Built on a fresh CPU copy of the base model so it works the same whatever sharded the
+    trained one (under ZeRO-3 the live parameters are empty partitions)."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    with _zero3_off():  # a plain CPU model on the main process only, not a ZeRO-3 partition
+        base = _auto_model(base_path)
+    peft_model = get_peft_model(base, lora_config(opts))
+    missing, unexpected = peft_model.load_state_dict(state_dict, strict=False)
+    if unexpected or [k for k in missing if "lora_" in k]:
+        raise RuntimeError(f"LoRA export: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    adapter_state = get_peft_model_state_dict(peft_model)
+    peft_model.save_pretrained(str(adapter), state_dict=adapter_state)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    (folder / POOLING_FILE).write_text(json.dumps({"pooling": opts.pooling}) + "\n")
 
 
 def save_encoder(encoder: ContentEncoder, tokenizer, folder: str | Path, state_dict=None) -> None:

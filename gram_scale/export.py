@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gram_scale.encoder import save_encoder
+from gram_scale.encoder import save_encoder, save_lora_encoder
 
 ENCODER_DIR = "encoder"
+ADAPTER_DIR = "adapter"
 CF_FILE = "cf_model.safetensors"
 VECTORS_FILE = "item_vectors.safetensors"
 METRICS_FILE = "metrics.json"
@@ -55,10 +56,16 @@ def _clean(obj):
 
 
 def export_run(folder: Path, encoder, tokenizer, encoder_state, cf_model, ids: list[str],
-               vectors: torch.Tensor, metrics: dict, options_json: str) -> None:  # fmt: skip
+               vectors: torch.Tensor, metrics: dict, opts) -> None:  # fmt: skip
     """Write every output of a finished run into ``folder``."""
     if encoder is not None:
-        save_encoder(encoder, tokenizer, folder / ENCODER_DIR, state_dict=encoder_state)
+        if opts.lora:
+            from gram_scale.encoder import default_encoder_path
+
+            save_lora_encoder(opts.encoder or default_encoder_path(), opts, tokenizer, encoder_state,
+                              folder / ENCODER_DIR, folder / ADAPTER_DIR)  # fmt: skip
+        else:
+            save_encoder(encoder, tokenizer, folder / ENCODER_DIR, state_dict=encoder_state)
         cf_state = {k: v.detach().cpu().contiguous() for k, v in cf_model.state_dict().items()}
         save_file(cf_state, str(folder / CF_FILE))
         save_file(
@@ -67,4 +74,4 @@ def export_run(folder: Path, encoder, tokenizer, encoder_state, cf_model, ids: l
             metadata={"ids": json.dumps(ids)},
         )
     write_json(folder / METRICS_FILE, metrics)
-    (folder / OPTIONS_FILE).write_text(options_json + "\n")
+    (folder / OPTIONS_FILE).write_text(opts.to_json() + "\n")

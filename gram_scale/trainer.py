@@ -26,7 +26,7 @@ from gram_scale.distributed import (
     make_accelerator,
     read_ds_config,
 )
-from gram_scale.encoder import default_encoder_path, load_encoder
+from gram_scale.encoder import apply_lora, default_encoder_path, load_encoder
 from gram_scale.export import export_run, publish
 from gram_scale.strategies import make_strategy
 from gram_scale.strategies.base import CFUpdate
@@ -66,6 +66,8 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
     tokens = TokenCache.build(tokenizer, data.catalogue.texts, opts.max_tokens)
     if opts.freeze_encoder:
         encoder.requires_grad_(False)
+    elif opts.lora:
+        apply_lora(encoder, opts)
     torch.manual_seed(opts.seed)
     task = make_task(opts, data, encoder.dim)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
@@ -218,7 +220,9 @@ def train(opts: Options) -> dict:
     _say(accelerator, "final valid " + _fmt(valid))
     _say(accelerator, "final test  " + _fmt(test))
     if opts.report_to != "none":
-        final = {f"valid/{k}": v for k, v in valid.items()} | {f"test/{k}": v for k, v in test.items()}
+        final = {f"valid/{k}": v for k, v in valid.items()} | {
+            f"test/{k}": v for k, v in test.items()
+        }
         accelerator.log(final, step=step)
 
     vectors = runner.eval_vectors(torch.arange(len(data.catalogue))) if opts.export else None
@@ -230,10 +234,12 @@ def train(opts: Options) -> dict:
             encoder_state = {
                 k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")
             }
+    elif opts.export:
+        encoder_state = encoder.model.state_dict() if opts.lora else None
     if accelerator.is_main_process:
         publish(opts.output_dir, lambda tmp: export_run(
             tmp, encoder if opts.export else None, tokenizer, encoder_state, task.model,
-            data.catalogue.ids, vectors, metrics, opts.to_json()))  # fmt: skip
+            data.catalogue.ids, vectors, metrics, opts))  # fmt: skip
         print(f"wrote {opts.output_dir}/metrics.json", flush=True)
     accelerator.wait_for_everyone()
     if opts.report_to != "none":
