@@ -89,6 +89,12 @@ class ItemTable:
         base, grads = self.base_and_grads(items)
         return (h.detach() - base.to(h.device)) + self.lr * grads.to(h.device)
 
+    def truncate(self, n: int) -> None:
+        """Forget every row inserted after the first ``n`` (undo a skipped step's inserts)."""
+        self._items = self._items[:n]
+        keep = self._slots < n
+        self._keys, self._slots = self._keys[keep], self._slots[keep]
+
     def clear(self) -> None:
         """Forget every row (end of window); capacity is kept for the next window."""
         self._keys = torch.empty(0, dtype=torch.long)

@@ -6,7 +6,7 @@ with windows of 10 steps, half an epoch and one epoch. It writes ``results.json`
 and the machine), ``results.md`` (a table and the targets of the benchmark issue) and
 ``results.png`` (valid AUC against training time), and prints the table.
 
-Workloads are in ``WORKLOADS``; each one's docstring says what it measures. Generated data and the
+Workloads are in ``WORKLOADS``; each one's ``doc`` says what it measures. Generated data and the
 tiny encoder go into the cache folder (``--cache-dir``, ``$GRAM_CACHE`` or ``~/.cache``).
 """
 
@@ -249,11 +249,28 @@ def to_argv(opts: Options) -> list[str]:
 
 
 # ---- one run --------------------------------------------------------------------------------
-def run_child(opts: Options, log: Path) -> tuple[dict, int, float]:
-    """Train in a child process; ``(metrics, peak RSS bytes of that child, wall seconds)``."""
+class RunFailed(Exception):
+    """A training child process exited with an error (its log names the cause)."""
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (None without /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def run_child(opts: Options, log: Path) -> dict:
+    """Train in a child process: its metrics, peak RSS, wall time, and the CPU other processes
+    took meanwhile (``other_cores``: their average busy cores; timings are unreliable above 0)."""
     cmd = [sys.executable, str(TRAIN_SCRIPT), *to_argv(opts)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     Path(opts.output_dir).mkdir(parents=True, exist_ok=True)
+    busy = _busy_cpu_seconds()
     t = time.perf_counter()
     with open(log, "w", encoding="utf-8") as out:
         out.write(" ".join(cmd) + "\n")
@@ -268,11 +285,18 @@ def run_child(opts: Options, log: Path) -> tuple[dict, int, float]:
             raise
     proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it was reaped
     wall = time.perf_counter() - t
+    other = None
+    if busy is not None:
+        # this process only waits, so the machine's busy time minus the child's is the others'
+        others = _busy_cpu_seconds() - busy - (usage.ru_utime + usage.ru_stime)
+        other = max(others, 0.0) / max(wall, 1e-9)
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
-        raise RuntimeError(f"run failed (exit {proc.returncode}, log {log}): {' '.join(tail)}")
+        raise RunFailed(f"run failed (exit {proc.returncode}, log {log}): {' '.join(tail)}")
     metrics = json.loads((Path(opts.output_dir) / "metrics.json").read_text())
-    return metrics, usage.ru_maxrss * 1024, wall  # ru_maxrss is in KiB on Linux
+    rss = usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+    return {"metrics": metrics, "rss": rss, "wall": wall, "other_cores": other,
+            "dir": opts.output_dir, "argv": to_argv(opts)}  # fmt: skip
 
 
 def label(strategy: str, window: str | None) -> str:
@@ -281,7 +305,7 @@ def label(strategy: str, window: str | None) -> str:
 
 
 def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dict:
-    """One strategy's figures from its repeats (each ``{metrics, rss, wall}``).
+    """One strategy's figures from its repeats (each a ``run_child`` record).
 
     Per-epoch figures are totals scaled by steps per epoch / steps done, which is an exact
     division for full runs and the extrapolation for a run cut short by --max-steps."""
@@ -315,7 +339,7 @@ def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dic
         ],
         "runs": [{"dir": r["dir"], "argv": r["argv"], "steps": r["metrics"]["steps"],
                   "train_seconds": r["metrics"]["train_seconds"], "peak_rss_bytes": r["rss"],
-                  "wall_seconds": r["wall"]} for r in runs],
+                  "wall_seconds": r["wall"], "other_cores": r["other_cores"]} for r in runs],
     }  # fmt: skip
     if extrapolated:
         row["note"] = (f"extrapolated: trained {steps} steps, epoch time = time / {steps} x "
@@ -340,16 +364,19 @@ def measure_costs(opts: Options, repeats: int = 3, cf_batches: int = 8) -> dict:
     """e (encoder forward+backward per item), f (forward only) and c (CF per interaction).
 
     Same code paths as training (keyed dropout, the runner's forward, the task's CF loss and
-    AdamW step), on chunks of --encoder-batch-size items and on the epoch's first batches."""
+    AdamW step), on chunks of --encoder-batch-size items and on the epoch's first batches, on
+    the accelerator the runs use; plain torch, without the DeepSpeed engine."""
     import itertools
 
     import torch
 
     from gram_scale.data.batches import unique_index
     from gram_scale.data.load import load_data
+    from gram_scale.distributed import make_accelerator
     from gram_scale.trainer import setup
 
-    s = setup(opts, load_data(opts))
+    plain = dataclasses.replace(opts, config="none", report_to="none")
+    s = setup(plain, load_data(plain), make_accelerator(plain, None), None)  # GPU when present
     device = s.runner.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     chunk = torch.arange(min(len(s.data.catalogue), opts.encoder_batch_size))
@@ -492,6 +519,21 @@ def targets(result: dict) -> list[dict]:
     return out
 
 
+def _contention(result: dict) -> list[str]:
+    """A line on the CPU that other processes took during the runs, and a warning if any."""
+    seen = [(run["other_cores"], name) for name, row in rows_in_order(result)
+            for run in row["runs"] if run.get("other_cores") is not None]  # fmt: skip
+    if not seen:
+        return []
+    worst, where = max(seen)
+    mean = sum(v for v, _ in seen) / len(seen)
+    text = (f"Other processes on this machine used {mean:.2f} cores on average during the runs "
+            f"(at most {worst:.2f}, during {where}).")  # fmt: skip
+    if worst > 0.25:
+        text += " Warning: the runs shared the CPU, so their timings are not reliable."
+    return [text, ""]
+
+
 def markdown(result: dict) -> str:
     """``results.md``: header, one table row per strategy, the targets and the bound."""
     m, stats, pred = result["machine"], result["stats"], result["predicted"]
@@ -525,6 +567,7 @@ def markdown(result: dict) -> str:
         f"repeat(s), strategies alternating; training time excludes evaluation. Whole "
         f"benchmark: {result['total_seconds']:.0f} s wall.",
         "",
+        *_contention(result),
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
     ]
@@ -662,11 +705,15 @@ def bench(args: argparse.Namespace) -> dict:
             opts = validate(run_options(base, strategy, window, run_dir, steps))
             done = sum(len(v) for v in collected.values())
             _say(f"[{done + 1}/{n_runs}] {name} (repeat {rep + 1}/{args.repeats}) ...")
-            metrics, rss, wall = run_child(opts, run_dir / "train.log")
-            _say(f"    {metrics['train_seconds']:.1f} s training, {wall:.1f} s wall, "
-                 f"peak RSS {rss / MiB:,.0f} MiB")  # fmt: skip
-            collected[name].append({"metrics": metrics, "rss": rss, "wall": wall,
-                                    "dir": str(run_dir), "argv": to_argv(opts)})  # fmt: skip
+            run = run_child(opts, run_dir / "train.log")
+            other = (
+                ""
+                if run["other_cores"] is None
+                else f", other processes {run['other_cores']:.2f} cores"
+            )
+            _say(f"    {run['metrics']['train_seconds']:.1f} s training, {run['wall']:.1f} s wall, "
+                 f"peak RSS {run['rss'] / MiB:,.0f} MiB{other}")  # fmt: skip
+            collected[name].append(run)
 
     rows = {name: summarise(runs, spe, extrapolate and name == "e2e")
             for name, runs in collected.items()}  # fmt: skip
@@ -674,7 +721,7 @@ def bench(args: argparse.Namespace) -> dict:
         rows[name].update(strategy=strategy, window=window)
         rows[name]["speedup"] = rows["e2e"]["time_per_epoch_s"] / rows[name]["time_per_epoch_s"]
     try:
-        costs = measure_costs(base)
+        costs = measure_costs(dataclasses.replace(base, output_dir=str(out / "runs")))
         bound = dict(costs, **cost_model(costs, stats))
     except Exception as exc:  # the bound is optional; a failure must not lose the runs
         _say(f"warning: cost model not measured: {exc}")
@@ -721,8 +768,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     md = markdown(result)
-    print(md[md.index("| strategy") :], end="")
+    start = md.find("Other processes")  # the contention warning belongs with the table
+    print(md[start if start >= 0 else md.index("| strategy") :], end="")
     return 0
 
 

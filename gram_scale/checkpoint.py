@@ -33,12 +33,15 @@ class TrainState:
         self.counters = {"occurrences": 0, "unique": 0, "item_forwards": 0, "item_backwards": 0}
         self.history: list[dict] = []
         self.epochs: list[dict] = []
+        self.skipped_steps = 0
+        self.bad_in_a_row = 0
 
     def state_dict(self) -> dict:
         """Plain data (tensors only inside the strategy state)."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "train_seconds": self.train_seconds, "counters": dict(self.counters),
                 "history": list(self.history), "epochs": list(self.epochs),
+                "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row,
                 "strategy": self.strategy.state_dict()}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:

@@ -84,6 +84,13 @@ class Options:
     output_dir: str = _opt("outputs/run", "where metrics, options and exports are written")
     cache_dir: str = _opt("", "generated data and token caches; empty = $GRAM_CACHE or ~/.cache")
     log_every: int = _opt(10, "log training loss every this many steps")
+    max_bad_steps: int = _opt(
+        5,
+        "consecutive non-finite steps tolerated (skipped); one more stops the run with a checkpoint",
+    )
+    dist_timeout: int = _opt(
+        1800, "seconds a collective may wait for a lost process before failing"
+    )
     save_every: int = _opt(0, "write a checkpoint every this many steps (0 = never)")
     keep_checkpoints: int = _opt(2, "checkpoints kept (older ones are deleted)")
     resume: str = _opt(
@@ -147,6 +154,12 @@ def validate(opts: Options) -> Options:
     for name in positive:
         if getattr(opts, name) < 1:
             raise InputError(_flag(name), None, f"must be at least 1, got {getattr(opts, name)}")
+    if opts.max_bad_steps < 0:
+        raise InputError("--max-bad-steps", None, f"must be 0 or more, got {opts.max_bad_steps}")
+    if opts.dist_timeout < 1:
+        raise InputError(
+            "--dist-timeout", None, f"must be at least 1 second, got {opts.dist_timeout}"
+        )
     if opts.save_every < 0:
         raise InputError("--save-every", None, f"must be 0 or more, got {opts.save_every}")
     if opts.keep_checkpoints < 1:

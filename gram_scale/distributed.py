@@ -264,6 +264,29 @@ def read_ds_config(path: str) -> dict | None:
     return cfg
 
 
+def _init_process_group(timeout) -> None:
+    """Join the process group ourselves, keyed by the elastic restart attempt.
+
+    After torchrun restarts the workers (``--max_restarts``), the rendezvous store still holds
+    the previous attempt's keys; a plain init would make gloo connect to the dead processes'
+    addresses. A store prefix per attempt gives every attempt a clean namespace. Accelerate and
+    DeepSpeed then find the group initialised and use it."""
+    if dist.is_initialized():
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        host, port, world, is_master=(rank == 0 and not agent_store), timeout=timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"gram-attempt-{attempt}", store),
+                            rank=rank, world_size=world, timeout=timeout)  # fmt: skip
+
+
 def make_accelerator(opts, ds_raw: dict | None):
     """An Accelerator for this run: DeepSpeed plugin when a config is given, gloo without GPUs."""
     import datetime
@@ -271,7 +294,8 @@ def make_accelerator(opts, ds_raw: dict | None):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    kwargs = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=1800))]
+    timeout = datetime.timedelta(seconds=opts.dist_timeout)
+    kwargs = [InitProcessGroupKwargs(timeout=timeout)]
     launched = (
         os.environ.get("LOCAL_RANK") is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
     )
@@ -287,7 +311,9 @@ def make_accelerator(opts, ds_raw: dict | None):
         launched = True
     if launched and not torch.cuda.is_available():
         # Without this every CPU rank believes it is rank 0 of 1 under DeepSpeed.
-        kwargs = [InitProcessGroupKwargs(backend="gloo", timeout=datetime.timedelta(seconds=1800))]
+        kwargs = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
+    if launched:
+        _init_process_group(timeout)
     plugin = None
     if ds_raw is not None:
         plugin = DeepSpeedPlugin(hf_ds_config=ds_raw)

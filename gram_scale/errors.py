@@ -24,3 +24,11 @@ class InputError(Exception):
 
 
 EXIT_INPUT_ERROR = 2
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on (e.g. too many non-finite steps); the message is one line."""
+
+
+EXIT_TRAINING_STOPPED = 3
+EXIT_PEER_LOST = 4

@@ -27,6 +27,7 @@ from gram_scale.distributed import (
     read_ds_config,
 )
 from gram_scale.encoder import apply_lora, default_encoder_path, load_encoder
+from gram_scale.errors import TrainingStopped
 from gram_scale.export import export_run, publish
 from gram_scale.strategies import make_strategy
 from gram_scale.strategies.base import CFUpdate
@@ -167,8 +168,25 @@ def train(opts: Options) -> dict:
             counters["item_backwards"] += bwd
             history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": res.occurrences,
                             "unique": res.unique, "item_forwards": fwd, "item_backwards": bwd,
-                            "encoder_updated": res.encoder_updated})  # fmt: skip
+                            "encoder_updated": res.encoder_updated, "skipped": res.skipped})  # fmt: skip
             state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
+            if res.skipped:
+                state.skipped_steps += 1
+                state.bad_in_a_row += 1
+                _say(accelerator, f"step {step}: non-finite loss or gradient, step skipped "
+                                  f"({state.bad_in_a_row} in a row)")  # fmt: skip
+                if opts.report_to != "none":
+                    accelerator.log({"train/skipped_steps": state.skipped_steps}, step=state.step)
+                if state.bad_in_a_row > opts.max_bad_steps:
+                    path = save_checkpoint(
+                        accelerator, state, opts.output_dir, opts.keep_checkpoints
+                    )
+                    raise TrainingStopped(
+                        f"{state.bad_in_a_row} non-finite steps in a row (last: step {step}), more than "
+                        f"--max-bad-steps {opts.max_bad_steps}; the last good state is saved in {path}"
+                    )
+            else:
+                state.bad_in_a_row = 0
             ratio = res.occurrences / max(res.unique, 1)
             if progress is not None:
                 progress.update(1)
@@ -211,6 +229,7 @@ def train(opts: Options) -> dict:
         "train_seconds": train_seconds,
         "processes": world,
         "counters": counters,
+        "skipped_steps": state.skipped_steps,
         "occurrence_unique_ratio": counters["occurrences"] / max(counters["unique"], 1),
         "encoder_peak_activation_bytes": runner.peak_activation_bytes,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,

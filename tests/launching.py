@@ -25,14 +25,15 @@ def env() -> dict:
     return e
 
 
-def run(args: list[str], processes: int = 1, timeout: int = 600, check: bool = True, extra_env=None):
+def run(args: list[str], processes: int = 1, timeout: int = 600, check: bool = True, extra_env=None,
+        launcher_args: list[str] = ()):  # fmt: skip
     """``launch/train.py ARGS`` on 1 process, or on N via accelerate launch."""
     script = str(ROOT / "launch" / "train.py")
     if processes == 1:
         cmd = [sys.executable, script, *args]
     else:
         cmd = [ACCELERATE, "launch", "--config_file", TWO_CPU, "--num_processes", str(processes),
-               "--main_process_port", str(_free_port()), script, *args]  # fmt: skip
+               "--main_process_port", str(_free_port()), *launcher_args, script, *args]  # fmt: skip
     e = env()
     e.update(extra_env or {})
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=e, timeout=timeout)

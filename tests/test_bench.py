@@ -55,6 +55,9 @@ def test_outputs_and_schema(tiny):
     for name, row in res["strategies"].items():
         assert ROW_FIELDS <= row.keys(), (name, ROW_FIELDS - row.keys())
         assert row["extrapolated"] is False and len(row["runs"]) == 1
+        assert {"dir", "argv", "train_seconds", "wall_seconds", "other_cores"} <= row["runs"][
+            0
+        ].keys()
         assert row["epochs_done"] == res["epochs"] == 2
         assert row["time_per_epoch_s"] > 0 and row["peak_rss_bytes"] > 0
         assert row["encoder_activation_bytes"] > 0 and row["cuda_peak_bytes"] is None
@@ -157,7 +160,8 @@ def _fake_run(steps: int, seconds: float, auc: float) -> dict:
                "occurrence_unique_ratio": 3.0, "encoder_peak_activation_bytes": 1000 * steps,
                "cuda_peak_bytes": None, "valid": {"auc": auc}, "test": {"auc": auc},
                "epochs": [{"train_seconds": seconds, "valid": {"auc": auc}}]}  # fmt: skip
-    return {"metrics": metrics, "rss": 1 << 20, "wall": seconds + 1, "dir": "d", "argv": []}
+    return {"metrics": metrics, "rss": 1 << 20, "wall": seconds + 1, "other_cores": 0.0,
+            "dir": "d", "argv": []}  # fmt: skip
 
 
 def test_extrapolated_e2e_has_no_accuracy():
@@ -171,8 +175,9 @@ def test_extrapolated_e2e_has_no_accuracy():
         rows[name] = summarise([_fake_run(20, 2.0, 0.7)], spe, extrapolated=False)
     for row in rows.values():
         row["speedup"] = e2e["time_per_epoch_s"] / row["time_per_epoch_s"]
-    result = {"workload": "fake", "order": list(rows), "description": "d", "epochs": 2, "steps_per_epoch": spe,
-              "repeats": 1, "total_seconds": 1.0, "strategies": rows, "bound": None,
+    result = {"workload": "fake", "order": list(rows), "description": "d", "epochs": 2,
+              "steps_per_epoch": spe, "repeats": 1, "total_seconds": 1.0, "strategies": rows,
+              "bound": None,
               "stats": {"occurrences": 300, "distinct_items": 20},
               "predicted": {"R_batch": 3.0, "R_epoch": 15.0},
               "machine": {"cpu": "c", "cores": 2, "gpu": None, "torch_threads": 2,

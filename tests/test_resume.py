@@ -17,10 +17,30 @@ def args(kt_dir, tiny_encoder, strategy: str, out) -> list[str]:
             "--config", "ds_configs/zero2.json", "--no-progress", "--output-dir", str(out)]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(kt_dir, tiny_encoder, tmp_path_factory):
+    """Uninterrupted 2-process runs of each strategy, the reference for every resumed run."""
+    out = {}
+    for strategy in ("single", "multi"):
+        out[strategy] = tmp_path_factory.mktemp(f"full-{strategy}")
+        run(args(kt_dir, tiny_encoder, strategy, out[strategy]), processes=2)
+    return out
+
+
+def assert_same_run(a_dir, b_dir):
+    assert max_diff(outputs(a_dir), outputs(b_dir)) < 1e-5
+    a, b = metrics(a_dir), metrics(b_dir)
+    assert a["test"] == b["test"] and a["valid"] == b["valid"] and a["counters"] == b["counters"]
+    assert [h["loss"] for h in a["history"]] == pytest.approx(
+        [h["loss"] for h in b["history"]], abs=1e-6
+    )
+
+
 @pytest.mark.parametrize("strategy", ["single", "multi"])
-def test_sigkill_mid_window_then_resume_equals_uninterrupted(strategy, kt_dir, tiny_encoder, tmp_path):
-    full, broken = tmp_path / "full", tmp_path / "broken"
-    run(args(kt_dir, tiny_encoder, strategy, full), processes=2)
+def test_sigkill_mid_window_then_resume_equals_uninterrupted(
+    strategy, uninterrupted, kt_dir, tiny_encoder, tmp_path
+):
+    full, broken = uninterrupted[strategy], tmp_path / "broken"
     # rank 1 kills itself before step 5: the newest checkpoint is step 4, inside window 3..5
     r = run(args(kt_dir, tiny_encoder, strategy, broken), processes=2, check=False,
             extra_env={"GRAM_FAULT_KILL": "1:5"})  # fmt: skip
@@ -33,15 +53,27 @@ def test_sigkill_mid_window_then_resume_equals_uninterrupted(strategy, kt_dir, t
         assert len(state["strategy"]["table"]["items"]) > 0  # mid-window: the table is not empty
     r = run([*args(kt_dir, tiny_encoder, strategy, broken), "--resume", "latest"], processes=2)
     assert "resumed from" in r.stdout and "step-00000004" in r.stdout
-    assert max_diff(outputs(full), outputs(broken)) < 1e-5
-    a, b = metrics(full), metrics(broken)
-    assert a["test"] == b["test"] and a["valid"] == b["valid"] and a["counters"] == b["counters"]
-    assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], abs=1e-6)
+    assert_same_run(full, broken)
+
+
+@pytest.mark.parametrize("strategy", ["single", "multi"])
+def test_elastic_restart_after_sigkill_equals_uninterrupted(
+    strategy, uninterrupted, kt_dir, tiny_encoder, tmp_path
+):
+    out = tmp_path / "elastic"
+    r = run([*args(kt_dir, tiny_encoder, strategy, out), "--resume", "latest"], processes=2,
+            extra_env={"GRAM_FAULT_KILL": "1:5"}, launcher_args=["--max_restarts", "2"])  # fmt: skip
+    assert "starting from scratch" in r.stdout  # first attempt: nothing to resume yet
+    assert "resumed from" in r.stdout and "step-00000004" in r.stdout  # after the restart
+    assert_same_run(uninterrupted[strategy], out)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(kt_dir, tiny_encoder, tmp_path):
     out = tmp_path / "run"
-    run(args(kt_dir, tiny_encoder, "single", out)[:-2] + ["--output-dir", str(out), "--max-steps", "4"])
+    run(
+        args(kt_dir, tiny_encoder, "single", out)[:-2]
+        + ["--output-dir", str(out), "--max-steps", "4"]
+    )
     (newest, folder), (prev, prev_folder) = list_checkpoints(out / "checkpoints")[:2]
     assert (newest, prev) == (4, 2)
     victim = max((p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"),

@@ -112,7 +112,9 @@ def test_cli_bad_data_file_names_file_and_line(kt_dir, tiny_encoder, tmp_path):
     rows = (kt_dir / "interactions.csv").read_text().splitlines()
     rows[3] = rows[3].split(",")[0] + ",no_such_item,1," + rows[3].split(",")[3]
     (bad / "interactions.csv").write_text("\n".join(rows) + "\n")
-    r = _cli("--data", str(bad), "--encoder", str(tiny_encoder), "--output-dir", str(tmp_path / "out"))
+    r = _cli(
+        "--data", str(bad), "--encoder", str(tiny_encoder), "--output-dir", str(tmp_path / "out")
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr

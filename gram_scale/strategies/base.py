@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ class StepResult:
     item_forwards: int  # encoder rows encoded by this rank in this step (incl. window end)
     item_backwards: int  # encoder rows back-propagated by this rank in this step
     encoder_updated: bool
+    skipped: bool = False  # non-finite loss or gradient: nothing was updated
 
 
 class CFUpdate:
@@ -42,6 +44,19 @@ class CFUpdate:
         loss = loss_sum.detach().reshape(1).float()
         self.comm.all_reduce_([loss])
         return float(loss) / max(total, 1), leaf.grad
+
+    def all_finite(self, loss: float, item_grads: torch.Tensor) -> bool:
+        """Loss, item gradients and CF gradients finite on every rank (all ranks agree)."""
+        bad = not math.isfinite(loss) or not bool(torch.isfinite(item_grads).all())
+        for p in self.model.parameters():
+            if bad:
+                break
+            bad = p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        return self.comm.sum_int(int(bad)) == 0
+
+    def discard(self) -> None:
+        """Drop this step's CF gradients (a skipped step)."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> None:
         """Sum CF gradients over ranks and step (identical replicas on every rank)."""

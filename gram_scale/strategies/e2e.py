@@ -25,6 +25,10 @@ class EndToEnd:
             rows if real else torch.zeros(1, dtype=torch.long), salt=step, grad=True
         )
         loss, g = self.cf.loss_and_item_grads(batch, h[:real].detach(), index)
+        if not self.cf.all_finite(loss, g):  # skip: no optimizer moves, the graph is dropped
+            self.cf.discard()
+            return StepResult(loss, self.comm.sum_int(real), len(self.comm.union(torch.unique(rows))),
+                              self.runner.item_forwards - f0, 0, False, skipped=True)  # fmt: skip
         if real:
             self.runner.backward(h, g)
         else:

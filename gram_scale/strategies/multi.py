@@ -49,6 +49,7 @@ class MultiStep:
         window = step // self.window
         local, index = unique_index(batch.items)
         union = self.comm.union(local)
+        held = len(self.table)
         new = self.table.missing(union)  # same on every rank: the tables are replicas
         if len(new):
             mine = self._mine(new)
@@ -58,9 +59,14 @@ class MultiStep:
         loss, g = self.cf.loss_and_item_grads(
             batch, rows, local_to_global_index(local, index, union)
         )
-        self.comm.all_reduce_([g])
-        self.table.apply(union, g)
-        self.cf.step()
+        skipped = not self.cf.all_finite(loss, g)
+        if skipped:  # CF optimizer and table untouched; the window schedule goes on
+            self.cf.discard()
+            self.table.truncate(held)
+        else:
+            self.comm.all_reduce_([g])
+            self.table.apply(union, g)
+            self.cf.step()
         updated = (step + 1) % self.window == 0
         if updated:
             self.end_window(window)
@@ -71,6 +77,7 @@ class MultiStep:
             item_forwards=self.runner.item_forwards - f0,
             item_backwards=self.runner.item_backwards - b0,
             encoder_updated=updated and self.runner.trainable,
+            skipped=skipped,
         )
 
     def end_window(self, window: int) -> None:

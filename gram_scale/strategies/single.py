@@ -31,6 +31,10 @@ class SingleStep:
         loss, g = self.cf.loss_and_item_grads(
             batch, rows, local_to_global_index(local, index, union)
         )
+        if not self.cf.all_finite(loss, g):  # skip: no optimizer moves, the graph is dropped
+            self.cf.discard()
+            return StepResult(loss, self.comm.sum_int(batch.occurrences()), len(union),
+                              self.runner.item_forwards - f0, 0, False, skipped=True)  # fmt: skip
         self.comm.all_reduce_([g])  # every occurrence on every rank, summed per item
         own_g = g[owner_slices(len(union), self.comm.world)[self.comm.rank]]
         if real:
