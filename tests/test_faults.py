@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 from launching import run
-from tiny import options, params, replace
+from tiny import options, params
 
 from gram_scale.data.load import load_data
 from gram_scale.trainer import setup, train
