@@ -4,10 +4,9 @@ uninterrupted run; corrupt checkpoints are detected."""
 from __future__ import annotations
 
 import pytest
-import torch
 from launching import max_diff, metrics, outputs, run
 
-from gram_scale.checkpoint import find_resume, list_checkpoints, verify
+from gram_scale.checkpoint import find_resume, list_checkpoints
 
 
 def args(kt_dir, tiny_encoder, strategy: str, out) -> list[str]:
@@ -37,26 +36,6 @@ def assert_same_run(a_dir, b_dir):
 
 
 @pytest.mark.parametrize("strategy", ["single", "multi"])
-def test_sigkill_mid_window_then_resume_equals_uninterrupted(
-    strategy, uninterrupted, kt_dir, tiny_encoder, tmp_path
-):
-    full, broken = uninterrupted[strategy], tmp_path / "broken"
-    # rank 1 kills itself before step 5: the newest checkpoint is step 4, inside window 3..5
-    r = run(args(kt_dir, tiny_encoder, strategy, broken), processes=2, check=False,
-            extra_env={"GRAM_FAULT_KILL": "1:5"})  # fmt: skip
-    assert r.returncode != 0
-    assert not (broken / "metrics.json").exists()
-    newest = list_checkpoints(broken / "checkpoints")[0]
-    assert newest[0] == 4 and verify(newest[1]) is None
-    if strategy == "multi":
-        state = torch.load(newest[1] / "custom_checkpoint_2.pkl", weights_only=False)
-        assert len(state["strategy"]["table"]["items"]) > 0  # mid-window: the table is not empty
-    r = run([*args(kt_dir, tiny_encoder, strategy, broken), "--resume", "latest"], processes=2)
-    assert "resumed from" in r.stdout and "step-00000004" in r.stdout
-    assert_same_run(full, broken)
-
-
-@pytest.mark.parametrize("strategy", ["single", "multi"])
 def test_elastic_restart_after_sigkill_equals_uninterrupted(
     strategy, uninterrupted, kt_dir, tiny_encoder, tmp_path
 ):
@@ -70,10 +49,8 @@ def test_elastic_restart_after_sigkill_equals_uninterrupted(
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(kt_dir, tiny_encoder, tmp_path):
     out = tmp_path / "run"
-    run(
-        args(kt_dir, tiny_encoder, "single", out)[:-2]
-        + ["--output-dir", str(out), "--max-steps", "4"]
-    )
+    one = [*args(kt_dir, tiny_encoder, "single", out), "--config", "none"]  # last --config wins
+    run([*one, "--max-steps", "4"])
     (newest, folder), (prev, prev_folder) = list_checkpoints(out / "checkpoints")[:2]
     assert (newest, prev) == (4, 2)
     victim = max((p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"),
@@ -82,6 +59,5 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(kt_dir, tiny_encoder, 
     said = []
     assert find_resume(out, "latest", say=said.append) == prev_folder
     assert len(said) == 1 and "corrupt" in said[0] and victim.name in said[0]
-    r = run(args(kt_dir, tiny_encoder, "single", out)[:-2] + ["--output-dir", str(out), "--max-steps", "6",
-            "--resume", "latest"])  # fmt: skip
+    r = run([*one, "--max-steps", "6", "--resume", "latest"])
     assert "is corrupt" in r.stdout and "resumed from" in r.stdout and "step-00000002" in r.stdout

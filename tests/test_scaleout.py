@@ -11,7 +11,7 @@ from launching import metrics, run
 @pytest.mark.parametrize("config", ["zero2_offload", "zero3_offload"])
 def test_offload_configs_train_with_falling_loss(config, kt_dir, tiny_encoder, tmp_path):
     run(["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
-         "--epochs", "3", "--batch-size", "8", "--seq-len", "20", "--lr-cf", "3e-3",
+         "--epochs", "2", "--batch-size", "8", "--seq-len", "20", "--lr-cf", "3e-3",
          "--config", f"ds_configs/{config}.json", "--no-progress", "--output-dir", str(tmp_path)],
         processes=2)  # fmt: skip
     losses = [h["loss"] for h in metrics(tmp_path)["history"]]
