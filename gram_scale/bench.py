@@ -21,12 +21,10 @@ import json
 import os
 import platform
 import random
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,28 +184,19 @@ def lengthen_items(folder: Path, words: int, seed: int) -> None:
 def prepare_data(name: str, workload: Workload, cache: Path) -> Path:
     """The workload's generated data folder in the cache; generated on first use."""
     from gram_scale.data import synth
+    from gram_scale.data.load import generate_once
 
     spec = {"task": workload.task, "generator": workload.generator,
             "words_per_item": workload.words_per_item}  # fmt: skip
     folder = cache / f"bench-{name}-{_digest(spec)}"
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Generate beside the target, then rename: a crash never leaves a half-written data set.
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
-        write = synth.write_kt if workload.task == "kt" else synth.write_mind
-        write(tmp, **workload.generator)
+
+    def write(tmp: Path) -> None:
+        gen = synth.write_kt if workload.task == "kt" else synth.write_mind
+        gen(tmp, **workload.generator)
         if workload.words_per_item:
             lengthen_items(tmp, workload.words_per_item, workload.generator.get("seed", 0))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return generate_once(folder, write)
 
 
 def prepare_encoder(workload: Workload, cache: Path, override: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # Built-in default sizes: large enough that the text signal is learnable and the batch
@@ -20,17 +21,24 @@ def default_data_dir(opts) -> Path:
     sizes = DEFAULT_KT if opts.task == "kt" else DEFAULT_NEWS
     tag = "-".join(f"{v}" for v in sizes.values())
     folder = opts.resolved_cache_dir() / f"synthetic-{opts.task}-{tag}-seed0"
+    write = synth.write_kt if opts.task == "kt" else synth.write_mind
+    return generate_once(folder, lambda tmp: write(tmp, seed=0, **sizes))
+
+
+def generate_once(folder: Path, write: Callable[[Path], None]) -> Path:
+    """``folder``, written by ``write(tmp)`` unless it already exists.
+
+    Written beside the target and renamed: a crash never leaves a half-written data set, and
+    of several processes racing, one rename wins and the others' identical copies go."""
     if folder.is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # Generate beside the target, then rename: a crash never leaves a half-written data set.
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        write = synth.write_kt if opts.task == "kt" else synth.write_mind
-        write(tmp, seed=0, **sizes)
+        write(tmp)
         try:
             os.rename(tmp, folder)
-        except OSError:  # another process won the race; its copy is identical
+        except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
