@@ -261,9 +261,8 @@ def train(opts: Options) -> dict:
             data.catalogue.ids, vectors, metrics, opts))  # fmt: skip
         print(f"wrote {opts.output_dir}/metrics.json", flush=True)
     accelerator.wait_for_everyone()
-    if opts.report_to != "none":
-        accelerator.end_training()
-    # Free the engine before the process group goes (torch 2.13 gloo can abort at exit otherwise).
+    # Free the engine before the process group goes (torch 2.13 gloo can abort at exit
+    # otherwise); end_training also closes the trackers.
     del strategy, runner, s
     gc.collect()
     accelerator.end_training()
