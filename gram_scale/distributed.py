@@ -72,11 +72,6 @@ class Comm:
         """Sorted union of every rank's item rows."""
         return torch.unique(self.gather_rows(items.cpu()), sorted=True)
 
-    def barrier(self) -> None:
-        """Wait for every rank."""
-        if self.world > 1:
-            dist.barrier()
-
 
 def owner_slices(n: int, world: int) -> list[slice]:
     """Balanced contiguous shares of ``n`` sorted items: rank r owns ``slices[r]``."""
