@@ -1,19 +1,27 @@
-"""DeepSpeed offload configs train on 2 CPU ranks; W&B logs offline with no key."""
+"""DeepSpeed offload configs and bf16 train on 2 CPU ranks; W&B logs offline with no key."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+import torch
 from launching import metrics, run
 
 
-@pytest.mark.parametrize("config", ["zero2_offload", "zero3_offload"])
-def test_offload_configs_train_with_falling_loss(config, kt_dir, tiny_encoder, tmp_path):
+@pytest.mark.parametrize(
+    "config, precision", [("zero2_offload", "fp32"), ("zero3_offload", "fp32"), ("zero2", "bf16")]
+)
+def test_offload_configs_train_with_falling_loss(config, precision, kt_dir, tiny_encoder, tmp_path):
     run(["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
          "--epochs", "2", "--batch-size", "8", "--seq-len", "20", "--lr-cf", "3e-3",
-         "--config", f"ds_configs/{config}.json", "--no-progress", "--output-dir", str(tmp_path)],
-        processes=2)  # fmt: skip
+         "--config", f"ds_configs/{config}.json", "--precision", precision, "--no-progress",
+         "--output-dir", str(tmp_path)], processes=2)  # fmt: skip
+    if precision == "bf16":  # the engine really ran the encoder in bf16
+        from safetensors.torch import load_file
+
+        weights = load_file(str(tmp_path / "encoder" / "model.safetensors"))
+        assert {v.dtype for v in weights.values()} == {torch.bfloat16}
     losses = [h["loss"] for h in metrics(tmp_path)["history"]]
     third = len(losses) // 3
     assert third >= 4
