@@ -96,7 +96,6 @@ class EncoderRunner:
         self.trainable = not opts.freeze_encoder
         self.item_forwards = 0
         self.item_backwards = 0
-        self.calls = 0  # encoder forward calls (must match across ranks under ZeRO-3)
         self._pending_backward = False
         self.peak_activation_bytes = 0  # largest encoder graph kept for a backward (activations)
 
@@ -129,7 +128,6 @@ class EncoderRunner:
                     else self.module(ids, mask)
                 )
         self.peak_activation_bytes = max(self.peak_activation_bytes, saved[0])
-        self.calls += 1
         self.item_forwards += len(items)
         return out.float()
 
@@ -324,11 +322,16 @@ def make_accelerator(opts, ds_raw: dict | None):
 def build_runner(
     accelerator, encoder: ContentEncoder, tokens, opts, ds_raw: dict | None
 ) -> EncoderRunner:
-    """Wrap the encoder: a DeepSpeed engine when configured, else a module with AdamW."""
-    comm = Comm(accelerator.process_index, accelerator.num_processes, accelerator.device)
+    """Wrap the encoder: a DeepSpeed engine when configured, else a module with AdamW.
+
+    ``accelerator=None`` (in-process tests): one CPU process, plain module."""
+    if accelerator is None:
+        comm = Comm()
+    else:
+        comm = Comm(accelerator.process_index, accelerator.num_processes, accelerator.device)
     params = [p for p in encoder.parameters() if p.requires_grad]
     if ds_raw is None:
-        encoder.to(accelerator.device)
+        encoder.to(comm.device)
         optimizer = None
         if params:  # a frozen encoder has none
             optimizer = torch.optim.AdamW(

@@ -20,7 +20,6 @@ from gram_scale.config import Options
 from gram_scale.data.items import TokenCache
 from gram_scale.data.load import load_data
 from gram_scale.distributed import (
-    Comm,
     EncoderRunner,
     build_runner,
     make_accelerator,
@@ -76,16 +75,7 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
     cf_opt = torch.optim.AdamW(
         task.model.parameters(), lr=opts.lr_cf, weight_decay=opts.weight_decay
     )
-    if accelerator is None:
-        encoder.to(device)
-        enc_opt = torch.optim.AdamW(
-            [p for p in encoder.parameters() if p.requires_grad],
-            lr=opts.lr_encoder,
-            weight_decay=opts.weight_decay,
-        )
-        runner = EncoderRunner(encoder, tokens, Comm(), opts, optimizer=enc_opt)
-    else:
-        runner = build_runner(accelerator, encoder, tokens, opts, ds_raw)
+    runner = build_runner(accelerator, encoder, tokens, opts, ds_raw)
     cf = CFUpdate(task, cf_opt, runner.comm)
     steps_per_epoch = task.num_train_batches()
     strategy = make_strategy(opts, runner, cf, steps_per_epoch)
