@@ -236,23 +236,25 @@ def make_tiny_bert(
 
     from transformers import BertConfig, BertModel
 
-    folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return folder
+    from gram_scale.data.load import generate_once
+
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=2 * hidden, max_position_embeddings=64,
         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )  # fmt: skip
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    BertModel(config, add_pooling_layer=False).save_pretrained(str(tmp))
-    src = Path(default_encoder_path())
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, tmp / name)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # built meanwhile by another process
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    def write(tmp: Path) -> None:
+        BertModel(config, add_pooling_layer=False).save_pretrained(str(tmp))
+        src = Path(default_encoder_path())
+        for name in (
+            "vocab.txt",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ):
+            if (src / name).exists():
+                shutil.copy(src / name, tmp / name)
+
+    return generate_once(Path(folder), write)
