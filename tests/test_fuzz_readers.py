@@ -214,3 +214,8 @@ def test_cli_writes_data_and_rejects_bad_flags_in_one_line(tmp_path):
 
     helped = run_cli("news", "--help")
     assert helped.returncode == 0 and "(default: 400)" in helped.stdout
+
+    clash = run_cli("news", "--out", str(tmp_path / "clash"), "--days", "3", "--dev-days", "3")
+    assert clash.returncode == 2 and clash.stderr.count("\n") == 1, clash.stderr
+    assert "dev_days < days" in clash.stderr and "Traceback" not in clash.stderr
+    assert not (tmp_path / "clash").exists()

@@ -196,12 +196,29 @@ def test_mind_generated_files_load_with_cold_dev_only_news(synth_mind):
         (lambda d: synth.write_kt(d, n_users=0), "n_users"),
         (lambda d: synth.write_mind(d, n_news=20, n_dev_only_news=10), "news besides"),
         (lambda d: synth.write_mind(d, n_users=1, impressions_per_user=1), "2 impressions"),
+        (lambda d: synth.write_mind(d, days=3, dev_days=3), "dev_days < days"),
+        (lambda d: synth.write_mind(d, dev_days=0), "dev_days < days"),
     ],
 )
 def test_generator_rejects_bad_sizes(tmp_path, call, message):
     with pytest.raises(ValueError, match=message):
         call(tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_mind_dev_days_set_the_dev_share(tmp_path):
+    def dev_share(**days) -> float:
+        folder = synth.write_mind(tmp_path / str(days), n_users=300, impressions_per_user=2, **days)
+        count = {
+            s: len((folder / s / "behaviors.tsv").read_text().splitlines())
+            for s in ("train", "dev")
+        }
+        return count["dev"] / (count["dev"] + count["train"])
+
+    assert 0.15 < dev_share() < 0.25  # the last of 5 days
+    assert 0.15 < dev_share(days=5, dev_days=1) < 0.25
+    assert 0.42 < dev_share(days=2, dev_days=1) < 0.58
+    assert 0.58 < dev_share(days=3, dev_days=2) < 0.75
 
 
 def test_tiny_data_sets_still_load(tmp_path):

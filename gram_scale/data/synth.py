@@ -188,8 +188,15 @@ def write_mind(
     n_dev_only_news: int = 20,
     zipf: float = 1.0,
     seed: int = 0,
+    days: int = 5,
+    dev_days: int = 1,
 ) -> Path:
-    """Write MIND-style ``train/`` and ``dev/`` folders (news.tsv, behaviors.tsv); return folder."""
+    """Write MIND-style ``train/`` and ``dev/`` folders (news.tsv, behaviors.tsv); return folder.
+
+    Impressions fall uniformly on ``days`` days; the last ``dev_days`` of them are dev (MIND holds
+    out its last day). More dev days give a larger, less noisy valid/test split for the same
+    training set size per day.
+    """
     n_topics = len(NEWS_TOPICS)
     _check(n_users >= 1, f"n_users must be at least 1, got {n_users}")
     _check(impressions_per_user >= 1, "impressions_per_user must be at least 1")
@@ -202,6 +209,7 @@ def write_mind(
         f"need at least {max(2 * n_topics, n_candidates)} news besides the dev-only ones",
     )
     _check(zipf >= 0, f"zipf must be >= 0, got {zipf}")
+    _check(1 <= dev_days < days, f"need 1 <= dev_days < days, got dev_days={dev_days}, days={days}")
     folder = Path(folder)
     rng = random.Random(seed)
     topic_words = list(NEWS_TOPICS.values())
@@ -256,7 +264,6 @@ def write_mind(
     # First who sees an impression when, so the train/dev cut is known before candidates are
     # drawn: dev-only news must never reach a train impression, even in tiny data sets.
     shown: list[tuple[int, str, str, list[int]]] = []  # (time, user, history, preferred topics)
-    days = 5  # the last day is dev, as MIND holds out its last day
     for user in _ids(rng, "U", n_users):
         preferred = rng.sample(range(n_topics), rng.choice((1, 2)))
         others = [k for k in range(n_topics) if k not in preferred]
@@ -270,7 +277,7 @@ def write_mind(
         for _ in range(impressions_per_user):
             shown.append((rng.randrange(days * 86400), user, history, preferred))
     shown.sort(key=lambda s: s[0])
-    n_train = sum(t < (days - 1) * 86400 for t, *_ in shown)
+    n_train = sum(t < (days - dev_days) * 86400 for t, *_ in shown)
     n_train = min(max(n_train, 1), len(shown) - 1)  # both files need a row
 
     behaviors: dict[bool, list[str]] = {False: [], True: []}  # is_dev -> behaviors.tsv lines
@@ -389,6 +396,8 @@ def _parser() -> argparse.ArgumentParser:
     news.add_argument("--dev-only-news", type=_count(0), default=20, help="news only in dev")
     news.add_argument("--zipf", type=_non_negative_float, default=1.0, help="popularity exponent")
     news.add_argument("--seed", type=int, default=0, help="random seed")
+    news.add_argument("--days", type=_count(2), default=5, help="days the impressions span")
+    news.add_argument("--dev-days", type=_count(1), default=1, help="last days held out as dev")
     return parser
 
 
@@ -407,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out, n_users=args.users, n_news=args.news,
                 impressions_per_user=args.impressions_per_user, n_candidates=args.candidates,
                 history_len=args.history_len, n_dev_only_news=args.dev_only_news, zipf=args.zipf,
-                seed=args.seed,
+                seed=args.seed, days=args.days, dev_days=args.dev_days,
             )  # fmt: skip
     except ValueError as e:
         parser.error(str(e))
