@@ -10,6 +10,7 @@ into place, so a crash mid-save leaves the previous checkpoint as the latest com
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -17,12 +18,18 @@ import re
 import shutil
 from pathlib import Path
 
+from gram_scale.errors import InputError
+
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class TrainState:
     """Loop position and run records, saved with every checkpoint."""
+
+    # the plain-data fields saved and restored (the strategy's state travels beside them)
+    FIELDS = ("step", "epoch", "batch_in_epoch", "train_seconds", "counters", "history", "epochs",
+              "skipped_steps", "bad_in_a_row")  # fmt: skip
 
     def __init__(self, strategy):
         self.strategy = strategy
@@ -38,23 +45,12 @@ class TrainState:
 
     def state_dict(self) -> dict:
         """Plain data (tensors only inside the strategy state)."""
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "train_seconds": self.train_seconds, "counters": dict(self.counters),
-                "history": list(self.history), "epochs": list(self.epochs),
-                "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row,
-                "strategy": self.strategy.state_dict()}  # fmt: skip
+        state = {key: copy.copy(getattr(self, key)) for key in self.FIELDS}
+        return state | {"strategy": self.strategy.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned."""
-        for key in (
-            "step",
-            "epoch",
-            "batch_in_epoch",
-            "train_seconds",
-            "counters",
-            "history",
-            "epochs",
-        ):
+        for key in self.FIELDS:
             setattr(self, key, state[key])
         self.strategy.load_state_dict(state["strategy"])
 
@@ -112,8 +108,6 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def find_resume(output_dir: str | Path, resume: str, say=print) -> Path | None:
     """The checkpoint to resume from: ``latest`` = newest intact one (corrupt ones reported and
     skipped), or an explicit folder that must be intact."""
-    from gram_scale.errors import InputError
-
     if not resume:
         return None
     if resume != "latest":

@@ -6,7 +6,40 @@ from __future__ import annotations
 import pytest
 from launching import max_diff, metrics, outputs, run
 
-from gram_scale.checkpoint import find_resume, list_checkpoints
+from gram_scale.checkpoint import TrainState, find_resume, list_checkpoints
+
+
+class _Strategy:
+    def __init__(self, table=None):
+        self.table = table
+
+    def state_dict(self):
+        return {"table": self.table}
+
+    def load_state_dict(self, state):
+        self.table = state["table"]
+
+
+def test_train_state_round_trip_restores_every_field():
+    saved = TrainState(_Strategy(table=[1, 2]))
+    saved.step, saved.epoch, saved.batch_in_epoch, saved.train_seconds = 7, 1, 3, 2.5
+    saved.counters["occurrences"] = 40
+    saved.history.append({"step": 6, "loss": 0.5})
+    saved.epochs.append({"epoch": 0, "step": 4})
+    saved.skipped_steps, saved.bad_in_a_row = 2, 1
+    state = saved.state_dict()
+    saved.counters["occurrences"] += 1  # the saved state is a copy, not a view
+    saved.history.append({"step": 7})
+
+    restored = TrainState(_Strategy())
+    restored.load_state_dict(state)
+    assert restored.strategy.table == [1, 2]
+    assert {k: getattr(restored, k) for k in vars(restored) if k != "strategy"} == {
+        "step": 7, "epoch": 1, "batch_in_epoch": 3, "train_seconds": 2.5,
+        "counters": {"occurrences": 40, "unique": 0, "item_forwards": 0, "item_backwards": 0},
+        "history": [{"step": 6, "loss": 0.5}], "epochs": [{"epoch": 0, "step": 4}],
+        "skipped_steps": 2, "bad_in_a_row": 1,
+    }  # fmt: skip
 
 
 def args(kt_dir, tiny_encoder, strategy: str, out) -> list[str]:
