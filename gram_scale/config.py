@@ -112,6 +112,12 @@ class Options:
         env = os.environ.get("GRAM_CACHE")
         return Path(env) if env else Path.home() / ".cache" / "gram-scale"
 
+    def resolved_encoder(self) -> str:
+        """The encoder folder: ``--encoder``, else the packaged all-MiniLM-L6-v2."""
+        from gram_scale.encoder import default_encoder_path  # imports torch: only when asked
+
+        return self.encoder or default_encoder_path()
+
     def to_json(self) -> str:
         """The options as JSON (written next to the outputs)."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -60,9 +60,7 @@ def export_run(folder: Path, encoder, tokenizer, encoder_state, cf_model, ids: l
     """Write every output of a finished run into ``folder``."""
     if encoder is not None:
         if opts.lora:
-            from gram_scale.encoder import default_encoder_path
-
-            save_lora_encoder(opts.encoder or default_encoder_path(), opts, tokenizer, encoder_state,
+            save_lora_encoder(opts.resolved_encoder(), opts, tokenizer, encoder_state,
                               folder / ENCODER_DIR, folder / ADAPTER_DIR)  # fmt: skip
         else:
             save_encoder(encoder, tokenizer, folder / ENCODER_DIR, state_dict=encoder_state)

@@ -25,8 +25,8 @@ from gram_scale.distributed import (
     make_accelerator,
     read_ds_config,
 )
-from gram_scale.encoder import apply_lora, default_encoder_path, load_encoder
-from gram_scale.errors import TrainingStopped
+from gram_scale.encoder import apply_lora, load_encoder
+from gram_scale.errors import InputError, TrainingStopped
 from gram_scale.export import export_run, publish
 from gram_scale.strategies import make_strategy
 from gram_scale.strategies.base import CFUpdate
@@ -62,7 +62,7 @@ class Session:
 
 def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> Session:
     """Encoder, token cache, CF model, optimizers and strategy; no Accelerator = plain 1 process."""
-    encoder, tokenizer = load_encoder(opts.encoder or default_encoder_path(), opts.pooling)
+    encoder, tokenizer = load_encoder(opts.resolved_encoder(), opts.pooling)
     tokens = TokenCache.build(tokenizer, data.catalogue.texts, opts.max_tokens)
     if opts.freeze_encoder:
         encoder.requires_grad_(False)
@@ -95,8 +95,6 @@ def train(opts: Options) -> dict:
     accelerator = make_accelerator(opts, ds_raw)
     rank, world = accelerator.process_index, accelerator.num_processes
     if world > 1 and opts.batch_size < world:
-        from gram_scale.errors import InputError
-
         raise InputError(
             "--batch-size", None, f"{opts.batch_size} is smaller than the {world} processes"
         )
