@@ -4,8 +4,9 @@ Each touched item keeps the encoder vector it was cached with (``base``) and the
 gradients the CF model sent it (``grads``). Its table row, the value later CF steps read, is
 ``base - lr * grads``: the cached vector moved by plain SGD. The window-end regression target is
 that row; its gradient ``h - (base - lr * grads)`` is computed as ``(h - base) + lr * grads`` so
-the small gradient is not lost in the cancellation of two nearly equal vectors. Only touched items are stored, so memory grows with the window's items, not
-the catalogue. With CUDA present the rows are pinned so copies to the GPU are asynchronous.
+the small gradient is not lost in the cancellation of two nearly equal vectors. Only touched
+items are stored, so memory grows with the window's items, not the catalogue. With CUDA present
+the rows are pinned so copies to the GPU are asynchronous.
 """
 
 from __future__ import annotations

@@ -60,6 +60,18 @@ class Workload:
     e2e_steps: int = 0  # default --e2e-steps (0 = train e2e fully)
 
 
+# Training options of both news workloads (they differ only in data)
+NEWS_OPTIONS = dict(
+    max_tokens=32,
+    batch_size=8,
+    history_len=10,
+    negatives=4,
+    epochs=2,
+    lr_encoder=5e-5,
+    lr_cf=1e-3,
+    encoder_batch_size=16,
+)
+
 WORKLOADS: dict[str, Workload] = {
     "tiny": Workload(
         doc="""Smoke test of the benchmark itself (used by tests/test_bench.py), not a speed
@@ -119,24 +131,14 @@ WORKLOADS: dict[str, Workload] = {
             seed=0,
         ),
         encoder="minilm",
-        options=dict(
-            max_tokens=32,
-            batch_size=8,
-            history_len=10,
-            negatives=4,
-            epochs=2,
-            lr_encoder=5e-5,
-            lr_cf=1e-3,
-            encoder_batch_size=16,
-        ),
+        options=NEWS_OPTIONS,
     ),
     "news-medium": Workload(
         doc="""The news accuracy check: the same generator as news-small with 8 times the users
         and half of the impressions held out (the last of 2 days), so valid and test hold about
         410 impressions each where news-small has 16 and one impression moves AUC by several
-        points. write_mind(n_users=800, n_news=300,
-        impressions_per_user=2, n_candidates=5, history_len=10, n_dev_only_news=15, days=2,
-        dev_days=1, seed=0); histories of 10, 4 negatives, batch 8: 115 steps and 13,345 item
+        points. write_mind(n_users=800, n_news=300, impressions_per_user=2, n_candidates=5,
+        history_len=10, n_dev_only_news=15, days=2, dev_days=1, seed=0); histories of 10, 4 negatives, batch 8: 115 steps and 13,345 item
         occurrences over 284 distinct news per epoch (R_batch 1.7, R_epoch 47). 2 epochs, lr
         encoder 5e-5, lr CF 1e-3, encoder chunks of 16.""",
         task="news",
@@ -152,16 +154,7 @@ WORKLOADS: dict[str, Workload] = {
             seed=0,
         ),
         encoder="minilm",
-        options=dict(
-            max_tokens=32,
-            batch_size=8,
-            history_len=10,
-            negatives=4,
-            epochs=2,
-            lr_encoder=5e-5,
-            lr_cf=1e-3,
-            encoder_batch_size=16,
-        ),
+        options=NEWS_OPTIONS,
     ),
     "kt-skewed": Workload(
         doc="""A TOEIC-like catalogue, where GRAM.md says Multi-step pays most: few items, many
