@@ -17,8 +17,16 @@ import torch
 class ItemTable:
     """Sparse per-window item rows: value and summed gradient, keyed by catalogue row."""
 
-    def __init__(self, dim: int, lr: float = 1.0, pin: bool | None = None, capacity: int = 1024):
+    def __init__(
+        self,
+        dim: int,
+        lr: float = 1.0,
+        pin: bool | None = None,
+        capacity: int = 1024,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.dim = dim
+        self.dtype = dtype
         self.lr = lr
         self.pin = torch.cuda.is_available() if pin is None else pin
         self._keys = torch.empty(0, dtype=torch.long)  # sorted item rows
@@ -28,7 +36,7 @@ class ItemTable:
         self.grads = self._alloc(capacity)
 
     def _alloc(self, n: int) -> torch.Tensor:
-        t = torch.zeros(n, self.dim, dtype=torch.float32)
+        t = torch.zeros(n, self.dim, dtype=self.dtype)
         return t.pin_memory() if self.pin else t
 
     def __len__(self) -> int:
@@ -63,7 +71,7 @@ class ItemTable:
                 new = self._alloc(cap)
                 new[:n] = getattr(self, name)[:n]
                 setattr(self, name, new)
-        self.base[n:need] = vectors.detach().float().cpu()
+        self.base[n:need] = vectors.detach().to("cpu", self.dtype)
         self.grads[n:need] = 0
         self._items = torch.cat([self._items, items.cpu().long()])
         keys = torch.cat([self._keys, items.cpu().long()])
@@ -78,7 +86,7 @@ class ItemTable:
 
     def apply(self, items: torch.Tensor, grads: torch.Tensor) -> None:
         """Accumulate the CF gradients of held items (their rows move by plain SGD)."""
-        self.grads.index_add_(0, self.slots(items), grads.detach().float().cpu())
+        self.grads.index_add_(0, self.slots(items), grads.detach().to("cpu", self.dtype))
 
     def base_and_grads(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached vectors and summed gradients of held items, on CPU."""

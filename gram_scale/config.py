@@ -16,7 +16,8 @@ TASKS = ("kt", "news")
 STRATEGIES = ("e2e", "single", "multi")
 POOLINGS = ("mean", "cls")
 REPORTERS = ("none", "wandb", "tensorboard")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp64")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def _opt(default, help: str, **kw):
@@ -71,16 +72,27 @@ class Options:
     cf_layers: int = _opt(2, "KT: LSTM layers")
     cf_heads: int = _opt(4, "news: self-attention heads")
     cf_dropout: float = _opt(0.1, "dropout inside the CF model")
-    lr_encoder: float = _opt(5e-5, "encoder learning rate (AdamW)")
-    lr_cf: float = _opt(1e-3, "CF model learning rate (AdamW)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (both optimizers)")
+    optimizer: str = _opt(
+        "adamw",
+        "adamw, or sgd (plain SGD, no momentum; needs a DeepSpeed config without an optimizer "
+        "section) for encoder and CF model",
+        choices=OPTIMIZERS,
+    )
+    lr_encoder: float = _opt(5e-5, "encoder learning rate")
+    lr_cf: float = _opt(1e-3, "CF model learning rate")
+    weight_decay: float = _opt(0.0, "weight decay (both optimizers)")
     eval_batch_size: int = _opt(256, "sequences or impressions per evaluation batch")
     seed: int = _opt(0, "random seed (data split, initialisation, order, dropout)")
     # run
     config: str = _opt(
         "none", "DeepSpeed JSON for the encoder (ds_configs/zero2.json ...) or none", metavar="PATH"
     )
-    precision: str = _opt("fp32", "fp32 or bf16 (encoder under DeepSpeed)", choices=PRECISIONS)
+    precision: str = _opt(
+        "fp32",
+        "fp32, bf16 (encoder under DeepSpeed) or fp64 (encoder, CF model and item table in "
+        "float64: slow, for checking exactness)",
+        choices=PRECISIONS,
+    )
     output_dir: str = _opt("outputs/run", "where metrics, options and exports are written")
     cache_dir: str = _opt("", "generated data and token caches; empty = $GRAM_CACHE or ~/.cache")
     log_every: int = _opt(10, "log training loss every this many steps")
@@ -104,6 +116,12 @@ class Options:
     def window_spec(self) -> tuple[str, float]:
         """('steps', n) or ('epochs', fraction)."""
         return parse_window(self.window)
+
+    def vector_dtype(self):
+        """dtype of item vectors, item gradients, the item table and the CF model."""
+        import torch  # only when asked: parsing flags stays light
+
+        return torch.float64 if self.precision == "fp64" else torch.float32
 
     def resolved_cache_dir(self) -> Path:
         """The cache folder for generated data."""

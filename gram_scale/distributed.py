@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from gram_scale.encoder import ContentEncoder, row_keys
+from gram_scale.errors import InputError
+from gram_scale.optim import make_optimizer
 
 
 class Comm:
@@ -94,6 +96,7 @@ class EncoderRunner:
         self.keyed = opts.keyed_dropout
         self.seed = opts.seed
         self.trainable = not opts.freeze_encoder
+        self.dtype = opts.vector_dtype()  # of the vectors handed to the CF model
         self.item_forwards = 0
         self.item_backwards = 0
         self._pending_backward = False
@@ -129,7 +132,7 @@ class EncoderRunner:
                 )
         self.peak_activation_bytes = max(self.peak_activation_bytes, saved[0])
         self.item_forwards += len(items)
-        return out.float()
+        return out.to(self.dtype)
 
     def backward(
         self,
@@ -182,10 +185,12 @@ class EncoderRunner:
             if real == 0:  # pad: every rank makes the same number of calls (ZeRO-3)
                 chunk = items[:1]
             ids, mask = self.tokens.rows(chunk)
-            out = self.module(ids.to(self.device), mask.to(self.device)).float()
+            out = self.module(ids.to(self.device), mask.to(self.device)).to(self.dtype)
             outs.append(out[:real])
         mine_vecs = (
-            torch.cat(outs) if outs else torch.zeros(0, self.encoder.dim, device=self.device)
+            torch.cat(outs)
+            if outs
+            else torch.zeros(0, self.encoder.dim, device=self.device, dtype=self.dtype)
         )
         self.module.train()
         return self.comm.gather_rows(mine_vecs)
@@ -207,6 +212,11 @@ def fill_ds_config(raw: dict, opts, world: int, hidden: int) -> dict:
     fill(cfg, "gradient_accumulation_steps", 1)
     fill(cfg, "train_batch_size", micro * world * int(cfg.get("gradient_accumulation_steps", 1)))
     fill(cfg, "gradient_clipping", 0.0)
+    if opts.optimizer == "sgd":
+        if "optimizer" in cfg:
+            raise InputError(opts.config, None, "names an optimizer; --optimizer sgd needs a config "
+                             "without an optimizer section")  # fmt: skip
+        cfg["zero_allow_untested_optimizer"] = True  # ZeRO partitions any torch optimizer
     for key in ("bf16", "fp16"):
         if key in cfg:
             fill(cfg[key], "enabled", key == "bf16" and opts.precision == "bf16")
@@ -223,8 +233,6 @@ def fill_ds_config(raw: dict, opts, world: int, hidden: int) -> dict:
     fill(zero, "stage3_param_persistence_threshold", 10 * hidden)
     left = [k for k, v in _walk(cfg) if v == "auto"]
     if left:
-        from gram_scale.errors import InputError
-
         raise InputError(opts.config, None, f"cannot fill 'auto' for {', '.join(left)}")
     return cfg
 
@@ -240,8 +248,6 @@ def _walk(d: dict, prefix: str = ""):
 def read_ds_config(path: str) -> dict | None:
     """The DeepSpeed JSON named by ``--config``, or None for ``none``."""
     import json
-
-    from gram_scale.errors import InputError
 
     if path.lower() == "none":
         return None
@@ -322,7 +328,7 @@ def make_accelerator(opts, ds_raw: dict | None):
 def build_runner(
     accelerator, encoder: ContentEncoder, tokens, opts, ds_raw: dict | None
 ) -> EncoderRunner:
-    """Wrap the encoder: a DeepSpeed engine when configured, else a module with AdamW.
+    """Wrap the encoder: a DeepSpeed engine when configured, else a module with its optimizer.
 
     ``accelerator=None`` (in-process tests): one CPU process, plain module."""
     if accelerator is None:
@@ -334,9 +340,7 @@ def build_runner(
         encoder.to(comm.device)
         optimizer = None
         if params:  # a frozen encoder has none
-            optimizer = torch.optim.AdamW(
-                params, lr=opts.lr_encoder, weight_decay=opts.weight_decay
-            )
+            optimizer = make_optimizer(params, opts, opts.lr_encoder)
         return EncoderRunner(encoder, tokens, comm, opts, optimizer=optimizer)
     from accelerate.utils import DummyOptim
 
@@ -346,6 +350,6 @@ def build_runner(
     if "optimizer" in cfg:
         optimizer = DummyOptim(params, lr=opts.lr_encoder, weight_decay=opts.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=opts.lr_encoder, weight_decay=opts.weight_decay)
+        optimizer = make_optimizer(params, opts, opts.lr_encoder)
     engine, optimizer = accelerator.prepare(encoder, optimizer)
     return EncoderRunner(encoder, tokens, comm, opts, engine=engine, optimizer=optimizer)

@@ -67,7 +67,7 @@ def export_run(folder: Path, encoder, tokenizer, encoder_state, cf_model, ids: l
         cf_state = {k: v.detach().cpu().contiguous() for k, v in cf_model.state_dict().items()}
         save_file(cf_state, str(folder / CF_FILE))
         save_file(
-            {"vectors": vectors.detach().float().cpu().contiguous()},
+            {"vectors": vectors.detach().cpu().contiguous()},
             str(folder / VECTORS_FILE),
             metadata={"ids": json.dumps(ids)},
         )

@@ -28,6 +28,7 @@ from gram_scale.distributed import (
 from gram_scale.encoder import apply_lora, load_encoder
 from gram_scale.errors import InputError, TrainingStopped
 from gram_scale.export import export_run, publish
+from gram_scale.optim import make_optimizer
 from gram_scale.strategies import make_strategy
 from gram_scale.strategies.base import CFUpdate
 from gram_scale.tasks import make_task
@@ -64,6 +65,8 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
     """Encoder, token cache, CF model, optimizers and strategy; no Accelerator = plain 1 process."""
     encoder, tokenizer = load_encoder(opts.resolved_encoder(), opts.pooling)
     tokens = TokenCache.build(tokenizer, data.catalogue.texts, opts.max_tokens)
+    if opts.precision == "fp64":
+        encoder.double()
     if opts.freeze_encoder:
         encoder.requires_grad_(False)
     elif opts.lora:
@@ -71,10 +74,8 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
     torch.manual_seed(opts.seed)
     task = make_task(opts, data, encoder.dim)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    task.model.to(device)
-    cf_opt = torch.optim.AdamW(
-        task.model.parameters(), lr=opts.lr_cf, weight_decay=opts.weight_decay
-    )
+    task.model.to(device, opts.vector_dtype())
+    cf_opt = make_optimizer(task.model.parameters(), opts, opts.lr_cf)
     runner = build_runner(accelerator, encoder, tokens, opts, ds_raw)
     cf = CFUpdate(task, cf_opt, runner.comm)
     steps_per_epoch = task.num_train_batches()

@@ -55,7 +55,7 @@ def outputs(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for prefix, f in (("enc.", "encoder/model.safetensors"), ("cf.", "cf_model.safetensors"),
                       ("vec.", "item_vectors.safetensors")):  # fmt: skip
-        out.update({prefix + k: v.float() for k, v in load_file(str(Path(folder) / f)).items()})
+        out.update({prefix + k: v.double() for k, v in load_file(str(Path(folder) / f)).items()})
     return out
 
 

@@ -1,4 +1,9 @@
-"""GRAM Single-step equals E2E; Multi-step with a 1-step window equals Single-step."""
+"""GRAM Single-step equals E2E; Multi-step with a 1-step window equals Single-step.
+
+The runs are in float64 (``--precision fp64``): summation order then changes a gradient by about
+1e-16 of its terms, far below Adam's eps (1e-8), so Adam cannot blow that noise up into
+parameter-sized steps on near-zero gradient coordinates the way it does in float32. Every
+comparison has a guard beside it that breaks exactness on purpose and must be caught."""
 
 from __future__ import annotations
 
@@ -8,12 +13,26 @@ from tiny import max_diff, options, params, replace
 from gram_scale.data.load import load_data
 from gram_scale.trainer import setup
 
-TOL = 1e-5
+# float64 noise after a few Adam steps stays below lr * 1e-16 / eps ~ 1e-11 (measured: <= 1e-13);
+# a real error moves some parameter by about lr_encoder = 1e-3 (guards measure >= 1e-4).
+TOL = 1e-9
 
 
-def run_steps(opts, data, n_steps: int):
-    """Train ``n_steps`` steps in-process; return the session and the per-step results."""
+def run_steps(opts, data, n_steps: int, scale_one_item: float | None = None):
+    """Train ``n_steps`` steps in-process; return the session and the per-step results.
+
+    ``scale_one_item`` multiplies the summed gradient of the first item of every encoder
+    backward call by that factor (a guard: a deliberately inexact strategy)."""
     s = setup(opts, data)
+    if scale_one_item is not None:
+        backward = s.runner.backward
+
+        def skewed(vectors, grads, **kw):
+            grads = grads.clone()
+            grads[0] *= scale_one_item
+            return backward(vectors, grads, **kw)
+
+        s.runner.backward = skewed
     results = []
     batches = s.task.train_batches(0)
     for step in range(n_steps):
@@ -24,7 +43,9 @@ def run_steps(opts, data, n_steps: int):
 @pytest.fixture(params=["kt", "news"])
 def task_opts(request, tiny_encoder, tiny_encoder_nodrop, kt_dir, news_dir):
     data_dir = kt_dir if request.param == "kt" else news_dir
-    opts = options(task=request.param, data=str(data_dir), encoder=str(tiny_encoder))
+    opts = options(
+        task=request.param, data=str(data_dir), encoder=str(tiny_encoder), precision="fp64"
+    )
     return opts, load_data(opts), str(tiny_encoder_nodrop)
 
 
@@ -35,37 +56,52 @@ def with_dropout(opts, nodrop_encoder: str, dropout: bool):
     return replace(opts, cf_dropout=0.0, encoder=nodrop_encoder)
 
 
+def single_vs_e2e(opts, data, n_steps: int, scale_one_item: float | None = None) -> float:
+    """Largest parameter difference between E2E and Single-step after ``n_steps`` Adam steps."""
+    e2e, _ = run_steps(replace(opts, strategy="e2e"), data, n_steps)
+    single, res = run_steps(replace(opts, strategy="single"), data, n_steps, scale_one_item)
+    assert all(r.occurrences > r.unique for r in res)  # the batches really repeat items
+    init, _ = run_steps(opts, data, 0)
+    assert max_diff(params(e2e), params(init)) > 1e-4  # the steps really moved the parameters
+    return max_diff(params(e2e), params(single))
+
+
 @pytest.mark.parametrize("dropout", [True, False], ids=["dropout", "no-dropout"])
 @pytest.mark.parametrize("n_steps", [1, 3])
 def test_single_equals_e2e(task_opts, dropout, n_steps):
     opts, data, nodrop = task_opts
-    opts = with_dropout(opts, nodrop, dropout)
-    e2e, _ = run_steps(replace(opts, strategy="e2e"), data, n_steps)
-    single, res = run_steps(replace(opts, strategy="single"), data, n_steps)
-    p_e2e, p_single = params(e2e), params(single)
-    init, _ = run_steps(opts, data, 0)
-    assert max_diff(p_e2e, params(init)) > 1e-4  # the steps really moved the parameters
-    assert max_diff(p_e2e, p_single) < TOL
-    assert all(r.occurrences > r.unique for r in res)  # the batches really repeat items
+    assert single_vs_e2e(with_dropout(opts, nodrop, dropout), data, n_steps) < TOL
+
+
+def test_scaled_item_gradient_is_caught(task_opts):
+    """Guard: one item's summed gradient off by 1e-3 (relative) in Single-step fails the test."""
+    opts, data, nodrop = task_opts
+    assert single_vs_e2e(with_dropout(opts, nodrop, False), data, 3, 1 + 1e-3) > 100 * TOL
 
 
 def test_dropout_masks_matter(task_opts):
-    """Guard for the test above: with keyed dropout off, E2E and Single-step do differ."""
+    """Guard: with keyed dropout off, E2E and Single-step do differ."""
     opts, data, _ = task_opts
-    e2e, _ = run_steps(replace(opts, strategy="e2e", keyed_dropout=False), data, 1)
-    single, _ = run_steps(replace(opts, strategy="single", keyed_dropout=False), data, 1)
-    assert max_diff(params(e2e), params(single)) > 1e-4
+    assert single_vs_e2e(replace(opts, keyed_dropout=False, cf_dropout=0.0), data, 1) > 100 * TOL
+
+
+def multi_vs_single(opts, data, scale_one_item: float | None = None) -> float:
+    """Largest parameter difference between Single-step and 1-step-window Multi-step."""
+    # 16-item chunks, fewer than a step's unique items: the window end's chunking is exercised
+    opts = replace(opts, table_lr=1.0, window="1", encoder_batch_size=16)
+    single, _ = run_steps(replace(opts, strategy="single"), data, 3, scale_one_item)
+    multi, res = run_steps(replace(opts, strategy="multi"), data, 3)
+    assert all(r.unique > 16 and r.encoder_updated for r in res)
+    return max_diff(params(single), params(multi))
 
 
 @pytest.mark.parametrize("dropout", [True, False], ids=["dropout", "no-dropout"])
 def test_multi_window_1_equals_single(task_opts, dropout):
     opts, data, nodrop = task_opts
-    # One window-end chunk per step: the re-encode then has the very shapes of the cache fill,
-    # so the regression's (h - cached h) term is exactly zero rather than float rounding that
-    # Adam would amplify on near-zero gradient coordinates.
-    opts = replace(
-        with_dropout(opts, nodrop, dropout), table_lr=1.0, window="1", encoder_batch_size=512
-    )
-    single, _ = run_steps(replace(opts, strategy="single"), data, 3)
-    multi, _ = run_steps(replace(opts, strategy="multi"), data, 3)
-    assert max_diff(params(single), params(multi)) < TOL
+    assert multi_vs_single(with_dropout(opts, nodrop, dropout), data) < TOL
+
+
+def test_multi_guard_scaled_item_gradient_is_caught(task_opts):
+    """Guard: the same comparison catches one item's gradient off by 1e-3 in Single-step."""
+    opts, data, nodrop = task_opts
+    assert multi_vs_single(with_dropout(opts, nodrop, False), data, 1 + 1e-3) > 100 * TOL

@@ -41,7 +41,7 @@ class CFUpdate:
         loss_sum, count = self.task.loss(batch, gather(leaf, index))
         total = self.comm.sum_int(count)
         (loss_sum / max(total, 1)).backward()
-        loss = loss_sum.detach().reshape(1).float()
+        loss = loss_sum.detach().reshape(1).double()
         self.comm.all_reduce_([loss])
         return float(loss) / max(total, 1), leaf.grad
 

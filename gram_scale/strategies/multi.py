@@ -37,7 +37,7 @@ class MultiStep:
         self.window = window_steps(opts.window_spec(), steps_per_epoch)
         self.encoder_epochs = opts.encoder_epochs
         self.chunk = opts.encoder_batch_size
-        self.table = ItemTable(runner.encoder.dim, lr=opts.table_lr)
+        self.table = ItemTable(runner.encoder.dim, lr=opts.table_lr, dtype=runner.dtype)
         self.windows_done = 0
 
     def _mine(self, items: torch.Tensor) -> torch.Tensor:
