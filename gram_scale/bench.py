@@ -238,13 +238,15 @@ def prepare_encoder(workload: Workload, cache: Path, override: str) -> str:
 
 def run_options(base: Options, strategy: str, window: str | None, out_dir: Path,
                 max_steps: int = 0) -> Options:  # fmt: skip
-    """The options of one run: the shared ones plus strategy, window and output folder."""
+    """The options of one run: the shared ones plus strategy, window and output folder (a
+    rerun of the benchmark replaces the previous one's run there)."""
     return dataclasses.replace(
         base,
         strategy=strategy,
         window=window or base.window,
         output_dir=str(out_dir),
         max_steps=max_steps,
+        overwrite_output_dir=True,
     )
 
 

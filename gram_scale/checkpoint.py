@@ -21,6 +21,7 @@ from pathlib import Path
 from gram_scale.errors import InputError
 
 MANIFEST = "manifest.json"
+RUN_RECORD = "run.json"  # what the run was: compared before a resume loads anything
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -84,8 +85,15 @@ def verify(folder: Path) -> str | None:
         return "no manifest (incomplete save)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return "unreadable manifest"
+    if not isinstance(files, dict) or not all(
+        isinstance(meta, dict)
+        and isinstance(meta.get("bytes"), int)
+        and isinstance(meta.get("sha256"), str)
+        for meta in files.values()
+    ):
+        return f"{MANIFEST} has the wrong shape (expected files: name -> bytes, sha256)"
     for name, meta in files.items():
         p = folder / name
         if not p.is_file():
@@ -112,7 +120,18 @@ def find_resume(output_dir: str | Path, resume: str, say=print) -> Path | None:
         return None
     if resume != "latest":
         folder = Path(resume)
-        problem = verify(folder) if folder.is_dir() else "not found"
+        if folder.is_file():
+            raise InputError(folder, None, "cannot resume: is a file, not a checkpoint folder")
+        if not folder.is_dir():
+            raise InputError(folder, None, "cannot resume: not found")
+        if not (folder / MANIFEST).is_file():
+            hint = ""
+            if checkpoint_root(folder).is_dir():
+                hint = f" (it holds checkpoints/: use --resume latest --output-dir {folder})"
+            elif folder.name.startswith(".tmp-"):
+                hint = " (an incomplete save)"
+            raise InputError(folder, None, f"cannot resume: not a checkpoint folder{hint}")
+        problem = verify(folder)
         if problem:
             raise InputError(folder, None, f"cannot resume: {problem}")
         return folder
@@ -125,8 +144,39 @@ def find_resume(output_dir: str | Path, resume: str, say=print) -> Path | None:
     return None
 
 
-def save(accelerator, state: TrainState, output_dir: str | Path, keep: int) -> Path:
-    """Write a checkpoint of the current step on every rank; atomic by rename."""
+def check_compatible(folder: Path, record: dict) -> None:
+    """Refuse a checkpoint made by a run that differs from this one in anything its saved state
+    depends on (strategy, encoder, CF shape, DeepSpeed stage, world size), naming each."""
+    path = folder / RUN_RECORD
+    if not path.is_file():
+        return  # written before run records existed: the load itself is the only check
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise InputError(path, None, "cannot resume: unreadable run record")
+    diffs = [f"{name}: checkpoint {_show(saved.get(name))}, this run {_show(value)}"
+             for name, value in record.items()
+             if name not in _NOT_COMPARED and saved.get(name) != value]  # fmt: skip
+    if diffs:
+        raise InputError(
+            folder, None, "cannot resume, made by a different run: " + "; ".join(diffs)
+        )
+
+
+# A copied encoder folder is the same encoder: the config hash, not the path, identifies it.
+_NOT_COMPARED = {"encoder_folder"}
+
+
+def _show(value) -> str:
+    return "none" if value is None else str(value)
+
+
+def save(accelerator, state: TrainState, output_dir: str | Path, keep: int,
+         record: dict | None = None) -> Path:  # fmt: skip
+    """Write a checkpoint of the current step on every rank; atomic by rename. ``record``
+    (what the run is) goes into ``run.json`` for resume checks."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{state.step:08d}"
     tmp = root / f".tmp-step-{state.step:08d}"
@@ -138,6 +188,8 @@ def save(accelerator, state: TrainState, output_dir: str | Path, keep: int) -> P
     accelerator.save_state(str(tmp))  # every rank writes its shards and RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if record is not None:
+            (tmp / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)

@@ -94,6 +94,10 @@ class Options:
         choices=PRECISIONS,
     )
     output_dir: str = _opt("outputs/run", "where metrics, options and exports are written")
+    overwrite_output_dir: bool = _opt(
+        False,
+        "remove an earlier run's outputs from --output-dir first (else such a folder is refused)",
+    )
     cache_dir: str = _opt("", "generated data and token caches; empty = $GRAM_CACHE or ~/.cache")
     log_every: int = _opt(10, "log training loss every this many steps")
     max_bad_steps: int = _opt(
@@ -217,7 +221,33 @@ def validate(opts: Options) -> Options:
         raise InputError(opts.encoder, None, "not a Hugging Face model folder (no config.json)")
     if opts.config.lower() != "none" and not Path(opts.config).is_file():
         raise InputError(opts.config, None, "DeepSpeed config file not found")
+    _check_conflicts(opts)
     return opts
+
+
+def _check_conflicts(opts: Options) -> None:
+    """Pairs of flags that cannot work together; each would otherwise be silently ignored or
+    fail only after training."""
+    if opts.lora and opts.freeze_encoder:
+        raise InputError(
+            "--lora",
+            None,
+            "cannot be combined with --freeze-encoder (a frozen encoder trains no adapters)",
+        )
+    if opts.precision == "bf16" and opts.config.lower() == "none":
+        raise InputError(
+            "--precision", None, "bf16 needs a DeepSpeed --config (plain DDP trains in fp32)"
+        )
+    if opts.precision == "bf16" and opts.freeze_encoder:
+        raise InputError(
+            "--precision", None, "bf16 applies to the trained encoder; --freeze-encoder trains none"
+        )
+    if opts.overwrite_output_dir and opts.resume:
+        raise InputError(
+            "--overwrite-output-dir",
+            None,
+            "cannot be combined with --resume (it would delete the checkpoints to resume from)",
+        )
 
 
 def _flag(name: str) -> str:

@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -35,6 +38,14 @@ class Comm:
         t = torch.tensor([value], dtype=torch.long, device=self.device)
         dist.all_reduce(t)
         return int(t.item())
+
+    def sum_ints(self, values: list[int]) -> list[int]:
+        """Element-wise sums of integers over ranks, in one collective."""
+        if self.world == 1:
+            return [int(v) for v in values]
+        t = torch.tensor(values, dtype=torch.long, device=self.device)
+        dist.all_reduce(t)
+        return [int(v) for v in t.tolist()]
 
     def max_int(self, value: int) -> int:
         """Max of an integer over ranks."""
@@ -212,10 +223,7 @@ def fill_ds_config(raw: dict, opts, world: int, hidden: int) -> dict:
     fill(cfg, "gradient_accumulation_steps", 1)
     fill(cfg, "train_batch_size", micro * world * int(cfg.get("gradient_accumulation_steps", 1)))
     fill(cfg, "gradient_clipping", 0.0)
-    if opts.optimizer == "sgd":
-        if "optimizer" in cfg:
-            raise InputError(opts.config, None, "names an optimizer; --optimizer sgd needs a config "
-                             "without an optimizer section")  # fmt: skip
+    if opts.optimizer == "sgd":  # refused up front with an optimizer section
         cfg["zero_allow_untested_optimizer"] = True  # ZeRO partitions any torch optimizer
     for key in ("bf16", "fp16"):
         if key in cfg:
@@ -263,6 +271,112 @@ def read_ds_config(path: str) -> dict | None:
     return cfg
 
 
+_POSITIVE_INTS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                  "steps_per_print")  # fmt: skip
+_ZERO_BOOLS = ("overlap_comm", "contiguous_gradients", "reduce_scatter", "allgather_partitions",
+               "round_robin_gradients", "stage3_gather_16bit_weights_on_model_save")  # fmt: skip
+_ZERO_SIZES = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+               "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+               "stage3_max_reuse_distance", "sub_group_size")  # fmt: skip
+_OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_ds_config(cfg: dict, path: str, opts, world: int) -> int:
+    """Refuse DeepSpeed settings that DeepSpeed itself would only reject after data and encoder
+    loading, with a traceback: stage, precision, value types, optimizer, batch arithmetic.
+    Returns the ZeRO stage. Each message names the key."""
+
+    def bad(key: str, problem: str):
+        return InputError(path, None, f"{key}: {problem}")
+
+    zero = cfg["zero_optimization"]
+    if not isinstance(zero, dict):
+        raise bad("zero_optimization", "must be an object")
+    stage = zero.get("stage", 0)
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise bad("zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
+    for key in _POSITIVE_INTS:
+        v = cfg.get(key, "auto")
+        if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise bad(key, f'must be a positive integer or "auto", got {v!r}')
+    clip = cfg.get("gradient_clipping", "auto")
+    if clip != "auto" and (not _is_number(clip) or clip < 0):
+        raise bad("gradient_clipping", f'must be a number >= 0 or "auto", got {clip!r}')
+    for key in _ZERO_BOOLS:
+        if key in zero and not isinstance(zero[key], bool):
+            raise bad(f"zero_optimization.{key}", f"must be true or false, got {zero[key]!r}")
+    for key in _ZERO_SIZES:
+        v = zero.get(key, "auto")
+        if v != "auto" and (not _is_number(v) or v < 0):
+            raise bad(f"zero_optimization.{key}", f'must be a number or "auto", got {v!r}')
+    for key in ("offload_optimizer", "offload_param"):
+        section = zero.get(key)
+        if section is None:
+            continue
+        device = section.get("device", "none") if isinstance(section, dict) else None
+        if device not in _OFFLOAD_DEVICES:
+            raise bad(f"zero_optimization.{key}.device",
+                      f"must be one of {', '.join(_OFFLOAD_DEVICES)}, got {device!r}")  # fmt: skip
+        if device == "nvme" and not section.get("nvme_path"):
+            raise bad(f"zero_optimization.{key}.nvme_path", "is needed with device nvme")
+        if key == "offload_param" and device != "none" and stage != 3:
+            raise bad(f"zero_optimization.{key}", f"needs stage 3, the config has stage {stage}")
+    enabled = {}
+    for key in ("fp16", "bf16"):
+        section = cfg.get(key, {})
+        if not isinstance(section, dict):
+            raise bad(key, "must be an object")
+        v = section.get("enabled", False)
+        if v != "auto" and not isinstance(v, bool):
+            raise bad(f"{key}.enabled", f'must be true, false or "auto", got {v!r}')
+        enabled[key] = v is True or (v == "auto" and key == "bf16" and opts.precision == "bf16")
+    if opts.precision == "bf16":
+        enabled["bf16"] = True
+    if enabled["fp16"] and enabled["bf16"]:
+        raise bad("fp16.enabled", "fp16 and bf16 cannot both be enabled")
+    if enabled["fp16"] and not torch.cuda.is_available():
+        raise bad(
+            "fp16.enabled", "fp16 needs a GPU and this machine has none (use --precision bf16)"
+        )
+    if enabled["bf16"] and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise bad("bf16.enabled", "this GPU does not support bf16")
+    if opts.precision == "fp64" and (enabled["fp16"] or enabled["bf16"]):
+        key = "fp16" if enabled["fp16"] else "bf16"
+        raise bad(f"{key}.enabled", "is on, but --precision fp64 runs the encoder in float64")
+    if "optimizer" in cfg:
+        if opts.optimizer == "sgd":
+            raise bad("optimizer", "--optimizer sgd needs a config without an optimizer section")
+        opt = cfg["optimizer"]
+        kind = opt.get("type") if isinstance(opt, dict) else None
+        if not isinstance(kind, str) or not _known_optimizer(kind):
+            raise bad("optimizer.type", f"not an optimizer DeepSpeed knows: {kind!r}")
+        if not isinstance(opt.get("params", {}), dict):
+            raise bad("optimizer.params", "must be an object")
+        lr = opt.get("params", {}).get("lr", "auto")
+        if lr != "auto" and not _is_number(lr):
+            raise bad("optimizer.params.lr", f'must be a number or "auto", got {lr!r}')
+    micro = cfg.get("train_micro_batch_size_per_gpu", "auto")
+    micro = opts.encoder_batch_size if micro == "auto" else micro
+    accum = cfg.get("gradient_accumulation_steps", "auto")
+    accum = 1 if accum == "auto" else accum
+    total = cfg.get("train_batch_size", "auto")
+    if total != "auto" and total != micro * accum * world:
+        raise bad("train_batch_size", f"{total} is not train_micro_batch_size_per_gpu {micro} x "
+                                      f"gradient_accumulation_steps {accum} x {world} process(es) "
+                                      '(set it to "auto")')  # fmt: skip
+    return stage
+
+
+def _known_optimizer(name: str) -> bool:
+    # DeepSpeed's own optimizers (its DEEPSPEED_OPTIMIZERS list), or any torch.optim class
+    ours = {"adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon"}
+    return name.lower() in ours or isinstance(getattr(torch.optim, name, None), type)
+
+
 def _init_process_group(timeout) -> None:
     """Join the process group ourselves, keyed by the elastic restart attempt.
 
@@ -284,6 +398,19 @@ def _init_process_group(timeout) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, store=dist.PrefixStore(f"gram-attempt-{attempt}", store),
                             rank=rank, world_size=world, timeout=timeout)  # fmt: skip
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Keep what libraries print while starting up (DeepSpeed's "... built successfully") off
+    stdout, which carries only the run's own lines; shown on stderr if the block fails."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
 
 
 def make_accelerator(opts, ds_raw: dict | None):
@@ -317,12 +444,13 @@ def make_accelerator(opts, ds_raw: dict | None):
     if ds_raw is not None:
         plugin = DeepSpeedPlugin(hf_ds_config=ds_raw)
     log_with = None if opts.report_to == "none" else opts.report_to
-    return Accelerator(
-        deepspeed_plugin=plugin,
-        log_with=log_with,
-        project_dir=opts.output_dir,
-        kwargs_handlers=kwargs,
-    )
+    with quiet_stdout():
+        return Accelerator(
+            deepspeed_plugin=plugin,
+            log_with=log_with,
+            project_dir=opts.output_dir,
+            kwargs_handlers=kwargs,
+        )
 
 
 def build_runner(
@@ -351,5 +479,6 @@ def build_runner(
         optimizer = DummyOptim(params, lr=opts.lr_encoder, weight_decay=opts.weight_decay)
     else:
         optimizer = make_optimizer(params, opts, opts.lr_encoder)
-    engine, optimizer = accelerator.prepare(encoder, optimizer)
+    with quiet_stdout():
+        engine, optimizer = accelerator.prepare(encoder, optimizer)
     return EncoderRunner(encoder, tokens, comm, opts, engine=engine, optimizer=optimizer)

@@ -9,6 +9,7 @@ is what makes Single-step exactly equal to E2E with dropout on.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -124,6 +125,51 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+# Files one of which every tokenizer AutoTokenizer can load offline comes with; without any of
+# them transformers quietly builds a 5-token tokenizer that maps every word to [UNK].
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model", "sentencepiece.model", "spm.model")  # fmt: skip
+# These models count positions from padding_idx + 1: two of max_position_embeddings are unusable.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
+                     "data2vec-text", "xmod", "roberta-prelayernorm", "mpnet", "ibert", "luke"}  # fmt: skip
+
+
+def check_encoder_folder(path: str | os.PathLike, max_tokens: int) -> dict:
+    """Refuse a folder that cannot serve as the item encoder, reading only its small files;
+    returns its identity (path, config hash, type, hidden size) for checkpoints."""
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise InputError(folder, None, "not a Hugging Face model folder (no config.json)")
+    raw = config_file.read_bytes()
+    try:
+        cfg = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(
+            config_file, None, f"not valid JSON ({str(exc).splitlines()[0]})"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise InputError(config_file, None, "not a model config (expected a JSON object)")
+    model_type = str(cfg.get("model_type", "unknown"))
+    if cfg.get("is_encoder_decoder"):
+        raise InputError(folder, None, f"{model_type} is an encoder-decoder model; gram-scale "
+                                       "needs an encoder-only one (BERT, MiniLM, RoBERTa ...)")  # fmt: skip
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(folder, None, "no tokenizer files (expected one of "
+                                       f"{', '.join(TOKENIZER_FILES)}); copy the tokenizer into "
+                                       "the model folder")  # fmt: skip
+    positions = cfg.get("max_position_embeddings")
+    if isinstance(positions, int) and positions > 0:
+        if model_type in _OFFSET_POSITIONS:
+            positions -= int(cfg.get("pad_token_id") or 1) + 1
+        if max_tokens > positions:
+            raise InputError("--max-tokens", None, f"{max_tokens} is more than the {positions} "
+                                                   f"token positions of the encoder {folder}")  # fmt: skip
+    hidden = cfg.get("hidden_size", cfg.get("dim", cfg.get("d_model")))
+    return {"path": str(folder.resolve()), "config_sha256": hashlib.sha256(raw).hexdigest(),
+            "model_type": model_type, "hidden_size": hidden}  # fmt: skip
+
+
 def _auto_model(path: str):
     from transformers import AutoModel
 
@@ -152,6 +198,8 @@ def load_encoder(path: str, pooling: str = "mean"):
         model = _auto_model(str(folder))
     except (OSError, ValueError) as exc:
         raise InputError(folder, None, f"cannot load encoder: {str(exc).splitlines()[0]}") from exc
+    if len(tokenizer) < 100:  # a fallback built from special tokens alone, not a vocabulary
+        raise InputError(folder, None, f"the tokenizer has only {len(tokenizer)} tokens")
     return ContentEncoder(model, pooling), tokenizer
 
 

@@ -32,3 +32,15 @@ class TrainingStopped(Exception):
 
 EXIT_TRAINING_STOPPED = 3
 EXIT_PEER_LOST = 4
+
+
+class Interrupted(Exception):
+    """The run stopped at a step boundary on a signal (Ctrl-C); the message is one line.
+    ``said``: the main process has already printed it."""
+
+    def __init__(self, message: str, said: bool = False):
+        super().__init__(message)
+        self.said = said
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd program

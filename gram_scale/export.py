@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from gram_scale.encoder import save_encoder, save_lora_encoder
+from gram_scale.errors import InputError
 
 ENCODER_DIR = "encoder"
 ADAPTER_DIR = "adapter"
@@ -22,6 +23,68 @@ CF_FILE = "cf_model.safetensors"
 VECTORS_FILE = "item_vectors.safetensors"
 METRICS_FILE = "metrics.json"
 OPTIONS_FILE = "options.json"
+CHECKPOINTS_DIR = "checkpoints"
+# What a run leaves in its output folder (trackers included: wandb/, and TensorBoard's run
+# folder named after the project). An earlier run is recognised by these, and
+# --overwrite-output-dir removes exactly these; anything else in the folder is left alone.
+RUN_ENTRIES = (METRICS_FILE, OPTIONS_FILE, ENCODER_DIR, ADAPTER_DIR, CF_FILE, VECTORS_FILE,
+               CHECKPOINTS_DIR, "wandb", "gram-scale")  # fmt: skip
+
+
+def check_output_dir(opts) -> None:
+    """Refuse an output folder the run could not write at its end, or one holding an earlier
+    run (unless resuming it or asked to overwrite it); creates nothing."""
+    out = Path(opts.output_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError("--output-dir", None, f"{out} is a file, not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError("--output-dir", None, f"{out} cannot be created: {existing} is a file")
+    try:  # os.access says yes to root even on a read-only file system: try it for real
+        os.rmdir(tempfile.mkdtemp(prefix=".gram-write-test-", dir=existing))
+    except OSError as exc:
+        raise InputError(
+            "--output-dir", None, f"{out} is not writable ({existing}: {exc.strerror})"
+        ) from None
+    if opts.resume or opts.overwrite_output_dir or not out.is_dir():
+        return
+    earlier = [name for name in RUN_ENTRIES if (out / name).exists()]
+    if earlier:
+        how = "--overwrite-output-dir to replace it"
+        if CHECKPOINTS_DIR in earlier:
+            how += " or --resume latest to continue it"
+        raise InputError("--output-dir", None,
+                         f"{out} holds an earlier run ({', '.join(earlier)}); add {how}")  # fmt: skip
+
+
+def clear_output_dir(output_dir: str | Path) -> None:
+    """Remove an earlier run's outputs (``RUN_ENTRIES`` and unfinished exports)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.name in RUN_ENTRIES or entry.name.startswith(".partial-"):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _share_like_json(folder: Path) -> None:
+    """Give every file the mode an ordinary ``open`` gives (0666 less the umask), as the JSON
+    files have: some writers (safetensors) create theirs 0600, unreadable to teammates."""
+    mask = _umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def publish(output_dir: str | Path, write) -> None:
@@ -31,6 +94,7 @@ def publish(output_dir: str | Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
         write(tmp)
+        _share_like_json(tmp)
         for entry in sorted(tmp.iterdir()):
             dest = out / entry.name
             if dest.is_dir() and not dest.is_symlink():

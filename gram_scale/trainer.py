@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from gram_scale.checkpoint import TrainState, find_resume
+from gram_scale.checkpoint import TrainState, check_compatible, checkpoint_root, find_resume
 from gram_scale.checkpoint import load as load_checkpoint
 from gram_scale.checkpoint import save as save_checkpoint
 from gram_scale.config import Options
@@ -22,13 +22,15 @@ from gram_scale.data.load import load_data
 from gram_scale.distributed import (
     EncoderRunner,
     build_runner,
+    check_ds_config,
     make_accelerator,
     read_ds_config,
 )
-from gram_scale.encoder import apply_lora, load_encoder
-from gram_scale.errors import InputError, TrainingStopped
-from gram_scale.export import export_run, publish
+from gram_scale.encoder import apply_lora, check_encoder_folder, load_encoder
+from gram_scale.errors import InputError, Interrupted, TrainingStopped
+from gram_scale.export import check_output_dir, clear_output_dir, export_run, publish
 from gram_scale.optim import make_optimizer
+from gram_scale.signals import StopRequest
 from gram_scale.strategies import make_strategy
 from gram_scale.strategies.base import CFUpdate
 from gram_scale.tasks import make_task
@@ -36,14 +38,43 @@ from gram_scale.tasks import make_task
 
 def _say(accelerator, text: str) -> None:
     if accelerator.is_main_process:
-        print(text, flush=True)
+        _print(text)
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
 
 
 def evaluate(task, runner, split: str) -> dict:
     """Metrics of a split from fresh eval-mode encoder vectors of every catalogue item
-    (cold-start items included, so they are never stale)."""
+    (cold-start items included, so they are never stale); ``{"skipped": why}`` when the split
+    has nothing to score."""
+    reason = task.unscorable(split)
+    if reason is not None:  # the same on every rank: all hold the same data
+        return {"skipped": reason}
     vectors = runner.eval_vectors(torch.arange(len(task.data.catalogue)))
     return task.evaluate(split, vectors)
+
+
+def run_record(opts: Options, encoder: dict, stage: int | None, world: int) -> dict:
+    """What a checkpoint's state depends on, in words; a resume must match it."""
+    if opts.freeze_encoder:
+        training = "frozen"
+    elif opts.lora:
+        training = f"LoRA r {opts.lora_r} on {opts.lora_targets}"
+    else:
+        training = "all weights"
+    cf = f"{opts.cf_layers} LSTM layers" if opts.task == "kt" else f"{opts.cf_heads} heads"
+    return {
+        "strategy": opts.strategy,
+        "encoder": f"{encoder['model_type']} hidden {encoder['hidden_size']} "
+        f"(config.json sha256 {encoder['config_sha256'][:12]})",
+        "encoder_folder": encoder["path"],
+        "encoder_training": training,
+        "cf_model": f"{opts.task}, {cf}",
+        "deepspeed": "none" if stage is None else f"ZeRO stage {stage}, {opts.precision}",
+        "processes": world,
+    }
 
 
 @dataclass
@@ -86,19 +117,34 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
 def train(opts: Options) -> dict:
     """Run one training job; returns the metrics dict (also written to the output folder)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not torch.cuda.is_available():  # DeepSpeed would guess the same, and say so on stdout
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Everything that flags and small files can tell is checked here, before any data or model
+    # loads: a mistake costs a second, not a training run.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and opts.batch_size < world:
+        raise InputError(
+            "--batch-size", None, f"{opts.batch_size} is smaller than the {world} processes"
+        )
+    ds_file = read_ds_config(opts.config)
+    stage = None if ds_file is None else check_ds_config(ds_file, opts.config, opts, world)
+    encoder_id = check_encoder_folder(opts.resolved_encoder(), opts.max_tokens)
+    check_output_dir(opts)
+    ds_raw = None if opts.freeze_encoder else ds_file  # a frozen encoder needs no engine
+    record = run_record(opts, encoder_id, None if ds_raw is None else stage, world)
     offline_note = None
     if opts.report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
         if os.environ.get("WANDB_MODE") in (None, "", "offline"):
             # never reach for the cloud without a key: log locally, sync later
             os.environ["WANDB_MODE"] = "offline"
             offline_note = f"wandb: no WANDB_API_KEY, logging offline to {opts.output_dir}/wandb (sync later with `wandb sync`)"
-    ds_raw = None if opts.freeze_encoder else read_ds_config(opts.config)
+    say = _print if os.environ.get("RANK", "0") == "0" else (lambda text: None)
+    resume_from = find_resume(opts.output_dir, opts.resume, say=say)
+    if resume_from is not None:
+        check_compatible(resume_from, record)
+
     accelerator = make_accelerator(opts, ds_raw)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if world > 1 and opts.batch_size < world:
-        raise InputError(
-            "--batch-size", None, f"{opts.batch_size} is smaller than the {world} processes"
-        )
 
     with accelerator.main_process_first():  # generate the default data set once
         data = load_data(opts)
@@ -108,6 +154,9 @@ def train(opts: Options) -> dict:
     total_steps = steps_per_epoch * opts.epochs
     if opts.max_steps:
         total_steps = min(total_steps, opts.max_steps)
+    if opts.overwrite_output_dir and accelerator.is_main_process:
+        clear_output_dir(opts.output_dir)  # only now: every check has passed and data loaded
+    accelerator.wait_for_everyone()
 
     if opts.report_to != "none":
         Path(opts.output_dir).mkdir(parents=True, exist_ok=True)
@@ -128,75 +177,86 @@ def train(opts: Options) -> dict:
     accelerator.register_for_checkpointing(task.model, s.cf.optimizer, state)
     if runner.engine is None and runner.optimizer is not None:  # a DeepSpeed engine saves itself
         accelerator.register_for_checkpointing(encoder, runner.optimizer)
-    resume_from = find_resume(opts.output_dir, opts.resume, say=lambda m: _say(accelerator, m))
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from)
         _say(accelerator, f"resumed from {resume_from} at step {state.step}")
     if progress is not None:
         progress.update(state.step)
     counters, history, epochs = state.counters, state.history, state.epochs
-    fault = _fault_step(rank)
-    for epoch in range(state.epoch, opts.epochs):
-        task.model.train()
-        for i, batch in enumerate(task.train_batches(epoch)):
-            if i < state.batch_in_epoch:  # already trained before the checkpoint
-                continue
-            if opts.max_steps and state.step >= opts.max_steps:
+    fault, fault_signal = _fault_step(rank)
+    stop = StopRequest()  # Ctrl-C: finish the step, checkpoint, stop (a second one: at once)
+    with stop:
+        for epoch in range(state.epoch, opts.epochs):
+            task.model.train()
+            for i, batch in enumerate(task.train_batches(epoch)):
+                if i < state.batch_in_epoch:  # already trained before the checkpoint
+                    continue
+                if opts.max_steps and state.step >= opts.max_steps:
+                    break
+                if state.step == fault:  # fault injection for the resume and stop tests
+                    os.kill(os.getpid(), fault_signal)
+                step = state.step
+                t = time.perf_counter()
+                res = strategy.step(batch.slice(rank, world), step)
+                state.train_seconds += time.perf_counter() - t
+                # one collective: the counts and whether any rank was asked to stop
+                fwd, bwd, stopping = runner.comm.sum_ints(
+                    [res.item_forwards, res.item_backwards, int(stop.received is not None)]
+                )
+                counters["occurrences"] += res.occurrences
+                counters["unique"] += res.unique
+                counters["item_forwards"] += fwd
+                counters["item_backwards"] += bwd
+                history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": res.occurrences,
+                                "unique": res.unique, "item_forwards": fwd, "item_backwards": bwd,
+                                "encoder_updated": res.encoder_updated, "skipped": res.skipped})  # fmt: skip
+                state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
+                if res.skipped:
+                    state.skipped_steps += 1
+                    state.bad_in_a_row += 1
+                    _say(accelerator, f"step {step}: non-finite loss or gradient, step skipped "
+                                      f"({state.bad_in_a_row} in a row)")  # fmt: skip
+                    if opts.report_to != "none":
+                        accelerator.log(
+                            {"train/skipped_steps": state.skipped_steps}, step=state.step
+                        )
+                    if state.bad_in_a_row > opts.max_bad_steps:
+                        path = save_checkpoint(
+                            accelerator, state, opts.output_dir, opts.keep_checkpoints, record
+                        )
+                        raise TrainingStopped(
+                            f"{state.bad_in_a_row} non-finite steps in a row (last: step {step}), more than "
+                            f"--max-bad-steps {opts.max_bad_steps}; the last good state is saved in {path}"
+                        )
+                else:
+                    state.bad_in_a_row = 0
+                ratio = res.occurrences / max(res.unique, 1)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{res.loss:.4f}", r=f"{ratio:.1f}")
+                if opts.report_to != "none" and state.step % opts.log_every == 0:
+                    accelerator.log({"train/loss": res.loss, "train/item_forwards": fwd,
+                                     "train/item_backwards": bwd, "train/occurrence_unique_ratio": ratio,
+                                     "train/items_per_s": counters["occurrences"] / max(state.train_seconds, 1e-9)},
+                                    step=state.step)  # fmt: skip
+                if opts.save_every and state.step % opts.save_every == 0:
+                    save_checkpoint(accelerator, state, opts.output_dir, opts.keep_checkpoints,
+                                    record)  # fmt: skip
+                if stopping:
+                    _stop(accelerator, opts, state, record, progress, stop)
+            if opts.max_steps and state.step >= opts.max_steps and epoch < opts.epochs - 1:
                 break
-            if state.step == fault:
-                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
-            step = state.step
-            t = time.perf_counter()
-            res = strategy.step(batch.slice(rank, world), step)
-            state.train_seconds += time.perf_counter() - t
-            fwd = runner.comm.sum_int(res.item_forwards)
-            bwd = runner.comm.sum_int(res.item_backwards)
-            counters["occurrences"] += res.occurrences
-            counters["unique"] += res.unique
-            counters["item_forwards"] += fwd
-            counters["item_backwards"] += bwd
-            history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": res.occurrences,
-                            "unique": res.unique, "item_forwards": fwd, "item_backwards": bwd,
-                            "encoder_updated": res.encoder_updated, "skipped": res.skipped})  # fmt: skip
-            state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
-            if res.skipped:
-                state.skipped_steps += 1
-                state.bad_in_a_row += 1
-                _say(accelerator, f"step {step}: non-finite loss or gradient, step skipped "
-                                  f"({state.bad_in_a_row} in a row)")  # fmt: skip
-                if opts.report_to != "none":
-                    accelerator.log({"train/skipped_steps": state.skipped_steps}, step=state.step)
-                if state.bad_in_a_row > opts.max_bad_steps:
-                    path = save_checkpoint(
-                        accelerator, state, opts.output_dir, opts.keep_checkpoints
-                    )
-                    raise TrainingStopped(
-                        f"{state.bad_in_a_row} non-finite steps in a row (last: step {step}), more than "
-                        f"--max-bad-steps {opts.max_bad_steps}; the last good state is saved in {path}"
-                    )
-            else:
-                state.bad_in_a_row = 0
-            ratio = res.occurrences / max(res.unique, 1)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{res.loss:.4f}", r=f"{ratio:.1f}")
-            if opts.report_to != "none" and state.step % opts.log_every == 0:
-                accelerator.log({"train/loss": res.loss, "train/item_forwards": fwd,
-                                 "train/item_backwards": bwd, "train/occurrence_unique_ratio": ratio,
-                                 "train/items_per_s": counters["occurrences"] / max(state.train_seconds, 1e-9)},
-                                step=state.step)  # fmt: skip
-            if opts.save_every and state.step % opts.save_every == 0:
-                save_checkpoint(accelerator, state, opts.output_dir, opts.keep_checkpoints)
-        if opts.max_steps and state.step >= opts.max_steps and epoch < opts.epochs - 1:
-            break
-        if epoch < opts.epochs - 1:
-            valid = evaluate(task, runner, "valid")
-            epochs.append({"epoch": epoch, "step": state.step, "train_seconds": state.train_seconds,
-                           "valid": valid})  # fmt: skip
-            _say(accelerator, f"epoch {epoch}: valid " + _fmt(valid))
-            if opts.report_to != "none":
-                accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=state.step)
-        state.epoch, state.batch_in_epoch = epoch + 1, 0
+            if epoch < opts.epochs - 1:
+                valid = evaluate(task, runner, "valid")
+                epochs.append({"epoch": epoch, "step": state.step, "train_seconds": state.train_seconds,
+                               "valid": valid})  # fmt: skip
+                if "skipped" not in valid:  # said once, with the final metrics
+                    _say(accelerator, f"epoch {epoch}: valid " + _fmt(valid))
+                if opts.report_to != "none" and "skipped" not in valid:
+                    accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=state.step)
+            state.epoch, state.batch_in_epoch = epoch + 1, 0
+    if runner.comm.sum_int(int(stop.received is not None)):  # came after the last step
+        _stop(accelerator, opts, state, record, progress, stop)
     step, train_seconds = state.step, state.train_seconds
     t = time.perf_counter()
     tail = strategy.finish(step)  # Multi-step: a last partial window still updates the encoder
@@ -228,9 +288,8 @@ def train(opts: Options) -> dict:
     _say(accelerator, "final valid " + _fmt(valid))
     _say(accelerator, "final test  " + _fmt(test))
     if opts.report_to != "none":
-        final = {f"valid/{k}": v for k, v in valid.items()} | {
-            f"test/{k}": v for k, v in test.items()
-        }
+        final = {f"{split}/{k}": v for split, m in (("valid", valid), ("test", test))
+                 for k, v in m.items() if "skipped" not in m}  # fmt: skip
         accelerator.log(final, step=step)
 
     vectors = runner.eval_vectors(torch.arange(len(data.catalogue))) if opts.export else None
@@ -258,15 +317,41 @@ def train(opts: Options) -> dict:
     return metrics
 
 
-def _fault_step(rank: int) -> int:
-    """``GRAM_FAULT_KILL=RANK:STEP`` makes that rank SIGKILL itself before that step, on the
-    first attempt only (an elastic restart must not hit it again); -1 when unset."""
+def _fault_step(rank: int) -> tuple[int, int]:
+    """``GRAM_FAULT_KILL=RANK:STEP[:SIGNAL]`` makes that rank send itself SIGNAL (default
+    SIGKILL) before that step, on the first attempt only (an elastic restart must not hit it
+    again); ``(step, signal)``, step -1 when unset."""
     spec = os.environ.get("GRAM_FAULT_KILL", "")
     if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        return -1
-    fault_rank, fault_step = (int(x) for x in spec.split(":"))
-    return fault_step if fault_rank == rank else -1
+        return -1, signal.SIGKILL
+    fault_rank, fault_step, *name = spec.split(":")
+    sig = signal.Signals[name[0]] if name else signal.SIGKILL
+    return (int(fault_step) if int(fault_rank) == rank else -1), sig
+
+
+def _stop(accelerator, opts: Options, state: TrainState, record: dict, progress,
+          stop: StopRequest) -> None:  # fmt: skip
+    """End the run at a step boundary on a stop signal: checkpoint (when checkpoints are on)."""
+    where = "no checkpoint written (--save-every is 0)"
+    if opts.save_every:
+        path = checkpoint_root(opts.output_dir) / f"step-{state.step:08d}"
+        if state.step % opts.save_every:  # not saved at this step yet
+            path = save_checkpoint(accelerator, state, opts.output_dir, opts.keep_checkpoints,
+                                   record)  # fmt: skip
+        where = f"checkpoint {path} (continue with --resume latest)"
+    if progress is not None:
+        progress.close()
+    message = (
+        f"stopped by {stop.name or 'a signal on another process'} after step {state.step}; {where}"
+    )
+    if accelerator.is_main_process:
+        # said before the ranks part: a launcher tears the group down when the first one exits
+        print(message, file=sys.stderr, flush=True)
+    accelerator.wait_for_everyone()
+    raise Interrupted(message, said=True)
 
 
 def _fmt(m: dict) -> str:
+    if "skipped" in m:
+        return f"skipped: {m['skipped']}"
     return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())

@@ -31,9 +31,11 @@ def learn_dirs(tmp_path_factory):
 @pytest.mark.parametrize("task", ["kt", "news"])
 def test_e2e_learns_and_beats_frozen_encoder(task, learn_dirs, tiny_encoder, tmp_path):
     common = dict(task=task, data=str(learn_dirs / task), encoder=str(tiny_encoder), epochs=4,
-                  batch_size=16, output_dir=str(tmp_path))  # fmt: skip
-    tuned = train(options(strategy="e2e", **common))["test"]["auc"]
-    frozen = train(options(strategy="single", freeze_encoder=True, **common))["test"]["auc"]
+                  batch_size=16)  # fmt: skip
+    tuned = train(options(strategy="e2e", output_dir=str(tmp_path / "tuned"), **common))
+    frozen = train(options(strategy="single", freeze_encoder=True,
+                           output_dir=str(tmp_path / "frozen"), **common))  # fmt: skip
+    tuned, frozen = tuned["test"]["auc"], frozen["test"]["auc"]
     assert tuned > 0.7, tuned  # chance is 0.5
     assert tuned > frozen + 0.03, (tuned, frozen)
 

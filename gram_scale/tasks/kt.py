@@ -87,6 +87,16 @@ class KTTask:
         return bce, int(mask.sum())
 
     @torch.no_grad()
+    def unscorable(self, split: str) -> str | None:
+        """Why a split has nothing to score (None when it has): AUC needs both kinds of answer."""
+        windows = self.split_windows[split]
+        if not windows:
+            return f"no users in the {split} split"
+        answers = torch.unique(torch.cat([correct for _, correct in windows]))
+        if len(answers) < 2:
+            return f"every answer in the {split} split is {'correct' if answers[0] else 'wrong'}"
+        return None
+
     def evaluate(self, split: str, item_vectors: torch.Tensor) -> dict[str, float]:
         """AUC, accuracy and cold-start AUC on a split, from one vector per catalogue item."""
         was_training = self.model.training

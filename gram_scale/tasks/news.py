@@ -71,7 +71,9 @@ class NewsTask:
         return -(-len(self.samples) // self.opts.batch_size)
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
-        """Each clicked news with K sampled non-clicked ones of its impression; fixed by seed."""
+        """Each clicked news with up to K non-clicked ones of its impression, drawn without
+        replacement; fixed by seed. An impression that showed fewer than K non-clicked news
+        gives all of them and the missing candidates are padding (masked out of the loss)."""
         g = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.samples), generator=g).tolist()
         k, h, bs = self.opts.negatives, self.opts.history_len, self.opts.batch_size
@@ -83,20 +85,38 @@ class NewsTask:
                 imp = self.data.train[imp_i]
                 negs = imp.candidates[imp.labels == 0]
                 if len(negs):
-                    pick = negs[torch.randint(len(negs), (k,), generator=g)]
+                    pick = negs[torch.randperm(len(negs), generator=g)[:k]]
                 else:  # no shown non-clicked news: fall back to random catalogue items
-                    pick = torch.randint(n_items, (k,), generator=g)
-                cands = torch.cat([imp.candidates[pos : pos + 1], pick])
+                    pick = torch.randperm(n_items, generator=g)[:k]
+                cands = torch.full((1 + k,), -1, dtype=torch.long)
+                cands[0] = imp.candidates[pos]
+                cands[1 : 1 + len(pick)] = pick
                 rows.append(torch.cat([_history(imp.history, h), cands]))
-            yield Batch(torch.stack(rows))
+            items = torch.stack(rows)
+            width = int((items[:, h:] >= 0).sum(1).max())  # drop columns that are all padding
+            yield Batch(items[:, : h + width])
 
     def loss(self, batch: Batch, vecs: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(summed cross-entropy with the clicked news at index 0, number of samples)."""
         h = self.opts.history_len
         user = self.model(vecs[:, :h], (batch.items[:, :h] >= 0).to(vecs.device))
         scores = (vecs[:, h:] * user.unsqueeze(1)).sum(-1)
+        scores = scores.masked_fill(batch.items[:, h:].to(scores.device) < 0, float("-inf"))
         target = torch.zeros(len(scores), dtype=torch.long, device=scores.device)
         return nn.functional.cross_entropy(scores, target, reduction="sum"), len(scores)
+
+    def unscorable(self, split: str) -> str | None:
+        """Why a split has nothing to score (None when it has): metrics need impressions with
+        both a click and a non-click."""
+        imps = getattr(self.data, split)
+        if not imps:
+            return f"no impressions in the {split} split"
+        clicks = [int(imp.labels.sum()) for imp in imps]
+        if not any(clicks):
+            return f"no impressions with a click in the {split} split"
+        if not any(0 < c < len(imp.labels) for c, imp in zip(clicks, imps)):
+            return f"no impressions with both a click and a non-click in the {split} split"
+        return None
 
     @torch.no_grad()
     def evaluate(self, split: str, item_vectors: torch.Tensor) -> dict[str, float]:

@@ -1,0 +1,57 @@
+"""Stop requests: a signal asks the run to stop at the next step boundary instead of killing it
+mid-step.
+
+While ``StopRequest`` is active, the first of its signals only sets ``received``; the training
+loop checks it after each step (all ranks together, so none waits in a collective for a rank
+that left), writes a checkpoint when checkpoints are on, and raises ``Interrupted``. A second
+signal is handled as the signal's default (Ctrl-C: ``KeyboardInterrupt``) so that a user who
+does not want to wait can still stop the run at once. A repeat within ``grace_s`` of the first
+is ignored: ``accelerate launch`` forwards the Ctrl-C that the terminal already delivered to
+every rank. SIGINT is what the trainer listens to; other signals (SIGTERM, SIGUSR1) can reuse
+the same class.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from types import FrameType
+
+
+class StopRequest:
+    """Turns the given signals into a flag while active (a context manager)."""
+
+    def __init__(self, signums: tuple[int, ...] = (signal.SIGINT,), grace_s: float = 2.0):
+        self.signums = tuple(signums)
+        self.grace_s = grace_s
+        self.received: int | None = None
+        self._at = 0.0
+        self._previous: dict[int, object] = {}
+
+    @property
+    def name(self) -> str:
+        """The received signal's name (``SIGINT``), or empty."""
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received, self._at = signum, time.monotonic()
+            return
+        if time.monotonic() - self._at < self.grace_s:
+            return
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        else:  # SIG_DFL / SIG_IGN: act as if we had never been installed
+            signal.signal(signum, previous)
+            signal.raise_signal(signum)
+
+    def __enter__(self) -> StopRequest:
+        for s in self.signums:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous.clear()
