@@ -2,10 +2,11 @@
 
 A checkpoint is ``<output>/checkpoints/step-<N>/``, written by ``accelerator.save_state`` (the
 DeepSpeed engine with its ZeRO shards, or the plain encoder and optimizer; the CF model and
-optimizer; every rank's RNG states) plus ``TrainState`` (step, data position, counters, history,
+optimizer; every rank's RNG states) plus ``TrainState`` (step, data position, counters,
 and the strategy's own state: Multi-step's item table and window position). It is written into a
-hidden ``.tmp-`` folder, given a manifest of file sizes and SHA-256 sums, and only then renamed
-into place, so a crash mid-save leaves the previous checkpoint as the latest complete one.
+hidden ``.tmp-`` folder, where each rank adds a manifest of the sizes and SHA-256 sums of the
+files it wrote itself, and only then renamed into place, so a crash mid-save leaves the previous
+checkpoint as the latest complete one.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from gram_scale.errors import InputError
 MANIFEST = "manifest.json"
 RUN_RECORD = "run.json"  # what the run was: compared before a resume loads anything
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_OLD_DIR = re.compile(r"^\.old-step-(\d+)$")
 
 
 class TrainState:
     """Loop position and run records, saved with every checkpoint."""
 
     # the plain-data fields saved and restored (the strategy's state travels beside them)
-    FIELDS = ("step", "epoch", "batch_in_epoch", "train_seconds", "counters", "history", "epochs",
+    FIELDS = ("step", "epoch", "batch_in_epoch", "train_seconds", "counters", "epochs",
               "skipped_steps", "bad_in_a_row")  # fmt: skip
 
     def __init__(self, strategy):
@@ -39,7 +41,6 @@ class TrainState:
         self.batch_in_epoch = 0  # batches of ``epoch`` already trained
         self.train_seconds = 0.0
         self.counters = {"occurrences": 0, "unique": 0, "item_forwards": 0, "item_backwards": 0}
-        self.history: list[dict] = []
         self.epochs: list[dict] = []
         self.skipped_steps = 0
         self.bad_in_a_row = 0
@@ -69,79 +70,152 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path) -> None:
-    """Record size and checksum of every file of a checkpoint folder."""
+# Files a rank writes itself carry its number (accelerate's RNG states, DeepSpeed's ZeRO
+# shards); everything else is written by the main process.
+_RANK_FILE = re.compile(r"(?:^|/)(?:random_states_|zero_pp_rank_)(\d+)[._]")
+
+
+def file_rank(name: str) -> int:
+    """The rank that writes a checkpoint file (relative path)."""
+    m = _RANK_FILE.search(name)
+    return int(m.group(1)) if m else 0
+
+
+def manifest_name(rank: int) -> str:
+    """The manifest of the files one rank wrote."""
+    return f"manifest-rank{rank}.json"
+
+
+def write_manifest(folder: Path, rank: int = 0) -> None:
+    """Record size and checksum of the files of a checkpoint folder that ``rank`` wrote: each
+    rank hashes only its own shards, never the whole checkpoint."""
     files = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+        name = str(p.relative_to(folder))
+        if p.is_file() and not _is_manifest(p.name) and file_rank(name) == rank:
+            files[name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    (folder / manifest_name(rank)).write_text(json.dumps({"files": files}, indent=1))
 
 
-def verify(folder: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong (one line)."""
-    manifest = folder / MANIFEST
+def _is_manifest(name: str) -> bool:
+    return name == MANIFEST or re.fullmatch(r"manifest-rank\d+\.json", name) is not None
+
+
+def _has_manifest(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file() or (folder / manifest_name(0)).is_file()
+
+
+def verify(folder: Path, rank: int | None = None) -> str | None:
+    """None if the files of ``rank`` (every rank's with None) in a checkpoint are complete and
+    intact, else what is wrong (one line)."""
+    if (folder / MANIFEST).is_file():  # written before per-rank manifests: one for all files
+        names = [MANIFEST]
+    elif rank is not None:
+        names = [manifest_name(rank)]
+    else:
+        names = sorted(p.name for p in folder.glob("manifest-rank*.json")) or [manifest_name(0)]
+    for name in names:
+        problem = _verify_manifest(folder, name)
+        if problem:
+            return problem
+    return None
+
+
+def _verify_manifest(folder: Path, name: str) -> str | None:
+    manifest = folder / name
     if not manifest.is_file():
-        return "no manifest (incomplete save)"
+        return f"no {name} (incomplete save)"
     try:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return "unreadable manifest"
+        return f"unreadable {name}"
     if not isinstance(files, dict) or not all(
         isinstance(meta, dict)
         and isinstance(meta.get("bytes"), int)
         and isinstance(meta.get("sha256"), str)
         for meta in files.values()
     ):
-        return f"{MANIFEST} has the wrong shape (expected files: name -> bytes, sha256)"
-    for name, meta in files.items():
-        p = folder / name
+        return f"{name} has the wrong shape (expected files: name -> bytes, sha256)"
+    for file, meta in files.items():
+        p = folder / file
         if not p.is_file():
-            return f"missing file {name}"
+            return f"missing file {file}"
         if p.stat().st_size != meta["bytes"]:
-            return f"{name} has {p.stat().st_size} bytes, expected {meta['bytes']}"
+            return f"{file} has {p.stat().st_size} bytes, expected {meta['bytes']}"
         if _sha256(p) != meta["sha256"]:
-            return f"{name} checksum mismatch"
+            return f"{file} checksum mismatch"
     return None
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete-looking checkpoint folders, newest first."""
+    """Checkpoint folders, newest first. A step whose folder was renamed away to be replaced
+    (``.old-step-N`` left by a crash before the new one took its place) still counts."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
-    return sorted(found, reverse=True)
+    found: dict[int, Path] = {}
+    for p in sorted(root.iterdir(), key=lambda p: p.name.startswith(".")):  # step-N first
+        m = _STEP_DIR.match(p.name) or _OLD_DIR.match(p.name)
+        if m and int(m.group(1)) not in found:
+            found[int(m.group(1))] = p
+    return sorted(found.items(), reverse=True)
+
+
+def resume_candidates(output_dir: str | Path, resume: str) -> list[Path]:
+    """The checkpoints a resume may use, newest first, from names alone (nothing is read yet):
+    ``latest`` = every checkpoint of the output folder, or the one explicit folder."""
+    if not resume:
+        return []
+    if resume == "latest":
+        return [folder for _, folder in list_checkpoints(checkpoint_root(output_dir))]
+    folder = Path(resume)
+    if folder.is_file():
+        raise InputError(folder, None, "cannot resume: is a file, not a checkpoint folder")
+    if not folder.is_dir():
+        raise InputError(folder, None, "cannot resume: not found")
+    if not _has_manifest(folder):
+        hint = ""
+        if checkpoint_root(folder).is_dir():
+            hint = f" (it holds checkpoints/: use --resume latest --output-dir {folder})"
+        elif folder.name.startswith(".tmp-"):
+            hint = " (an incomplete save)"
+        raise InputError(folder, None, f"cannot resume: not a checkpoint folder{hint}")
+    return [folder]
+
+
+def choose_resume(candidates: list[Path], explicit: bool, say=print, rank: int = 0,
+                  world: int = 1) -> Path | None:  # fmt: skip
+    """The newest candidate that every rank finds intact. Each rank checks only the files it
+    wrote; one collective gathers the verdicts, so every rank picks the same checkpoint even
+    when one of them cannot read its shard (a transient error, a disk that is not shared).
+    ``say`` (the main process's) reports each corrupt one and the choice."""
+    verdicts = [verify(folder, rank) for folder in candidates]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, verdicts)
+    else:
+        gathered = [verdicts]
+    for i, folder in enumerate(candidates):
+        bad = [(r, v[i]) for r, v in enumerate(gathered) if v[i] is not None]
+        if not bad:
+            return folder
+        r, problem = bad[0]
+        where = f" on rank {r}" if world > 1 else ""
+        if explicit:
+            raise InputError(folder, None, f"cannot resume: {problem}{where}")
+        say(f"checkpoint {folder} is corrupt{where} ({problem}); trying the previous one")
+    say("no intact checkpoint to resume from; starting from scratch")
+    return None
 
 
 def find_resume(output_dir: str | Path, resume: str, say=print) -> Path | None:
-    """The checkpoint to resume from: ``latest`` = newest intact one (corrupt ones reported and
-    skipped), or an explicit folder that must be intact."""
+    """One process: the checkpoint to resume from (``latest`` = the newest intact one, corrupt
+    ones reported and skipped; an explicit folder must be intact)."""
+    candidates = resume_candidates(output_dir, resume)
     if not resume:
         return None
-    if resume != "latest":
-        folder = Path(resume)
-        if folder.is_file():
-            raise InputError(folder, None, "cannot resume: is a file, not a checkpoint folder")
-        if not folder.is_dir():
-            raise InputError(folder, None, "cannot resume: not found")
-        if not (folder / MANIFEST).is_file():
-            hint = ""
-            if checkpoint_root(folder).is_dir():
-                hint = f" (it holds checkpoints/: use --resume latest --output-dir {folder})"
-            elif folder.name.startswith(".tmp-"):
-                hint = " (an incomplete save)"
-            raise InputError(folder, None, f"cannot resume: not a checkpoint folder{hint}")
-        problem = verify(folder)
-        if problem:
-            raise InputError(folder, None, f"cannot resume: {problem}")
-        return folder
-    for _, folder in list_checkpoints(checkpoint_root(output_dir)):
-        problem = verify(folder)
-        if problem is None:
-            return folder
-        say(f"checkpoint {folder} is corrupt ({problem}); trying the previous one")
-    say(f"no intact checkpoint under {checkpoint_root(output_dir)}; starting from scratch")
-    return None
+    return choose_resume(candidates, resume != "latest", say)
 
 
 def check_compatible(folder: Path, record: dict) -> None:
@@ -176,28 +250,46 @@ def _show(value) -> str:
 def save(accelerator, state: TrainState, output_dir: str | Path, keep: int,
          record: dict | None = None) -> Path:  # fmt: skip
     """Write a checkpoint of the current step on every rank; atomic by rename. ``record``
-    (what the run is) goes into ``run.json`` for resume checks."""
+    (what the run is) goes into ``run.json`` for resume checks.
+
+    Replacing a checkpoint of the same step renames the old one away first and deletes it
+    only once the new one is in place, so at every moment one intact copy exists."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{state.step:08d}"
     tmp = root / f".tmp-step-{state.step:08d}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # left by a crash during an earlier save
-            shutil.rmtree(stale, ignore_errors=True)
+        _tidy(root)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # every rank writes its shards and RNG state
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and record is not None:  # before rank 0's manifest lists it
+        (tmp / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    write_manifest(tmp, accelerator.process_index)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if record is not None:
-            (tmp / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-        write_manifest(tmp)
+        old = root / f".old-{final.name}"
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, old)
         os.replace(tmp, final)
-        for _, old in list_checkpoints(root)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        for _, stale in list_checkpoints(root)[keep:]:
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _tidy(root: Path) -> None:
+    """Finish what a crash during an earlier save left: drop half-written ``.tmp-`` folders,
+    put back a checkpoint that was renamed away and not replaced, drop one that was."""
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(".old-step-*"):
+        current = root / old.name.removeprefix(".old-")
+        if current.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, current)
 
 
 def load(accelerator, folder: Path) -> None:

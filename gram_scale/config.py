@@ -109,6 +109,13 @@ class Options:
     )
     save_every: int = _opt(0, "write a checkpoint every this many steps (0 = never)")
     keep_checkpoints: int = _opt(2, "checkpoints kept (older ones are deleted)")
+    save_on_signal: bool = _opt(
+        True,
+        "on SIGTERM (preemption), SIGUSR1 (Slurm's warning before a time limit) or Ctrl-C, every "
+        "rank finishes its step, a checkpoint is written and the run exits with 128 + the signal "
+        "number; off: SIGTERM and SIGUSR1 act as usual and Ctrl-C checkpoints only with "
+        "--save-every",
+    )
     resume: str = _opt(
         "", "resume from a checkpoint folder, or 'latest' in --output-dir", metavar="PATH|latest"
     )

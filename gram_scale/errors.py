@@ -32,15 +32,20 @@ class TrainingStopped(Exception):
 
 EXIT_TRAINING_STOPPED = 3
 EXIT_PEER_LOST = 4
+EXIT_FAILED = 1  # a real failure of this process (a bug, out of memory): not the input's fault
 
 
 class Interrupted(Exception):
-    """The run stopped at a step boundary on a signal (Ctrl-C); the message is one line.
-    ``said``: the main process has already printed it."""
+    """The run stopped at a step boundary on a signal; the message is one line. ``said``: the
+    main process has already printed it; ``code``: the exit code (128 + the signal number)."""
 
-    def __init__(self, message: str, said: bool = False):
+    def __init__(self, message: str, said: bool = False, code: int = 130):
         super().__init__(message)
         self.said = said
+        self.code = code
 
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd program
+# 128 + the signal number, what shells report for a program a signal ended
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
+EXIT_TERMINATED = 143  # SIGTERM
+EXIT_SIGUSR1 = 138

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from gram_scale.encoder import save_encoder, save_lora_encoder
 from gram_scale.errors import InputError
+from gram_scale.history import HISTORY_FILE
 
 ENCODER_DIR = "encoder"
 ADAPTER_DIR = "adapter"
@@ -28,7 +29,7 @@ CHECKPOINTS_DIR = "checkpoints"
 # folder named after the project). An earlier run is recognised by these, and
 # --overwrite-output-dir removes exactly these; anything else in the folder is left alone.
 RUN_ENTRIES = (METRICS_FILE, OPTIONS_FILE, ENCODER_DIR, ADAPTER_DIR, CF_FILE, VECTORS_FILE,
-               CHECKPOINTS_DIR, "wandb", "gram-scale")  # fmt: skip
+               CHECKPOINTS_DIR, HISTORY_FILE, "wandb", "gram-scale")  # fmt: skip
 
 
 def check_output_dir(opts) -> None:

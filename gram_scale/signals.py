@@ -7,8 +7,8 @@ that left), writes a checkpoint when checkpoints are on, and raises ``Interrupte
 signal is handled as the signal's default (Ctrl-C: ``KeyboardInterrupt``) so that a user who
 does not want to wait can still stop the run at once. A repeat within ``grace_s`` of the first
 is ignored: ``accelerate launch`` forwards the Ctrl-C that the terminal already delivered to
-every rank. SIGINT is what the trainer listens to; other signals (SIGTERM, SIGUSR1) can reuse
-the same class.
+every rank. The trainer listens to SIGINT always, and to SIGTERM and SIGUSR1 with
+``--save-on-signal`` (the default); the run then exits with 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -16,6 +16,19 @@ from __future__ import annotations
 import signal
 import time
 from types import FrameType
+
+# Every signal a run can be asked to stop by, in the order ranks report them to each other
+# (SIGINT: Ctrl-C; SIGTERM: a preemption or scancel; SIGUSR1: Slurm's warning before a limit).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def agreed_signal(counts: list[int]) -> int | None:
+    """The signal the whole run stops for, from the per-signal counts summed over ranks (one
+    entry per ``STOP_SIGNALS``): a preemption before a time-limit warning before a Ctrl-C."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        if counts[STOP_SIGNALS.index(sig)]:
+            return int(sig)
+    return None
 
 
 class StopRequest:
@@ -27,6 +40,10 @@ class StopRequest:
         self.received: int | None = None
         self._at = 0.0
         self._previous: dict[int, object] = {}
+
+    def counts(self) -> list[int]:
+        """1 for the received signal, 0 for the others, one entry per ``STOP_SIGNALS``."""
+        return [int(self.received == sig) for sig in STOP_SIGNALS]
 
     @property
     def name(self) -> str:

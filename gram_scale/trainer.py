@@ -13,7 +13,13 @@ from pathlib import Path
 
 import torch
 
-from gram_scale.checkpoint import TrainState, check_compatible, checkpoint_root, find_resume
+from gram_scale.checkpoint import (
+    TrainState,
+    check_compatible,
+    checkpoint_root,
+    choose_resume,
+    resume_candidates,
+)
 from gram_scale.checkpoint import load as load_checkpoint
 from gram_scale.checkpoint import save as save_checkpoint
 from gram_scale.config import Options
@@ -29,8 +35,9 @@ from gram_scale.distributed import (
 from gram_scale.encoder import apply_lora, check_encoder_folder, load_encoder
 from gram_scale.errors import InputError, Interrupted, TrainingStopped
 from gram_scale.export import check_output_dir, clear_output_dir, export_run, publish
+from gram_scale.history import HISTORY_FILE, HistoryLog, resident_bytes
 from gram_scale.optim import make_optimizer
-from gram_scale.signals import StopRequest
+from gram_scale.signals import STOP_SIGNALS, StopRequest, agreed_signal
 from gram_scale.strategies import make_strategy
 from gram_scale.strategies.base import CFUpdate
 from gram_scale.tasks import make_task
@@ -138,13 +145,16 @@ def train(opts: Options) -> dict:
             # never reach for the cloud without a key: log locally, sync later
             os.environ["WANDB_MODE"] = "offline"
             offline_note = f"wandb: no WANDB_API_KEY, logging offline to {opts.output_dir}/wandb (sync later with `wandb sync`)"
-    say = _print if os.environ.get("RANK", "0") == "0" else (lambda text: None)
-    resume_from = find_resume(opts.output_dir, opts.resume, say=say)
-    if resume_from is not None:
-        check_compatible(resume_from, record)
+    candidates = resume_candidates(opts.output_dir, opts.resume)
+    for folder in candidates:
+        check_compatible(folder, record)
 
     accelerator = make_accelerator(opts, ds_raw)
     rank, world = accelerator.process_index, accelerator.num_processes
+    resume_from = None
+    if opts.resume:  # every rank checks its own files; all agree on one checkpoint
+        say = _print if accelerator.is_main_process else (lambda text: None)
+        resume_from = choose_resume(candidates, opts.resume != "latest", say, rank, world)
 
     with accelerator.main_process_first():  # generate the default data set once
         data = load_data(opts)
@@ -182,9 +192,13 @@ def train(opts: Options) -> dict:
         _say(accelerator, f"resumed from {resume_from} at step {state.step}")
     if progress is not None:
         progress.update(state.step)
-    counters, history, epochs = state.counters, state.history, state.epochs
-    fault, fault_signal = _fault_step(rank)
-    stop = StopRequest()  # Ctrl-C: finish the step, checkpoint, stop (a second one: at once)
+    counters, epochs = state.counters, state.epochs
+    history = HistoryLog(
+        opts.output_dir, accelerator.is_main_process, state.step if resume_from else None
+    )
+    fault, fault_what = _fault_step(rank)
+    # a stop signal: every rank finishes the step, checkpoints and stops (a second one: at once)
+    stop = StopRequest(STOP_SIGNALS if opts.save_on_signal else (signal.SIGINT,))
     with stop:
         for epoch in range(state.epoch, opts.epochs):
             task.model.train()
@@ -193,15 +207,15 @@ def train(opts: Options) -> dict:
                     continue
                 if opts.max_steps and state.step >= opts.max_steps:
                     break
-                if state.step == fault:  # fault injection for the resume and stop tests
-                    os.kill(os.getpid(), fault_signal)
+                if state.step == fault:  # fault injection for the resume and error tests
+                    _inject(fault_what)
                 step = state.step
                 t = time.perf_counter()
                 res = strategy.step(batch.slice(rank, world), step)
                 state.train_seconds += time.perf_counter() - t
-                # one collective: the counts and whether any rank was asked to stop
-                fwd, bwd, stopping = runner.comm.sum_ints(
-                    [res.item_forwards, res.item_backwards, int(stop.received is not None)]
+                # one collective: the counts and which stop signals the ranks received
+                fwd, bwd, *signals = runner.comm.sum_ints(
+                    [res.item_forwards, res.item_backwards, *stop.counts()]
                 )
                 counters["occurrences"] += res.occurrences
                 counters["unique"] += res.unique
@@ -209,7 +223,8 @@ def train(opts: Options) -> dict:
                 counters["item_backwards"] += bwd
                 history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": res.occurrences,
                                 "unique": res.unique, "item_forwards": fwd, "item_backwards": bwd,
-                                "encoder_updated": res.encoder_updated, "skipped": res.skipped})  # fmt: skip
+                                "encoder_updated": res.encoder_updated, "skipped": res.skipped,
+                                "rss_bytes": resident_bytes()})  # fmt: skip
                 state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
                 if res.skipped:
                     state.skipped_steps += 1
@@ -242,8 +257,8 @@ def train(opts: Options) -> dict:
                 if opts.save_every and state.step % opts.save_every == 0:
                     save_checkpoint(accelerator, state, opts.output_dir, opts.keep_checkpoints,
                                     record)  # fmt: skip
-                if stopping:
-                    _stop(accelerator, opts, state, record, progress, stop)
+                if agreed_signal(signals) is not None:
+                    _stop(accelerator, opts, state, record, progress, stop, agreed_signal(signals))
             if opts.max_steps and state.step >= opts.max_steps and epoch < opts.epochs - 1:
                 break
             if epoch < opts.epochs - 1:
@@ -255,8 +270,9 @@ def train(opts: Options) -> dict:
                 if opts.report_to != "none" and "skipped" not in valid:
                     accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=state.step)
             state.epoch, state.batch_in_epoch = epoch + 1, 0
-    if runner.comm.sum_int(int(stop.received is not None)):  # came after the last step
-        _stop(accelerator, opts, state, record, progress, stop)
+    late = agreed_signal(runner.comm.sum_ints(stop.counts()))  # came after the last step
+    if late is not None:
+        _stop(accelerator, opts, state, record, progress, stop, late)
     step, train_seconds = state.step, state.train_seconds
     t = time.perf_counter()
     tail = strategy.finish(step)  # Multi-step: a last partial window still updates the encoder
@@ -283,8 +299,9 @@ def train(opts: Options) -> dict:
         "encoder_peak_activation_bytes": runner.peak_activation_bytes,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "epochs": epochs,
-        "history": history,
+        "history_file": HISTORY_FILE,  # one line per step, streamed while training
     }
+    history.close()
     _say(accelerator, "final valid " + _fmt(valid))
     _say(accelerator, "final test  " + _fmt(test))
     if opts.report_to != "none":
@@ -317,38 +334,49 @@ def train(opts: Options) -> dict:
     return metrics
 
 
-def _fault_step(rank: int) -> tuple[int, int]:
-    """``GRAM_FAULT_KILL=RANK:STEP[:SIGNAL]`` makes that rank send itself SIGNAL (default
-    SIGKILL) before that step, on the first attempt only (an elastic restart must not hit it
-    again); ``(step, signal)``, step -1 when unset."""
-    spec = os.environ.get("GRAM_FAULT_KILL", "")
-    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        return -1, signal.SIGKILL
-    fault_rank, fault_step, *name = spec.split(":")
-    sig = signal.Signals[name[0]] if name else signal.SIGKILL
-    return (int(fault_step) if int(fault_rank) == rank else -1), sig
+def _fault_step(rank: int) -> tuple[int, str]:
+    """``GRAM_FAULT_KILL=RANK:STEP[:WHAT][,RANK:STEP[:WHAT]...]``: entry k makes that rank fail
+    before that step on elastic attempt k (the first entry on the first attempt, so a restart
+    does not hit the same fault again); WHAT is a signal to send itself (default SIGKILL),
+    ``RuntimeError`` (a bug) or ``OOM``. ``(step, what)``, step -1 when nothing is due."""
+    entries = [e for e in os.environ.get("GRAM_FAULT_KILL", "").split(",") if e]
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt >= len(entries):
+        return -1, "SIGKILL"
+    fault_rank, fault_step, *what = entries[attempt].split(":")
+    return (int(fault_step) if int(fault_rank) == rank else -1), (what[0] if what else "SIGKILL")
+
+
+def _inject(what: str) -> None:
+    """The failure of ``GRAM_FAULT_KILL`` (fault injection for the resume and error tests)."""
+    if what == "RuntimeError":
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x32 and 64x32)")
+    if what == "OOM":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    os.kill(os.getpid(), signal.Signals[what])
 
 
 def _stop(accelerator, opts: Options, state: TrainState, record: dict, progress,
-          stop: StopRequest) -> None:  # fmt: skip
-    """End the run at a step boundary on a stop signal: checkpoint (when checkpoints are on)."""
-    where = "no checkpoint written (--save-every is 0)"
-    if opts.save_every:
+          stop: StopRequest, signum: int) -> None:  # fmt: skip
+    """End the run at a step boundary on a stop signal: checkpoint (with --save-on-signal or
+    --save-every), then raise ``Interrupted`` with exit code 128 + the signal number."""
+    where = "no checkpoint written (--no-save-on-signal and --save-every 0)"
+    if opts.save_on_signal or opts.save_every:
         path = checkpoint_root(opts.output_dir) / f"step-{state.step:08d}"
-        if state.step % opts.save_every:  # not saved at this step yet
+        if not (opts.save_every and state.step % opts.save_every == 0):  # not saved yet
             path = save_checkpoint(accelerator, state, opts.output_dir, opts.keep_checkpoints,
                                    record)  # fmt: skip
         where = f"checkpoint {path} (continue with --resume latest)"
     if progress is not None:
         progress.close()
-    message = (
-        f"stopped by {stop.name or 'a signal on another process'} after step {state.step}; {where}"
-    )
+    name = signal.Signals(signum).name
+    who = name if stop.received == signum else f"{name} on another process"
+    message = f"stopped by {who} after step {state.step}; {where}"
     if accelerator.is_main_process:
         # said before the ranks part: a launcher tears the group down when the first one exits
         print(message, file=sys.stderr, flush=True)
     accelerator.wait_for_everyone()
-    raise Interrupted(message, said=True)
+    raise Interrupted(message, said=True, code=128 + signum)
 
 
 def _fmt(m: dict) -> str:

@@ -65,6 +65,13 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def history(folder: Path) -> list[dict]:
+    """The run's per-step records (history.jsonl)."""
+    from gram_scale.history import read_history
+
+    return read_history(folder)
+
+
 def metrics(folder: Path) -> dict:
     """The run's metrics.json."""
     return json.loads((Path(folder) / "metrics.json").read_text())

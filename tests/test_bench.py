@@ -15,6 +15,7 @@ import torch
 from gram_scale.bench import RUNS, label, markdown, summarise, targets
 from gram_scale.config import Options, parse_window
 from gram_scale.data.load import load_data
+from gram_scale.history import read_history
 from gram_scale.stats import compute
 from gram_scale.strategies.multi import window_steps
 from gram_scale.tasks import make_task
@@ -99,7 +100,7 @@ def test_counters_match_definitions(tiny):
     uniq = [len(torch.unique(s)) for s in steps]
     for name, row in res["strategies"].items():
         metrics = json.loads((Path(row["runs"][0]["dir"]) / "metrics.json").read_text())
-        hist, c = metrics["history"], metrics["counters"]
+        hist, c = read_history(row["runs"][0]["dir"]), metrics["counters"]
         assert len(hist) == len(steps) == row["steps"] == 2 * spe, name
         assert [h["occurrences"] for h in hist] == occ, name
         assert [h["unique"] for h in hist] == uniq, name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from launching import metrics, outputs, run
+from launching import history, metrics, outputs, run
 from tiny import options
 
 from gram_scale.data.load import load_data
@@ -92,7 +92,7 @@ def test_two_processes_equal_one(strategy, config, baseline, kt_dir, tiny_encode
     # AUC is a rank statistic: scores that agree to ~1e-6 only change it on near ties
     assert abs(two["test"]["auc"] - one["test"]["auc"]) < 1e-4
     if strategy == "single":
-        assert_global_dedup(two["history"], kt_dir, tiny_encoder)
+        assert_global_dedup(history(tmp_path), kt_dir, tiny_encoder)
 
 
 def test_guard_unkeyed_dropout_breaks_two_equal_one(baseline, kt_dir, tiny_encoder, tmp_path):
@@ -104,13 +104,13 @@ def test_guard_unkeyed_dropout_breaks_two_equal_one(baseline, kt_dir, tiny_encod
     assert worst_excess(one_dir, tmp_path, "zero2") > 100
 
 
-def assert_global_dedup(history, kt_dir, tiny_encoder):
+def assert_global_dedup(records, kt_dir, tiny_encoder):
     """Summed over ranks, encoder backwards per step = globally unique items of the step,
     fewer than the sum of the ranks' own unique items (the ranks' batches share items)."""
     opts = options(data=str(kt_dir), encoder=str(tiny_encoder), batch_size=8, seq_len=20)
     task = make_task(opts, load_data(opts), dim=8)
-    assert len(history) == 3
-    for rec, batch in zip(history, task.train_batches(0)):
+    assert len(records) == 3
+    for rec, batch in zip(records, task.train_batches(0)):
         global_unique = len(torch.unique(batch.items[batch.items >= 0]))
         per_rank = [batch.slice(r, 2).items for r in range(2)]
         rank_sum = sum(len(torch.unique(i[i >= 0])) for i in per_rank)

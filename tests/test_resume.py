@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from launching import max_diff, metrics, outputs, run
+from launching import history, max_diff, metrics, outputs, run
 
 from gram_scale.checkpoint import TrainState, find_resume, list_checkpoints
 
@@ -26,12 +26,11 @@ def test_train_state_round_trip_restores_every_field():
     saved = TrainState(_Strategy(table=[1, 2]))
     saved.step, saved.epoch, saved.batch_in_epoch, saved.train_seconds = 7, 1, 3, 2.5
     saved.counters["occurrences"] = 40
-    saved.history.append({"step": 6, "loss": 0.5})
     saved.epochs.append({"epoch": 0, "step": 4})
     saved.skipped_steps, saved.bad_in_a_row = 2, 1
     state = saved.state_dict()
     saved.counters["occurrences"] += 1  # the saved state is a copy, not a view
-    saved.history.append({"step": 7})
+    saved.epochs.append({"epoch": 1, "step": 8})
 
     restored = TrainState(_Strategy())
     restored.load_state_dict(state)
@@ -39,7 +38,7 @@ def test_train_state_round_trip_restores_every_field():
     assert {k: getattr(restored, k) for k in vars(restored) if k != "strategy"} == {
         "step": 7, "epoch": 1, "batch_in_epoch": 3, "train_seconds": 2.5,
         "counters": {"occurrences": 40, "unique": 0, "item_forwards": 0, "item_backwards": 0},
-        "history": [{"step": 6, "loss": 0.5}], "epochs": [{"epoch": 0, "step": 4}],
+        "epochs": [{"epoch": 0, "step": 4}],
         "skipped_steps": 2, "bad_in_a_row": 1,
     }  # fmt: skip
 
@@ -71,9 +70,10 @@ def assert_same_run(a_dir, b_dir):
     assert max_diff(outputs(a_dir), outputs(b_dir)) < RESUME_TOL
     a, b = metrics(a_dir), metrics(b_dir)
     assert a["test"] == b["test"] and a["valid"] == b["valid"] and a["counters"] == b["counters"]
-    assert [h["loss"] for h in a["history"]] == pytest.approx(
-        [h["loss"] for h in b["history"]], abs=1e-6
+    assert [h["loss"] for h in history(a_dir)] == pytest.approx(
+        [h["loss"] for h in history(b_dir)], abs=1e-6
     )
+    assert [h["step"] for h in history(b_dir)] == list(range(metrics(b_dir)["steps"]))
 
 
 @pytest.mark.parametrize("strategy", ["single", "multi"])
@@ -86,6 +86,22 @@ def test_elastic_restart_after_sigkill_equals_uninterrupted(
     assert "starting from scratch" in r.stdout  # first attempt: nothing to resume yet
     assert "resumed from" in r.stdout and "step-00000004" in r.stdout  # after the restart
     assert_same_run(uninterrupted[strategy], out)
+
+
+def test_sigterm_mid_window_then_resume_equals_uninterrupted(uninterrupted, kt_dir, tiny_encoder,
+                                                             tmp_path):  # fmt: skip
+    """A preemption: SIGTERM reaches one rank before step 4 (window 3..5); every rank finishes
+    step 4, a checkpoint of 5 steps is written, and a resumed run ends equal to the
+    uninterrupted one."""
+    out = tmp_path / "preempted"
+    full = args(kt_dir, tiny_encoder, "multi", out)
+    r = run(full, processes=2, check=False, extra_env={"GRAM_FAULT_KILL": "1:4:SIGTERM"})
+    assert r.returncode != 0  # 143 from each rank; the launcher reports it as a failure
+    assert "stopped by SIGTERM on another process after step 5" in r.stderr, r.stderr[-3000:]
+    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [5, 4]
+    r = run([*full, "--resume", "latest"], processes=2)
+    assert "step-00000005 at step 5" in r.stdout
+    assert_same_run(uninterrupted["multi"], out)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(kt_dir, tiny_encoder, tmp_path):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from launching import metrics, run
+from launching import history, run
 
 
 @pytest.mark.parametrize(
@@ -22,7 +22,7 @@ def test_offload_configs_train_with_falling_loss(config, precision, kt_dir, tiny
 
         weights = load_file(str(tmp_path / "encoder" / "model.safetensors"))
         assert {v.dtype for v in weights.values()} == {torch.bfloat16}
-    losses = [h["loss"] for h in metrics(tmp_path)["history"]]
+    losses = [h["loss"] for h in history(tmp_path)]
     third = len(losses) // 3
     assert third >= 4
     assert sum(losses[-third:]) / third < sum(losses[:third]) / third - 0.01, losses

@@ -1,0 +1,166 @@
+"""Reliability over long runs: stop signals, honest errors, safe checkpoint replacement,
+resume agreement between ranks, history that does not grow in memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from launching import history, metrics, run
+
+from gram_scale.checkpoint import TrainState, find_resume, list_checkpoints, save, verify
+from gram_scale.errors import EXIT_FAILED, EXIT_SIGUSR1, EXIT_TERMINATED
+
+
+def common(kt_dir, encoder, out) -> list[str]:
+    return ["--data", str(kt_dir), "--encoder", str(encoder), "--max-tokens", "16",
+            "--batch-size", "8", "--seq-len", "20", "--epochs", "1", "--no-progress",
+            "--no-export", "--config", "none", "--output-dir", str(out)]  # fmt: skip
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---- stop signals ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name, code", [("SIGTERM", EXIT_TERMINATED), ("SIGUSR1", EXIT_SIGUSR1)])
+def test_stop_signal_checkpoints_and_exits_with_its_code(name, code, kt_dir, tiny_encoder,
+                                                         tmp_path):  # fmt: skip
+    out = tmp_path / "run"
+    # no --save-every: --save-on-signal (the default) still leaves a checkpoint
+    r = run([*common(kt_dir, tiny_encoder, out), "--max-steps", "6"], check=False,
+            extra_env={"GRAM_FAULT_KILL": f"0:2:{name}"})  # fmt: skip
+    assert r.returncode == code, r.stderr[-3000:]
+    line = one_line(r.stderr)
+    assert f"stopped by {name} after step 3" in line and "--resume latest" in line
+    ((step, folder),) = list_checkpoints(out / "checkpoints")
+    assert step == 3 and verify(folder) is None
+    assert [h["step"] for h in history(out)] == [0, 1, 2]
+
+
+def test_sigterm_without_save_on_signal_ends_the_run_at_once(kt_dir, tiny_encoder, tmp_path):
+    out = tmp_path / "run"
+    r = run([*common(kt_dir, tiny_encoder, out), "--max-steps", "6", "--no-save-on-signal"],
+            check=False, extra_env={"GRAM_FAULT_KILL": "0:2:SIGTERM"})  # fmt: skip
+    assert r.returncode == -15  # the default action: killed by the signal, no checkpoint
+    assert list_checkpoints(out / "checkpoints") == []
+
+
+# ---- honest errors --------------------------------------------------------------------------
+@pytest.mark.parametrize("what", ["RuntimeError", "OOM"])
+def test_a_real_failure_is_reported_as_itself(what, kt_dir, tiny_encoder, tmp_path):
+    out = tmp_path / "run"
+    r = run([*common(kt_dir, tiny_encoder, out), "--max-steps", "4"], check=False,
+            extra_env={"GRAM_FAULT_KILL": f"0:1:{what}"})  # fmt: skip
+    assert r.returncode == EXIT_FAILED, r.stderr[-3000:]
+    line = one_line(r.stderr)
+    log = out / "error-rank0.log"
+    assert line.startswith("error: rank 0: ") and str(log) in line
+    assert "lost another process" not in line
+    if what == "OOM":
+        assert "OutOfMemoryError: CUDA out of memory" in line and "--encoder-batch-size" in line
+    else:
+        assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in line
+    assert "Traceback" in log.read_text() and "_inject" in log.read_text()
+
+
+def test_a_failing_rank_says_what_failed_and_its_peer_that_it_was_lost(kt_dir, tiny_encoder,
+                                                                       tmp_path):  # fmt: skip
+    out = tmp_path / "run"
+    r = run([*common(kt_dir, tiny_encoder, out), "--max-steps", "4", "--dist-timeout", "60"],
+            processes=2, check=False, timeout=300,
+            extra_env={"GRAM_FAULT_KILL": "1:1:RuntimeError"})  # fmt: skip
+    assert r.returncode != 0
+    assert "error: rank 1: RuntimeError: mat1 and mat2 shapes" in r.stderr, r.stderr[-3000:]
+    assert "rank 1: lost another process" not in r.stderr
+    assert "Traceback" in (out / "error-rank1.log").read_text()
+    assert not (out / "error-rank0.log").exists()  # rank 0 did nothing wrong
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+class _Accelerator:
+    """Just what ``checkpoint.save`` uses, for one process; writes one file per save."""
+
+    is_main_process, process_index = True, 0
+
+    def __init__(self, content: bytes):
+        self.content = content
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, folder: str) -> None:
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "custom_checkpoint_0.pkl").write_bytes(self.content)
+
+
+class _Strategy:
+    def state_dict(self):
+        return {}
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, None])
+def test_replacing_a_checkpoint_keeps_an_intact_copy_at_every_point(crash_at, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    state = TrainState(_Strategy())
+    state.step = 4
+    save(_Accelerator(b"old"), state, tmp_path, keep=2)
+    real_replace, calls = os.replace, [0]
+
+    def replace(src, dst):  # a crash at the n-th rename of the replacement
+        calls[0] += 1
+        if calls[0] == crash_at:
+            raise OSError("crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        save(_Accelerator(b"new"), state, tmp_path, keep=2)
+    except OSError:
+        assert crash_at is not None
+    monkeypatch.setattr(os, "replace", real_replace)
+    folder = find_resume(tmp_path, "latest", say=lambda text: None)
+    assert folder is not None and verify(folder) is None  # an intact step 4, whatever happened
+    content = (folder / "custom_checkpoint_0.pkl").read_bytes()
+    assert content == (b"new" if crash_at is None else b"old")
+    state.step = 6  # the next save tidies up: exactly one folder per step again
+    save(_Accelerator(b"next"), state, tmp_path, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000004", "step-00000006"]
+
+
+def test_ranks_agree_to_skip_a_checkpoint_one_rank_finds_corrupt(kt_dir, tiny_encoder, tmp_path):
+    out = tmp_path / "run"
+    args = [*common(kt_dir, tiny_encoder, out), "--config", "ds_configs/zero2.json",
+            "--save-every", "2"]  # fmt: skip
+    run([*args, "--max-steps", "4"], processes=2)
+    (newest, folder), (previous, previous_folder) = list_checkpoints(out / "checkpoints")
+    assert (newest, previous) == (4, 2)
+    shard = next(folder.rglob("zero_pp_rank_1_*"))  # written, and checked, by rank 1 alone
+    shard.write_bytes(shard.read_bytes()[:-16])
+    r = run([*args, "--max-steps", "6", "--resume", "latest"], processes=2)
+    assert f"checkpoint {folder} is corrupt on rank 1 ({shard.relative_to(folder)}" in r.stdout
+    assert f"resumed from {previous_folder} at step 2" in r.stdout, r.stdout
+    assert [h["step"] for h in history(out)] == list(range(6))
+    assert metrics(out)["steps"] == 6
+
+
+# ---- memory over long runs ------------------------------------------------------------------
+def test_history_is_streamed_and_memory_stays_flat(tiny_encoder, tmp_path):
+    from gram_scale.data.synth import write_kt
+
+    data = tmp_path / "kt"
+    write_kt(data, n_users=400, n_items=40, mean_len=70, n_unused_items=0, seed=3)
+    out = tmp_path / "run"
+    run(["--data", str(data), "--encoder", str(tiny_encoder), "--max-tokens", "8",
+         "--batch-size", "1", "--seq-len", "5", "--epochs", "1", "--max-steps", "5000",
+         "--freeze-encoder", "--no-progress", "--no-export", "--output-dir", str(out)],
+        timeout=900)  # fmt: skip
+    records = history(out)
+    assert [h["step"] for h in records] == list(range(5000))
+    grown = records[4999]["rss_bytes"] - records[999]["rss_bytes"]
+    assert grown < 50 * 2**20, grown
+    assert "history" not in metrics(out)
