@@ -67,6 +67,9 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
     if opts.freeze_encoder:
         encoder.requires_grad_(False)
     elif opts.lora:
+        # peft draws the adapters' initial weights from the global RNG: seed it, or they depend
+        # on what ran before (launcher, back end, process count)
+        torch.manual_seed(opts.seed)
         apply_lora(encoder, opts)
     torch.manual_seed(opts.seed)
     task = make_task(opts, data, encoder.dim)
