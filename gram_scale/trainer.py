@@ -28,6 +28,7 @@ from gram_scale.distributed import (
 from gram_scale.encoder import apply_lora, load_encoder
 from gram_scale.errors import InputError, TrainingStopped
 from gram_scale.export import export_run, publish
+from gram_scale.schedule import encoder_steps, make_scheduler, run_steps
 from gram_scale.strategies import make_strategy
 from gram_scale.strategies.base import CFUpdate
 from gram_scale.tasks import make_task
@@ -61,8 +62,11 @@ class Session:
 
 
 def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> Session:
-    """Encoder, token cache, CF model, optimizers and strategy; no Accelerator = plain 1 process."""
-    encoder, tokenizer = load_encoder(opts.resolved_encoder(), opts.pooling)
+    """Encoder, token cache, CF model, optimizers, LR schedules and strategy; no Accelerator =
+    plain 1 process."""
+    # bf16 runs under a DeepSpeed engine, which casts the encoder anyway: load it in bf16
+    dtype = torch.bfloat16 if opts.precision == "bf16" and ds_raw is not None else None
+    encoder, tokenizer = load_encoder(opts.resolved_encoder(), opts.pooling, dtype)
     tokens = TokenCache.build(tokenizer, data.catalogue.texts, opts.max_tokens)
     if opts.freeze_encoder:
         encoder.requires_grad_(False)
@@ -78,9 +82,11 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
     cf_opt = torch.optim.AdamW(
         task.model.parameters(), lr=opts.lr_cf, weight_decay=opts.weight_decay
     )
-    runner = build_runner(accelerator, encoder, tokens, opts, ds_raw)
-    cf = CFUpdate(task, cf_opt, runner.comm)
     steps_per_epoch = task.num_train_batches()
+    runner = build_runner(accelerator, encoder, tokens, opts, ds_raw,
+                          encoder_steps(opts, steps_per_epoch))  # fmt: skip
+    cf_sched = make_scheduler(cf_opt, opts, run_steps(opts, steps_per_epoch))
+    cf = CFUpdate(task, cf_opt, runner.comm, cf_sched, opts.max_grad_norm)
     strategy = make_strategy(opts, runner, cf, steps_per_epoch)
     return Session(data, encoder, tokenizer, tokens, task, runner, cf, strategy, steps_per_epoch)
 
@@ -107,9 +113,7 @@ def train(opts: Options) -> dict:
     s = setup(opts, data, accelerator, ds_raw)
     task, runner, strategy, tokens = s.task, s.runner, s.strategy, s.tokens
     encoder, tokenizer, steps_per_epoch = s.encoder, s.tokenizer, s.steps_per_epoch
-    total_steps = steps_per_epoch * opts.epochs
-    if opts.max_steps:
-        total_steps = min(total_steps, opts.max_steps)
+    total_steps = run_steps(opts, steps_per_epoch)
 
     if opts.report_to != "none":
         Path(opts.output_dir).mkdir(parents=True, exist_ok=True)
@@ -127,9 +131,9 @@ def train(opts: Options) -> dict:
 
         progress = tqdm(total=total_steps, desc="train", file=sys.stderr, dynamic_ncols=True)
     state = TrainState(strategy)
-    accelerator.register_for_checkpointing(task.model, s.cf.optimizer, state)
+    accelerator.register_for_checkpointing(task.model, s.cf.optimizer, s.cf.scheduler, state)
     if runner.engine is None and runner.optimizer is not None:  # a DeepSpeed engine saves itself
-        accelerator.register_for_checkpointing(encoder, runner.optimizer)
+        accelerator.register_for_checkpointing(encoder, runner.optimizer, runner.scheduler)
     resume_from = find_resume(opts.output_dir, opts.resume, say=lambda m: _say(accelerator, m))
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from)
@@ -148,9 +152,11 @@ def train(opts: Options) -> dict:
             if state.step == fault:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
             step = state.step
+            lrs = {"lr_encoder": runner.lr(), "lr_cf": s.cf.lr()}  # the rates this step uses
             t = time.perf_counter()
             res = strategy.step(batch.slice(rank, world), step)
-            state.train_seconds += time.perf_counter() - t
+            seconds = time.perf_counter() - t
+            state.train_seconds += seconds
             fwd = runner.comm.sum_int(res.item_forwards)
             bwd = runner.comm.sum_int(res.item_backwards)
             counters["occurrences"] += res.occurrences
@@ -159,7 +165,8 @@ def train(opts: Options) -> dict:
             counters["item_backwards"] += bwd
             history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": res.occurrences,
                             "unique": res.unique, "item_forwards": fwd, "item_backwards": bwd,
-                            "encoder_updated": res.encoder_updated, "skipped": res.skipped})  # fmt: skip
+                            "encoder_updated": res.encoder_updated, "skipped": res.skipped,
+                            "seconds": seconds, **lrs})  # fmt: skip
             state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
             if res.skipped:
                 state.skipped_steps += 1
@@ -184,6 +191,7 @@ def train(opts: Options) -> dict:
                 progress.set_postfix(loss=f"{res.loss:.4f}", r=f"{ratio:.1f}")
             if opts.report_to != "none" and state.step % opts.log_every == 0:
                 accelerator.log({"train/loss": res.loss, "train/item_forwards": fwd,
+                                 **{f"train/{k}": v for k, v in lrs.items() if v is not None},
                                  "train/item_backwards": bwd, "train/occurrence_unique_ratio": ratio,
                                  "train/items_per_s": counters["occurrences"] / max(state.train_seconds, 1e-9)},
                                 step=state.step)  # fmt: skip
@@ -224,6 +232,7 @@ def train(opts: Options) -> dict:
         "occurrence_unique_ratio": counters["occurrences"] / max(counters["unique"], 1),
         "encoder_peak_activation_bytes": runner.peak_activation_bytes,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "peak_rss_bytes_per_rank": _peak_rss_per_rank(runner.comm),
         "epochs": epochs,
         "history": history,
     }
@@ -258,6 +267,14 @@ def train(opts: Options) -> dict:
     gc.collect()
     accelerator.end_training()
     return metrics
+
+
+def _peak_rss_per_rank(comm) -> list[int]:
+    """Every rank's peak resident memory so far, in bytes, in rank order."""
+    import resource
+
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])  # KiB on Linux
+    return [int(v) for v in comm.gather_rows(mine).tolist()]
 
 
 def _fault_step(rank: int) -> int:
