@@ -37,6 +37,9 @@ TRAIN_SCRIPT = ROOT / "launch" / "train.py"
 METRIC = "auc"  # the main valid metric of both tasks (KTTask.main_metric, NewsTask.main_metric)
 MiB = 1024 * 1024
 
+# the memory workload of gram_scale/bench_llm.py, which trains one run, not five
+LLM_WORKLOAD = "llm-1b"
+
 # (strategy, window): the five runs, in the order they alternate when repeated
 RUNS: tuple[tuple[str, str | None], ...] = (
     ("e2e", None),
@@ -639,8 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The benchmark's flags."""
     p = _Parser(prog="python -m gram_scale.bench", description=__doc__.splitlines()[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    p.add_argument("--workload", required=True, metavar="{" + ",".join(WORKLOADS) + "}",
-                   help="what to train (see WORKLOADS in gram_scale/bench.py)")  # fmt: skip
+    p.add_argument("--workload", required=True,
+                   metavar="{" + ",".join((*WORKLOADS, LLM_WORKLOAD)) + "}",
+                   help="what to train (see WORKLOADS in gram_scale/bench.py; llm-1b: "
+                        "gram_scale/bench_llm.py)")  # fmt: skip
     p.add_argument("--out", default="", help="output folder; empty = outputs/bench/<workload>")
     p.add_argument("--encoder", default="", help="encoder folder instead of the workload's")
     p.add_argument("--repeats", type=int, default=1, help="runs per strategy (median timed)")
@@ -659,8 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse and check the flags; the first bad one raises InputError naming it."""
     args = build_parser().parse_args(argv)
-    if args.workload not in WORKLOADS:
-        choices = ", ".join(WORKLOADS)
+    if args.workload not in (*WORKLOADS, LLM_WORKLOAD):
+        choices = ", ".join((*WORKLOADS, LLM_WORKLOAD))
         raise InputError("--workload", None, f"must be one of {choices}, got {args.workload!r}")
     if args.repeats < 1:
         raise InputError("--repeats", None, f"must be at least 1, got {args.repeats}")
@@ -781,7 +786,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        result = bench(parse_args(argv))
+        args = parse_args(argv)
+        if args.workload == LLM_WORKLOAD:  # not a strategy comparison: its own module
+            from gram_scale import bench_llm
+
+            return bench_llm.run(args)
+        result = bench(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT_ERROR

@@ -14,7 +14,8 @@ from gram_scale.errors import InputError
 
 TASKS = ("kt", "news")
 STRATEGIES = ("e2e", "single", "multi")
-POOLINGS = ("mean", "cls")
+POOLINGS = ("auto", "mean", "cls", "last")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 REPORTERS = ("none", "wandb", "tensorboard")
 PRECISIONS = ("fp32", "bf16", "fp64")
 OPTIMIZERS = ("adamw", "sgd")
@@ -43,7 +44,12 @@ class Options:
     encoder: str = _opt(
         "", "Hugging Face encoder folder (loaded offline); empty = all-MiniLM-L6-v2"
     )
-    pooling: str = _opt("mean", "item vector pooling: mean or cls", choices=POOLINGS)
+    pooling: str = _opt(
+        "auto",
+        "item vector pooling: mean over real tokens, cls (first token, encoders only), last "
+        "(last real token) or auto (last for decoder-only models, mean otherwise)",
+        choices=POOLINGS,
+    )
     max_tokens: int = _opt(32, "max tokens per item text")
     freeze_encoder: bool = _opt(False, "never update the encoder (the frozen baseline)")
     keyed_dropout: bool = _opt(
@@ -55,7 +61,11 @@ class Options:
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = _opt(0.0, "dropout on the LoRA branch")
-    lora_targets: str = _opt("query,value", "comma-separated module names that get adapters")
+    lora_targets: str = _opt(
+        "auto",
+        "comma-separated module names that get adapters, or auto: the attention query and value "
+        "projections of the architecture (query,value; q_proj,v_proj; GPT-2 c_attn)",
+    )
     # GRAM
     strategy: str = _opt("single", "e2e, single (GRAM single-step) or multi", choices=STRATEGIES)
     window: str = _opt("1E", "multi: encoder update latency, in steps (10) or epochs (0.5E, 1E)")
@@ -81,6 +91,18 @@ class Options:
     lr_encoder: float = _opt(5e-5, "encoder learning rate")
     lr_cf: float = _opt(1e-3, "CF model learning rate")
     weight_decay: float = _opt(0.0, "weight decay (both optimizers)")
+    lr_schedule: str = _opt(
+        "constant",
+        "learning-rate schedule of both optimizers after the warmup: constant, linear or cosine "
+        "decay to 0 over each optimizer's own steps",
+        choices=LR_SCHEDULES,
+    )
+    warmup_steps: int = _opt(
+        0, "linear warmup over this many steps of each optimizer (the encoder's own steps)"
+    )
+    max_grad_norm: float = _opt(
+        0.0, "clip each optimizer's gradient to this global L2 norm (0 = off)"
+    )
     eval_batch_size: int = _opt(256, "sequences or impressions per evaluation batch")
     seed: int = _opt(0, "random seed (data split, initialisation, order, dropout)")
     # run
@@ -208,6 +230,10 @@ def validate(opts: Options) -> Options:
             raise InputError(_flag(name), None, f"must be positive, got {getattr(opts, name)}")
     if opts.weight_decay < 0:
         raise InputError("--weight-decay", None, f"must be 0 or more, got {opts.weight_decay}")
+    if opts.warmup_steps < 0:
+        raise InputError("--warmup-steps", None, f"must be 0 or more, got {opts.warmup_steps}")
+    if not opts.max_grad_norm >= 0:
+        raise InputError("--max-grad-norm", None, f"must be 0 or more, got {opts.max_grad_norm}")
     if opts.lora_r < 1:
         raise InputError("--lora-r", None, f"must be at least 1, got {opts.lora_r}")
     if not 0 <= opts.lora_dropout < 1:

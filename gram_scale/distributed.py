@@ -23,6 +23,7 @@ import torch.distributed as dist
 from gram_scale.encoder import ContentEncoder, row_keys
 from gram_scale.errors import InputError
 from gram_scale.optim import make_optimizer
+from gram_scale.schedule import make_scheduler
 
 
 class Comm:
@@ -94,12 +95,13 @@ def owner_slices(n: int, world: int) -> list[slice]:
 class EncoderRunner:
     """Encodes item rows, back-propagates item gradients through the encoder, steps it."""
 
-    def __init__(
-        self, encoder: ContentEncoder, tokens, comm: Comm, opts, engine=None, optimizer=None
-    ):
+    def __init__(self, encoder: ContentEncoder, tokens, comm: Comm, opts, engine=None,
+                 optimizer=None, scheduler=None):  # fmt: skip
         self.encoder = encoder  # the plain module (inside the engine when there is one)
         self.engine = engine  # DeepSpeed engine, or None
         self.optimizer = optimizer
+        self.scheduler = scheduler  # torch back end only: an engine steps its own
+        self.max_grad_norm = opts.max_grad_norm
         self.tokens = tokens
         self.comm = comm
         self.device = comm.device
@@ -116,6 +118,13 @@ class EncoderRunner:
     @property
     def module(self):
         return self.engine if self.engine is not None else self.encoder
+
+    def lr(self) -> float | None:
+        """The learning rate of the next encoder step (None for a frozen encoder)."""
+        if not self.trainable:
+            return None
+        opt = self.engine.basic_optimizer if self.engine is not None else self.optimizer
+        return float(opt.param_groups[0]["lr"])
 
     def _keys(self, items: torch.Tensor, salt: int | None):
         if salt is None or not self.keyed:
@@ -174,11 +183,16 @@ class EncoderRunner:
         if not self.trainable or not self._pending_backward:
             return
         if self.engine is not None:
-            self.engine.step()
+            self.engine.step()  # clips (gradient_clipping) and steps its scheduler
         else:
             params = [p for p in self.encoder.parameters() if p.grad is not None]
             self.comm.all_reduce_([p.grad for p in params])
+            # Here, once: the update's gradient has arrived through several backward calls.
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self._pending_backward = False
 
@@ -222,7 +236,7 @@ def fill_ds_config(raw: dict, opts, world: int, hidden: int) -> dict:
     fill(cfg, "train_micro_batch_size_per_gpu", micro)
     fill(cfg, "gradient_accumulation_steps", 1)
     fill(cfg, "train_batch_size", micro * world * int(cfg.get("gradient_accumulation_steps", 1)))
-    fill(cfg, "gradient_clipping", 0.0)
+    fill(cfg, "gradient_clipping", float(opts.max_grad_norm))
     if opts.optimizer == "sgd":  # refused up front with an optimizer section
         cfg["zero_allow_untested_optimizer"] = True  # ZeRO partitions any torch optimizer
     for key in ("bf16", "fp16"):
@@ -453,10 +467,10 @@ def make_accelerator(opts, ds_raw: dict | None):
         )
 
 
-def build_runner(
-    accelerator, encoder: ContentEncoder, tokens, opts, ds_raw: dict | None
-) -> EncoderRunner:
-    """Wrap the encoder: a DeepSpeed engine when configured, else a module with its optimizer.
+def build_runner(accelerator, encoder: ContentEncoder, tokens, opts, ds_raw: dict | None,
+                 total_steps: int = 1) -> EncoderRunner:  # fmt: skip
+    """Wrap the encoder: a DeepSpeed engine when configured, else a module with its optimizer;
+    either way with the LR schedule over ``total_steps`` encoder optimizer steps.
 
     ``accelerator=None`` (in-process tests): one CPU process, plain module."""
     if accelerator is None:
@@ -466,10 +480,11 @@ def build_runner(
     params = [p for p in encoder.parameters() if p.requires_grad]
     if ds_raw is None:
         encoder.to(comm.device)
-        optimizer = None
+        optimizer = scheduler = None
         if params:  # a frozen encoder has none
             optimizer = make_optimizer(params, opts, opts.lr_encoder)
-        return EncoderRunner(encoder, tokens, comm, opts, optimizer=optimizer)
+            scheduler = make_scheduler(optimizer, opts, total_steps)
+        return EncoderRunner(encoder, tokens, comm, opts, optimizer=optimizer, scheduler=scheduler)
     from accelerate.utils import DummyOptim
 
     cfg = fill_ds_config(ds_raw, opts, comm.world, encoder.dim)
@@ -481,4 +496,9 @@ def build_runner(
         optimizer = make_optimizer(params, opts, opts.lr_encoder)
     with quiet_stdout():
         engine, optimizer = accelerator.prepare(encoder, optimizer)
+    # The engine steps (in engine.step) and checkpoints the scheduler it holds. It gets ours,
+    # built on the optimizer it steps, rather than a DeepSpeed WarmupLR-family one: those hold
+    # the minimum rate for the first two steps and warm up over at least 2 steps, and accelerate
+    # hands a client scheduler to the engine only with DeepSpeed's own optimizer.
+    engine.lr_scheduler = make_scheduler(engine.basic_optimizer, opts, total_steps)
     return EncoderRunner(encoder, tokens, comm, opts, engine=engine, optimizer=optimizer)

@@ -1,4 +1,8 @@
-"""Content encoder: a Hugging Face encoder folder loaded offline, pooled to one vector per item.
+"""Content encoder: a Hugging Face model folder loaded offline, pooled to one vector per item.
+
+Encoders (BERT-likes) and decoder-only models (Llama, Qwen2, Mistral, GPT-2 style) both work; a
+decoder is run with position ids taken from the attention mask, so that its real tokens get the
+same positions (and vectors) whichever side a batch is padded on.
 
 Dropout masks can be *keyed*: each row's mask is a hash of (step key, item id, dropout call,
 element coordinates) instead of a draw from the global RNG. An item then gets the same mask
@@ -100,27 +104,74 @@ def row_keys(items: torch.Tensor, salt: int) -> torch.Tensor:
 
 
 # ---- encoder ------------------------------------------------------------------------------
-class ContentEncoder(nn.Module):
-    """HF encoder + pooling: ``forward(input_ids, attention_mask) -> [rows, dim]``."""
+def is_causal(config) -> bool:
+    """True for a decoder-only model, where each token sees only the tokens before it."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
-    def __init__(self, model: nn.Module, pooling: str = "mean"):
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "is_decoder", False):
+        return True
+    # BERT-likes have causal-LM heads too; only decoder-only families lack a masked-LM one.
+    kind = getattr(config, "model_type", "")
+    return (
+        kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+
+
+def resolve_pooling(pooling: str, config) -> str:
+    """``auto`` -> ``last`` for decoder-only models, ``mean`` otherwise; ``cls`` on a decoder-only
+    model is refused."""
+    causal = is_causal(config)
+    if pooling == "auto":
+        return "last" if causal else "mean"
+    if pooling == "cls" and causal:
+        raise InputError(
+            "--pooling",
+            None,
+            f"cls takes the first token, which in a decoder-only ({config.model_type}) model "
+            "sees only itself, so every item would get the same vector; use last or mean",
+        )
+    return pooling
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only: left and right padding give the same ones."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ContentEncoder(nn.Module):
+    """HF model + pooling: ``forward(input_ids, attention_mask) -> [rows, dim]``."""
+
+    def __init__(self, model: nn.Module, pooling: str = "auto"):
         super().__init__()
         self.model = model
-        self.pooling = pooling
+        self.causal = is_causal(model.config)
+        self.pooling = resolve_pooling(pooling, model.config)
         self.dim = int(model.config.hidden_size)
 
     def forward(self, input_ids, attention_mask, keys: torch.Tensor | None = None):
+        extra = {"position_ids": position_ids(attention_mask)} if self.causal else {}
         with keyed_dropout(keys):
             hidden = self.model(
-                input_ids=input_ids, attention_mask=attention_mask
+                input_ids=input_ids, attention_mask=attention_mask, **extra
             ).last_hidden_state
         return pool(hidden, attention_mask, self.pooling)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Mean over real tokens, or the first token."""
+    """Mean over real tokens, the first token (``cls``) or the last real token (``last``, for
+    left- and right-padded rows alike)."""
     if pooling == "cls":
         return hidden[:, 0]
+    if pooling == "last":
+        width = attention_mask.shape[1]
+        pos = torch.arange(1, width + 1, device=attention_mask.device)
+        last = (attention_mask.long() * pos).argmax(-1)  # the rightmost real token
+        return hidden[torch.arange(len(hidden), device=hidden.device), last]
     m = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
@@ -170,22 +221,27 @@ def check_encoder_folder(path: str | os.PathLike, max_tokens: int) -> dict:
             "model_type": model_type, "hidden_size": hidden}  # fmt: skip
 
 
-def _auto_model(path: str):
+def _auto_model(path: str, dtype: torch.dtype | None = None):
     from transformers import AutoModel
 
     # eager attention: its dropout goes through F.dropout, so keyed masks reach it too
     kw = {"local_files_only": True, "attn_implementation": "eager"}
+    if dtype is not None:  # e.g. bf16 weights straight from disk: half the memory of fp32
+        kw["dtype"] = dtype
     try:  # no pooler head: we pool ourselves, and an untrained pooler would be random weights
         return AutoModel.from_pretrained(path, add_pooling_layer=False, **kw)
     except TypeError:
         return AutoModel.from_pretrained(path, **kw)
 
 
-def load_encoder(path: str, pooling: str = "mean"):
-    """Load ``(ContentEncoder, tokenizer)`` from a local folder; never touches the network."""
+def load_encoder(path: str, pooling: str = "auto", dtype: torch.dtype | None = None):
+    """Load ``(ContentEncoder, tokenizer)`` from a local folder; never touches the network.
+
+    A tokenizer without a pad token pads with its eos token (decoder tokenizers often have
+    none); the pooling is checked against the architecture before any weight is read."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -194,8 +250,11 @@ def load_encoder(path: str, pooling: str = "mean"):
     if not (folder / "config.json").is_file():
         raise InputError(folder, None, "not a Hugging Face model folder (no config.json)")
     try:
+        resolve_pooling(pooling, AutoConfig.from_pretrained(str(folder), local_files_only=True))
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        model = _auto_model(str(folder))
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = _auto_model(str(folder), dtype)
     except (OSError, ValueError) as exc:
         raise InputError(folder, None, f"cannot load encoder: {str(exc).splitlines()[0]}") from exc
     if len(tokenizer) < 100:  # a fallback built from special tokens alone, not a vocabulary
@@ -203,21 +262,65 @@ def load_encoder(path: str, pooling: str = "mean"):
     return ContentEncoder(model, pooling), tokenizer
 
 
-def lora_config(opts):
-    """The peft LoraConfig of ``--lora-*`` options."""
-    from peft import LoraConfig
+# Attention query/value projections by module name, in the order tried by ``--lora-targets auto``
+LORA_AUTO_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",))
 
-    targets = [t.strip() for t in opts.lora_targets.split(",") if t.strip()]
+
+def _matches(names: list[str], target: str) -> bool:
+    # peft's rule for a plain name: the module's full name, or its last dotted components
+    return any(n == target or n.endswith("." + target) for n in names)
+
+
+def lora_targets(model: nn.Module, spec: str) -> list[str]:
+    """The module names that get adapters: ``spec`` checked against the model, or for ``auto``
+    the architecture's query and value projections."""
+    names = [n for n, _ in model.named_modules()]
+    kind = getattr(model.config, "model_type", "this")
+    if spec.strip() == "auto":
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+        known = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(kind)
+        for choice in (*LORA_AUTO_TARGETS, *([tuple(known)] if known else [])):
+            if all(_matches(names, t) for t in choice):
+                return list(choice)
+        raise InputError("--lora-targets", None, f"auto: no known attention projections in the "
+                         f"{kind} model; name its modules (e.g. {_linear_names(model)})")  # fmt: skip
+    targets = [t.strip() for t in spec.split(",") if t.strip()]
+    for t in targets:
+        if not _matches(names, t):
+            raise InputError("--lora-targets", None, f"{t!r} matches no module of the {kind} "
+                             f"model; its linear layers are {_linear_names(model)}")  # fmt: skip
+    return targets
+
+
+def _linear_names(model: nn.Module) -> str:
+    from transformers.pytorch_utils import Conv1D
+
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+              if isinstance(m, (nn.Linear, Conv1D))}  # fmt: skip
+    return ", ".join(sorted(leaves)) or "none"
+
+
+def lora_config(opts, model: nn.Module):
+    """The peft LoraConfig of ``--lora-*`` options for ``model``."""
+    from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora_targets(model, opts.lora_targets)
+    # GPT-2's Conv1D stores its weight transposed; peft must be told (it warns otherwise)
+    conv = any(isinstance(m, Conv1D) and any(n == t or n.endswith("." + t) for t in targets)
+               for n, m in model.named_modules())  # fmt: skip
     return LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                      target_modules=targets)  # fmt: skip
+                      target_modules=targets, fan_in_fan_out=conv)  # fmt: skip
 
 
 def apply_lora(encoder: ContentEncoder, opts) -> None:
     """Wrap the encoder's transformer with LoRA adapters; only they stay trainable."""
     from peft import get_peft_model
 
+    config = lora_config(opts, encoder.model)
     try:
-        encoder.model = get_peft_model(encoder.model, lora_config(opts))
+        encoder.model = get_peft_model(encoder.model, config)
     except ValueError as exc:
         raise InputError("--lora-targets", None, str(exc).splitlines()[0]) from None
 
@@ -235,9 +338,8 @@ def _zero3_off():
         hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
-def save_lora_encoder(
-    base_path: str, opts, tokenizer, state_dict: dict, folder: Path, adapter: Path
-):
+def save_lora_encoder(base_path: str, opts, tokenizer, state_dict: dict, folder: Path,
+                      adapter: Path, pooling: str):  # fmt: skip
     """Write the adapter alone (``adapter``) and the merged encoder as a plain HF folder.
 
     Built on a fresh CPU copy of the base model so it works the same whatever sharded the
@@ -246,7 +348,7 @@ def save_lora_encoder(
 
     with _zero3_off():  # a plain CPU model on the main process only, not a ZeRO-3 partition
         base = _auto_model(base_path)
-    peft_model = get_peft_model(base, lora_config(opts))
+    peft_model = get_peft_model(base, lora_config(opts, base))
     missing, unexpected = peft_model.load_state_dict(state_dict, strict=False)
     if unexpected or [k for k in missing if "lora_" in k]:
         raise RuntimeError(f"LoRA export: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -255,7 +357,7 @@ def save_lora_encoder(
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
-    (folder / POOLING_FILE).write_text(json.dumps({"pooling": opts.pooling}) + "\n")
+    (folder / POOLING_FILE).write_text(json.dumps({"pooling": pooling}) + "\n")
 
 
 def save_encoder(encoder: ContentEncoder, tokenizer, folder: str | Path, state_dict=None) -> None:
@@ -304,5 +406,50 @@ def make_tiny_bert(
         ):
             if (src / name).exists():
                 shutil.copy(src / name, tmp / name)
+
+    return generate_once(Path(folder), write)
+
+
+def write_decoder_tokenizer(folder: Path, padding_side: str) -> None:
+    """The MiniLM vocabulary as a decoder tokenizer would ship it: no pad token, an eos token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_encoder_path(), local_files_only=True)
+    tokenizer.pad_token = None
+    tokenizer.eos_token = "[SEP]"  # the last token of every text, as many embedding models add
+    tokenizer.padding_side = padding_side
+    tokenizer.save_pretrained(str(folder))
+
+
+def make_tiny_decoder(
+    folder: str | Path, kind: str = "llama", dropout: float = 0.1, hidden: int = 32, seed: int = 0
+) -> Path:
+    """A randomly initialised 2-layer decoder-only folder, Llama or GPT-2 shaped, with the
+    MiniLM vocabulary and a tokenizer without a pad token (left-padding for Llama, as Llama
+    tokenizers do, right-padding for GPT-2)."""
+    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=30522, hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            max_position_embeddings=64, attention_dropout=dropout,
+        )  # fmt: skip
+        model_class, side = LlamaModel, "left"
+    elif kind == "gpt2":
+        config = GPT2Config(
+            vocab_size=30522, n_embd=hidden, n_layer=2, n_head=2, n_positions=64,
+            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        )  # fmt: skip
+        model_class, side = GPT2Model, "right"
+    else:
+        raise ValueError(f"unknown decoder kind {kind!r}")
+
+    def write(tmp: Path) -> None:
+        model_class(config).save_pretrained(str(tmp))
+        write_decoder_tokenizer(tmp, side)
+
+    from gram_scale.data.load import generate_once
 
     return generate_once(Path(folder), write)

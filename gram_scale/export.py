@@ -126,7 +126,7 @@ def export_run(folder: Path, encoder, tokenizer, encoder_state, cf_model, ids: l
     if encoder is not None:
         if opts.lora:
             save_lora_encoder(opts.resolved_encoder(), opts, tokenizer, encoder_state,
-                              folder / ENCODER_DIR, folder / ADAPTER_DIR)  # fmt: skip
+                              folder / ENCODER_DIR, folder / ADAPTER_DIR, encoder.pooling)  # fmt: skip
         else:
             save_encoder(encoder, tokenizer, folder / ENCODER_DIR, state_dict=encoder_state)
         cf_state = {k: v.detach().cpu().contiguous() for k, v in cf_model.state_dict().items()}

@@ -37,6 +37,7 @@ from gram_scale.errors import InputError, Interrupted, TrainingStopped
 from gram_scale.export import check_output_dir, clear_output_dir, export_run, publish
 from gram_scale.history import HISTORY_FILE, HistoryLog, resident_bytes
 from gram_scale.optim import make_optimizer
+from gram_scale.schedule import encoder_steps, make_scheduler, run_steps
 from gram_scale.signals import STOP_SIGNALS, StopRequest, agreed_signal
 from gram_scale.strategies import make_strategy
 from gram_scale.strategies.base import CFUpdate
@@ -100,23 +101,31 @@ class Session:
 
 
 def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> Session:
-    """Encoder, token cache, CF model, optimizers and strategy; no Accelerator = plain 1 process."""
-    encoder, tokenizer = load_encoder(opts.resolved_encoder(), opts.pooling)
+    """Encoder, token cache, CF model, optimizers, LR schedules and strategy; no Accelerator =
+    plain 1 process."""
+    # bf16 runs under a DeepSpeed engine, which casts the encoder anyway: load it in bf16
+    dtype = torch.bfloat16 if opts.precision == "bf16" and ds_raw is not None else None
+    encoder, tokenizer = load_encoder(opts.resolved_encoder(), opts.pooling, dtype)
     tokens = TokenCache.build(tokenizer, data.catalogue.texts, opts.max_tokens)
     if opts.precision == "fp64":
         encoder.double()
     if opts.freeze_encoder:
         encoder.requires_grad_(False)
     elif opts.lora:
+        # peft draws the adapters' initial weights from the global RNG: seed it, or they depend
+        # on what ran before (launcher, back end, process count)
+        torch.manual_seed(opts.seed)
         apply_lora(encoder, opts)
     torch.manual_seed(opts.seed)
     task = make_task(opts, data, encoder.dim)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     task.model.to(device, opts.vector_dtype())
     cf_opt = make_optimizer(task.model.parameters(), opts, opts.lr_cf)
-    runner = build_runner(accelerator, encoder, tokens, opts, ds_raw)
-    cf = CFUpdate(task, cf_opt, runner.comm)
     steps_per_epoch = task.num_train_batches()
+    runner = build_runner(accelerator, encoder, tokens, opts, ds_raw,
+                          encoder_steps(opts, steps_per_epoch))  # fmt: skip
+    cf_sched = make_scheduler(cf_opt, opts, run_steps(opts, steps_per_epoch))
+    cf = CFUpdate(task, cf_opt, runner.comm, cf_sched, opts.max_grad_norm)
     strategy = make_strategy(opts, runner, cf, steps_per_epoch)
     return Session(data, encoder, tokenizer, tokens, task, runner, cf, strategy, steps_per_epoch)
 
@@ -161,9 +170,7 @@ def train(opts: Options) -> dict:
     s = setup(opts, data, accelerator, ds_raw)
     task, runner, strategy, tokens = s.task, s.runner, s.strategy, s.tokens
     encoder, tokenizer, steps_per_epoch = s.encoder, s.tokenizer, s.steps_per_epoch
-    total_steps = steps_per_epoch * opts.epochs
-    if opts.max_steps:
-        total_steps = min(total_steps, opts.max_steps)
+    total_steps = run_steps(opts, steps_per_epoch)
     if opts.overwrite_output_dir and accelerator.is_main_process:
         clear_output_dir(opts.output_dir)  # only now: every check has passed and data loaded
     accelerator.wait_for_everyone()
@@ -184,9 +191,9 @@ def train(opts: Options) -> dict:
 
         progress = tqdm(total=total_steps, desc="train", file=sys.stderr, dynamic_ncols=True)
     state = TrainState(strategy)
-    accelerator.register_for_checkpointing(task.model, s.cf.optimizer, state)
+    accelerator.register_for_checkpointing(task.model, s.cf.optimizer, s.cf.scheduler, state)
     if runner.engine is None and runner.optimizer is not None:  # a DeepSpeed engine saves itself
-        accelerator.register_for_checkpointing(encoder, runner.optimizer)
+        accelerator.register_for_checkpointing(encoder, runner.optimizer, runner.scheduler)
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from)
         _say(accelerator, f"resumed from {resume_from} at step {state.step}")
@@ -210,9 +217,11 @@ def train(opts: Options) -> dict:
                 if state.step == fault:  # fault injection for the resume and error tests
                     _inject(fault_what)
                 step = state.step
+                lrs = {"lr_encoder": runner.lr(), "lr_cf": s.cf.lr()}  # the rates this step uses
                 t = time.perf_counter()
                 res = strategy.step(batch.slice(rank, world), step)
-                state.train_seconds += time.perf_counter() - t
+                seconds = time.perf_counter() - t
+                state.train_seconds += seconds
                 # one collective: the counts and which stop signals the ranks received
                 fwd, bwd, *signals = runner.comm.sum_ints(
                     [res.item_forwards, res.item_backwards, *stop.counts()]
@@ -224,7 +233,7 @@ def train(opts: Options) -> dict:
                 history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": res.occurrences,
                                 "unique": res.unique, "item_forwards": fwd, "item_backwards": bwd,
                                 "encoder_updated": res.encoder_updated, "skipped": res.skipped,
-                                "rss_bytes": resident_bytes()})  # fmt: skip
+                                "seconds": seconds, **lrs, "rss_bytes": resident_bytes()})  # fmt: skip
                 state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
                 if res.skipped:
                     state.skipped_steps += 1
@@ -251,6 +260,7 @@ def train(opts: Options) -> dict:
                     progress.set_postfix(loss=f"{res.loss:.4f}", r=f"{ratio:.1f}")
                 if opts.report_to != "none" and state.step % opts.log_every == 0:
                     accelerator.log({"train/loss": res.loss, "train/item_forwards": fwd,
+                                     **{f"train/{k}": v for k, v in lrs.items() if v is not None},
                                      "train/item_backwards": bwd, "train/occurrence_unique_ratio": ratio,
                                      "train/items_per_s": counters["occurrences"] / max(state.train_seconds, 1e-9)},
                                     step=state.step)  # fmt: skip
@@ -298,6 +308,7 @@ def train(opts: Options) -> dict:
         "occurrence_unique_ratio": counters["occurrences"] / max(counters["unique"], 1),
         "encoder_peak_activation_bytes": runner.peak_activation_bytes,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "peak_rss_bytes_per_rank": _peak_rss_per_rank(runner.comm),
         "epochs": epochs,
         "history_file": HISTORY_FILE,  # one line per step, streamed while training
     }
@@ -332,6 +343,14 @@ def train(opts: Options) -> dict:
     gc.collect()
     accelerator.end_training()
     return metrics
+
+
+def _peak_rss_per_rank(comm) -> list[int]:
+    """Every rank's peak resident memory so far, in bytes, in rank order."""
+    import resource
+
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])  # KiB on Linux
+    return [int(v) for v in comm.gather_rows(mine).tolist()]
 
 
 def _fault_step(rank: int) -> tuple[int, str]:

@@ -24,7 +24,7 @@ def test_lora_trains_adapters_only_and_reloads(config, kt_dir, tiny_encoder, tmp
 
     run(["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
          "--epochs", "1", "--max-steps", "4", "--batch-size", "8", "--seq-len", "20",
-         "--lora", "--lora-r", "4", "--lora-targets", "query,value", "--lr-encoder", "1e-2",
+         "--lora", "--lora-r", "4", "--lr-encoder", "1e-2",  # --lora-targets auto: query,value
          "--config", f"ds_configs/{config}.json", "--no-progress", "--output-dir", str(tmp_path)],
         processes=2)  # fmt: skip
     adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))

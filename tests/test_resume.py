@@ -1,5 +1,5 @@
 """Checkpoint and resume: a 2-process run SIGKILLed mid-window and resumed equals an
-uninterrupted run; corrupt checkpoints are detected."""
+uninterrupted run, LR schedules included; corrupt checkpoints are detected."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def args(kt_dir, tiny_encoder, strategy: str, out) -> list[str]:
     return ["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
             "--epochs", "2", "--max-steps", "9", "--batch-size", "8", "--seq-len", "20",
             "--strategy", strategy, "--window", "3", "--save-every", "2", "--cf-dropout", "0.1",
+            # warmup then cosine decay: the resumed run must go on from the saved LR position
+            "--lr-schedule", "cosine", "--warmup-steps", "3", "--max-grad-norm", "1.0",
             "--config", "ds_configs/zero2.json", "--precision", "fp64", "--no-progress",
             "--output-dir", str(out)]  # fmt: skip
 
@@ -74,6 +76,9 @@ def assert_same_run(a_dir, b_dir):
         [h["loss"] for h in history(b_dir)], abs=1e-6
     )
     assert [h["step"] for h in history(b_dir)] == list(range(metrics(b_dir)["steps"]))
+    lrs = [(h["lr_encoder"], h["lr_cf"]) for h in history(a_dir)]
+    assert lrs == [(h["lr_encoder"], h["lr_cf"]) for h in history(b_dir)]
+    assert len(set(lrs)) > 2  # the schedule really moved the rates
 
 
 @pytest.mark.parametrize("strategy", ["single", "multi"])
@@ -106,7 +111,8 @@ def test_sigterm_mid_window_then_resume_equals_uninterrupted(uninterrupted, kt_d
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(kt_dir, tiny_encoder, tmp_path):
     out = tmp_path / "run"
-    one = [*args(kt_dir, tiny_encoder, "single", out), "--config", "none"]  # last --config wins
+    one = [*args(kt_dir, tiny_encoder, "single", out), "--config", "none",
+           "--lr-schedule", "constant"]  # the last of a repeated flag wins  # fmt: skip
     run([*one, "--max-steps", "4"])
     (newest, folder), (prev, prev_folder) = list_checkpoints(out / "checkpoints")[:2]
     assert (newest, prev) == (4, 2)
@@ -118,6 +124,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(kt_dir, tiny_encoder, 
     assert len(said) == 1 and "corrupt" in said[0] and victim.name in said[0]
     r = run([*one, "--max-steps", "6", "--resume", "latest"])
     assert "is corrupt" in r.stdout and "resumed from" in r.stdout and "step-00000002" in r.stdout
+    # plain torch schedulers resume at the saved position (warmup 3: 1/3, 2/3, then 1; the
+    # constant schedule does not depend on --max-steps, which the two runs change)
+    records = history(out)
+    factors = [1 / 3, 2 / 3, 1, 1, 1, 1]
+    assert [h["lr_encoder"] for h in records] == pytest.approx([5e-5 * f for f in factors])
+    assert [h["lr_cf"] for h in records] == pytest.approx([1e-3 * f for f in factors])
 
 
 def test_resume_restores_the_window_table_exactly(kt_dir, tiny_encoder, tmp_path):
@@ -136,9 +148,10 @@ def test_resume_restores_the_window_table_exactly(kt_dir, tiny_encoder, tmp_path
     run([*one, "--output-dir", str(cut), "--resume", "latest"])
     assert_same_run(full, cut)
 
-    # the TrainState is the third object registered for checkpointing (after CF model, CF optim)
-    state_file = skewed / "checkpoints" / checkpoint.name / "custom_checkpoint_2.pkl"
-    state = torch.load(state_file, weights_only=False)
+    # the registered object whose state holds the strategy's: the TrainState
+    saved = sorted((skewed / "checkpoints" / checkpoint.name).glob("custom_checkpoint_*.pkl"))
+    loaded = {f: torch.load(f, weights_only=False) for f in saved}
+    ((state_file, state),) = [(f, v) for f, v in loaded.items() if "strategy" in v]
     table = state["strategy"]["table"]
     assert len(table["items"]) > 0 and float(table["grads"][0].abs().max()) > 0
     table["grads"][0] *= 1 + 1e-3

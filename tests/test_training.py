@@ -97,6 +97,8 @@ def test_cli_help_lists_every_flag_with_default():
         (["--lr-cf", "-1"], "--lr-cf: must be positive"),
         (["--data", "/nonexistent/folder"], "/nonexistent/folder: data folder not found"),
         (["--config", "/nonexistent.json"], "/nonexistent.json: DeepSpeed config file not found"),
+        (["--lr-schedule", "step"], "--lr-schedule: must be one of constant, linear, cosine"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm: must be 0 or more, got -1.0"),
     ],
 )
 def test_cli_bad_flag_is_one_line_exit_2(args, message, tmp_path):

@@ -27,7 +27,9 @@ class Catalogue:
 class TokenCache:
     """Each item's tokens, packed in one tensor so batches carry item rows and never re-tokenize."""
 
-    input_ids: torch.Tensor  # [n_items, max_len] int64, right-padded with pad_id
+    # [n_items, max_len] int64, right-padded with pad_id whatever the tokenizer's padding side:
+    # a token's position, and so its keyed dropout mask, must not depend on the chunk's width
+    input_ids: torch.Tensor
     lengths: torch.Tensor  # [n_items] int64
     pad_id: int
 
@@ -39,7 +41,10 @@ class TokenCache:
             enc = tokenizer(texts[start : start + chunk], truncation=True, max_length=max_tokens)
             rows.extend(enc["input_ids"])
         width = max((len(r) for r in rows), default=1)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # the padding is masked out, but a real id keeps it a valid embedding row
+        pad_id = next(
+            (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
+        )
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
         for i, r in enumerate(rows):

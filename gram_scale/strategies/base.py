@@ -26,11 +26,18 @@ class StepResult:
 class CFUpdate:
     """CF forward/backward on detached item rows; returns the loss and the rows' gradients."""
 
-    def __init__(self, task, optimizer: torch.optim.Optimizer, comm):
+    def __init__(self, task, optimizer: torch.optim.Optimizer, comm, scheduler=None,
+                 max_grad_norm: float = 0.0):  # fmt: skip
         self.task = task
         self.model = task.model
         self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.max_grad_norm = max_grad_norm
         self.comm = comm
+
+    def lr(self) -> float:
+        """The learning rate the next CF step uses."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def loss_and_item_grads(self, batch: Batch, rows: torch.Tensor, index: torch.Tensor):
         """Back-propagate the global-mean CF loss; ``(loss, d loss / d rows)``.
@@ -59,13 +66,17 @@ class CFUpdate:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> None:
-        """Sum CF gradients over ranks and step (identical replicas on every rank)."""
+        """Sum CF gradients over ranks, clip, step (identical replicas on every rank)."""
         params = list(self.model.parameters())
         for p in params:
             if p.grad is None:  # same collective sequence on every rank
                 p.grad = torch.zeros_like(p)
         self.comm.all_reduce_([p.grad for p in params])
+        if self.max_grad_norm > 0:  # after the sum: the norm of the global batch's gradient
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
