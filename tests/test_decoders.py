@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from launching import max_diff, run
+from launching import history, max_diff, run
 from safetensors.torch import load_file
 from test_distributed import ZERO_ARGS, worst_excess
 from test_equivalence import TOL as EXACT_TOL
