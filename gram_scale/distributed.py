@@ -178,23 +178,31 @@ class EncoderRunner:
             surrogate.backward()
         self._pending_backward = True
 
-    def step(self) -> None:
-        """One optimizer step from the gradients back-propagated since the last step."""
+    def step(self) -> bool:
+        """One optimizer step from the gradients back-propagated since the last step. False when
+        the gradient is not finite (on any rank): the update is dropped with its gradients."""
         if not self.trainable or not self._pending_backward:
-            return
-        if self.engine is not None:
-            self.engine.step()  # clips (gradient_clipping) and steps its scheduler
-        else:
-            params = [p for p in self.encoder.parameters() if p.grad is not None]
-            self.comm.all_reduce_([p.grad for p in params])
-            # Here, once: the update's gradient has arrived through several backward calls.
-            if self.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            return True
         self._pending_backward = False
+        if self.engine is not None:
+            # ZeRO takes the global gradient norm before it steps and skips (counting it) a step
+            # whose norm is not finite, the scheduler included; it also clips here.
+            skipped = self.engine.skipped_steps
+            self.engine.step()
+            return self.engine.skipped_steps == skipped
+        params = [p for p in self.encoder.parameters() if p.grad is not None]
+        self.comm.all_reduce_([p.grad for p in params])
+        if not all(bool(torch.isfinite(p.grad).all()) for p in params):  # same on every rank
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        # Here, once: the update's gradient has arrived through several backward calls.
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     @torch.no_grad()
     def eval_vectors(self, items: torch.Tensor) -> torch.Tensor:
@@ -244,6 +252,9 @@ def fill_ds_config(raw: dict, opts, world: int, hidden: int) -> dict:
             fill(cfg[key], "enabled", key == "bf16" and opts.precision == "bf16")
     if opts.precision == "bf16":
         cfg.setdefault("bf16", {})["enabled"] = True
+    if cfg.get("bf16", {}).get("enabled") is True:
+        # ZeRO skips a non-finite step in bf16 only when asked (in fp32 and fp16 always)
+        cfg["bf16"].setdefault("check_grad_overflow", True)
     opt = cfg.get("optimizer", {}).get("params", {})
     fill(opt, "lr", opts.lr_encoder)
     fill(opt, "weight_decay", opts.weight_decay)

@@ -233,12 +233,15 @@ def train(opts: Options) -> dict:
                 history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": res.occurrences,
                                 "unique": res.unique, "item_forwards": fwd, "item_backwards": bwd,
                                 "encoder_updated": res.encoder_updated, "skipped": res.skipped,
+                                "encoder_skipped": res.encoder_skipped,
                                 "seconds": seconds, **lrs, "rss_bytes": resident_bytes()})  # fmt: skip
                 state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
-                if res.skipped:
+                if res.skipped or res.encoder_skipped:
                     state.skipped_steps += 1
                     state.bad_in_a_row += 1
-                    _say(accelerator, f"step {step}: non-finite loss or gradient, step skipped "
+                    what = "encoder gradient" if res.encoder_skipped else "loss or gradient"
+                    dropped = "step" if res.skipped else "encoder update"
+                    _say(accelerator, f"step {step}: non-finite {what}, {dropped} skipped "
                                       f"({state.bad_in_a_row} in a row)")  # fmt: skip
                     if opts.report_to != "none":
                         accelerator.log(

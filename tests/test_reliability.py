@@ -4,13 +4,19 @@ resume agreement between ranks, history that does not grow in memory."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from launching import history, metrics, run
+import torch
+from launching import ROOT, env, history, metrics, run
+from tiny import options, params
 
 from gram_scale.checkpoint import TrainState, find_resume, list_checkpoints, save, verify
+from gram_scale.data.load import load_data
 from gram_scale.errors import EXIT_FAILED, EXIT_SIGUSR1, EXIT_TERMINATED
+from gram_scale.trainer import setup
 
 
 def common(kt_dir, encoder, out) -> list[str]:
@@ -164,3 +170,80 @@ def test_history_is_streamed_and_memory_stays_flat(tiny_encoder, tmp_path):
     grown = records[4999]["rss_bytes"] - records[999]["rss_bytes"]
     assert grown < 50 * 2**20, grown
     assert "history" not in metrics(out)
+
+
+# ---- non-finite encoder gradients -----------------------------------------------------------
+def _nan_encoder_gradient_at(runner, calls: set[int]) -> None:
+    """Make the encoder's back-propagated item gradient NaN on the given (0-based) calls."""
+    backward, count = runner.backward, [0]
+
+    def poisoned(vectors, grads, **kw):
+        if count[0] in calls:
+            grads = grads * float("nan")
+        count[0] += 1
+        return backward(vectors, grads, **kw)
+
+    runner.backward = poisoned
+
+
+@pytest.mark.parametrize("strategy", ["single", "multi"])
+def test_non_finite_encoder_gradient_drops_that_update(strategy, kt_dir, tiny_encoder):
+    opts = options(data=str(kt_dir), encoder=str(tiny_encoder), strategy=strategy, window="1",
+                   encoder_batch_size=512)  # fmt: skip
+    s = setup(opts, load_data(opts))
+    _nan_encoder_gradient_at(s.runner, {1})  # the second step's (window's) encoder backward
+    batches = s.task.train_batches(0)
+    s.strategy.step(next(batches), 0)
+    before = params(s)
+    res = s.strategy.step(next(batches), 1)
+    after = params(s)
+    assert res.encoder_skipped and not res.encoder_updated
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("enc."))
+    if strategy == "single":  # the whole step is dropped, the CF model too
+        assert res.skipped and all(torch.equal(before[k], after[k]) for k in before)
+    res = s.strategy.step(next(batches), 2)  # and training goes on
+    assert res.encoder_updated and not res.encoder_skipped
+    moved = params(s)
+    assert all(bool(torch.isfinite(v).all()) for v in moved.values())
+    assert any(not torch.equal(after[k], moved[k]) for k in after if k.startswith("enc."))
+
+
+_ZERO_SKIP = """
+import sys, torch
+from gram_scale.config import parse_options
+from gram_scale.distributed import build_runner, make_accelerator, read_ds_config
+from gram_scale.encoder import load_encoder
+opts = parse_options(["--encoder", sys.argv[1], "--config", sys.argv[2], "--lr-encoder", "1e-2"])
+raw = read_ds_config(opts.config)
+encoder, _ = load_encoder(opts.encoder)
+class Tokens:
+    def rows(self, items):
+        ids = (items.view(-1, 1) * 7 + torch.arange(8)) % 1000 + 1000
+        return ids, torch.ones_like(ids)
+runner = build_runner(make_accelerator(opts, raw), encoder, Tokens(), opts, raw)
+def weights():
+    from deepspeed.utils import safe_get_full_fp32_param
+    return torch.cat([safe_get_full_fp32_param(p).flatten() for p in runner.engine.module.parameters()])
+w0 = weights()
+h = runner.encode(torch.arange(4), salt=0, grad=True)
+runner.backward(h, torch.full_like(h, float("nan")))
+nan_step = runner.step()
+w1 = weights()
+h = runner.encode(torch.arange(4), salt=1, grad=True)
+runner.backward(h, torch.ones_like(h))
+good_step = runner.step()
+w2 = weights()
+print("RESULT", nan_step, bool(torch.equal(w0, w1)), good_step, bool(torch.isfinite(w2).all()),
+      bool(not torch.equal(w1, w2)))
+"""
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_deepspeed_drops_a_non_finite_encoder_update(config, tiny_encoder):
+    r = subprocess.run([sys.executable, "-c", _ZERO_SKIP, str(tiny_encoder),
+                        f"ds_configs/{config}.json"], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = [line for line in r.stdout.splitlines() if line.startswith("RESULT")]
+    # NaN step dropped, weights bitwise unchanged; the next step applied, finite, and moved them
+    assert result == ["RESULT False True True True True"], r.stdout[-2000:]

@@ -21,6 +21,7 @@ class StepResult:
     item_backwards: int  # encoder rows back-propagated by this rank in this step
     encoder_updated: bool
     skipped: bool = False  # non-finite loss or gradient: nothing was updated
+    encoder_skipped: bool = False  # non-finite encoder gradient: the encoder update was dropped
 
 
 class CFUpdate:
@@ -64,6 +65,15 @@ class CFUpdate:
     def discard(self) -> None:
         """Drop this step's CF gradients (a skipped step)."""
         self.optimizer.zero_grad(set_to_none=True)
+
+    def step_with(self, runner) -> bool:
+        """Step the encoder, then the CF model; when the encoder's gradient is not finite on
+        some rank, neither moves (the step is skipped like a non-finite loss) and False."""
+        if not runner.step():
+            self.discard()
+            return False
+        self.step()
+        return True
 
     def step(self) -> None:
         """Sum CF gradients over ranks, clip, step (identical replicas on every rank)."""

@@ -33,8 +33,7 @@ class EndToEnd:
             self.runner.backward(h, g)
         else:
             self.runner.backward(h, torch.zeros_like(h), count=0)
-        self.cf.step()
-        self.runner.step()
+        applied = self.cf.step_with(self.runner)
         occurrences = self.comm.sum_int(real)
         return StepResult(
             loss=loss,
@@ -42,7 +41,9 @@ class EndToEnd:
             unique=len(self.comm.union(torch.unique(rows))),
             item_forwards=self.runner.item_forwards - f0,
             item_backwards=self.runner.item_backwards - b0,
-            encoder_updated=self.runner.trainable,
+            encoder_updated=applied and self.runner.trainable,
+            skipped=not applied,
+            encoder_skipped=not applied,
         )
 
     def finish(self, step: int) -> StepResult | None:

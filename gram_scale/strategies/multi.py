@@ -39,6 +39,7 @@ class MultiStep:
         self.chunk = opts.encoder_batch_size
         self.table = ItemTable(runner.encoder.dim, lr=opts.table_lr, dtype=runner.dtype)
         self.windows_done = 0
+        self.encoder_skips = 0  # window-end updates dropped for a non-finite encoder gradient
 
     def _mine(self, items: torch.Tensor) -> torch.Tensor:
         return items[owner_slices(len(items), self.comm.world)[self.comm.rank]]
@@ -68,6 +69,7 @@ class MultiStep:
             self.table.apply(union, g)
             self.cf.step()
         updated = (step + 1) % self.window == 0
+        skips = self.encoder_skips
         if updated:
             self.end_window(window)
         return StepResult(
@@ -76,8 +78,9 @@ class MultiStep:
             unique=len(union),
             item_forwards=self.runner.item_forwards - f0,
             item_backwards=self.runner.item_backwards - b0,
-            encoder_updated=updated and self.runner.trainable,
+            encoder_updated=updated and self.runner.trainable and self.encoder_skips == skips,
             skipped=skipped,
+            encoder_skipped=self.encoder_skips > skips,
         )
 
     def end_window(self, window: int) -> None:
@@ -95,7 +98,8 @@ class MultiStep:
                     continue
                 h = self.runner.encode(chunk, salt=window, grad=True)
                 self.runner.backward(h, self.table.regression_grad(chunk, h), last=last)
-            self.runner.step()
+            if not self.runner.step():  # non-finite encoder gradient: that update is dropped
+                self.encoder_skips += 1
         self.table.clear()
         self.windows_done += 1
 

@@ -41,15 +41,16 @@ class SingleStep:
             self.runner.backward(h_mine, own_g)
         else:
             self.runner.backward(h_mine, torch.zeros_like(h_mine), count=0)
-        self.cf.step()
-        self.runner.step()
+        applied = self.cf.step_with(self.runner)
         return StepResult(
             loss=loss,
             occurrences=self.comm.sum_int(batch.occurrences()),
             unique=len(union),
             item_forwards=self.runner.item_forwards - f0,
             item_backwards=self.runner.item_backwards - b0,
-            encoder_updated=self.runner.trainable,
+            encoder_updated=applied and self.runner.trainable,
+            skipped=not applied,
+            encoder_skipped=not applied,
         )
 
     def finish(self, step: int) -> StepResult | None:
