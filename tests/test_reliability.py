@@ -159,7 +159,7 @@ def test_history_is_streamed_and_memory_stays_flat(tiny_encoder, tmp_path):
     from gram_scale.data.synth import write_kt
 
     data = tmp_path / "kt"
-    write_kt(data, n_users=400, n_items=40, mean_len=70, n_unused_items=0, seed=3)
+    write_kt(data, n_users=700, n_items=40, mean_len=70, n_unused_items=0, seed=3)
     out = tmp_path / "run"
     run(["--data", str(data), "--encoder", str(tiny_encoder), "--max-tokens", "8",
          "--batch-size", "1", "--seq-len", "5", "--epochs", "1", "--max-steps", "5000",
