@@ -57,6 +57,12 @@ class Options:
         "encoder dropout masks keyed by (step, item) so that every strategy and rank layout "
         "draws the same masks (needed for exact equivalence with dropout on)",
     )
+    gradient_checkpointing: bool = _opt(
+        False,
+        "recompute the encoder's activations in backward instead of keeping them (Hugging Face, "
+        "non-reentrant; keyed dropout draws the same masks in the recompute): less memory, about "
+        "one more forward per backward",
+    )
     lora: bool = _opt(False, "train LoRA adapters (peft) instead of all encoder weights")
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r)")

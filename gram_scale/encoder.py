@@ -51,10 +51,10 @@ def _hash31(x: torch.Tensor) -> torch.Tensor:
 
 
 class _KeyedDropout:
-    def __init__(self, row_keys: torch.Tensor):
+    def __init__(self, row_keys: torch.Tensor, calls: int = 0, coords: dict | None = None):
         self.row_keys = row_keys
-        self.calls = 0
-        self._coords: dict[tuple, torch.Tensor] = {}
+        self.calls = calls  # dropout calls so far: part of each call's key
+        self._coords: dict[tuple, torch.Tensor] = {} if coords is None else coords
 
     def coord_hash(self, shape: tuple[int, ...], device) -> torch.Tensor:
         key = (shape, str(device))
@@ -95,6 +95,41 @@ def keyed_dropout(row_keys: torch.Tensor | None):
         yield
     finally:
         F.dropout = original
+
+
+@contextlib.contextmanager
+def _installed(dropout):
+    original = F.dropout
+    F.dropout = dropout
+    try:
+        yield
+    finally:
+        F.dropout = original
+
+
+def replay_context():
+    """``context_fn`` of a gradient-checkpointed segment: its recompute in backward runs with
+    the keyed dropout the forward had at the segment's start (same row keys, same call count),
+    so it draws the very masks the forward drew. Outside keyed dropout, nothing to replay."""
+    active = F.dropout
+    if not isinstance(active, _KeyedDropout):
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    replay = _KeyedDropout(active.row_keys, active.calls, active._coords)
+    return contextlib.nullcontext(), _installed(replay)
+
+
+def enable_gradient_checkpointing(encoder: ContentEncoder) -> None:
+    """Hugging Face gradient checkpointing (non-reentrant) whose recomputes replay keyed dropout."""
+    model = encoder.model
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise InputError("--gradient-checkpointing", None,
+                         f"{type(model).__name__} does not support gradient checkpointing")  # fmt: skip
+    # looked up at each segment, not bound once, so the replay can be swapped (tests' guard)
+    kwargs = {"use_reentrant": False, "context_fn": lambda: replay_context()}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def row_keys(items: torch.Tensor, salt: int) -> torch.Tensor:

@@ -32,7 +32,12 @@ from gram_scale.distributed import (
     make_accelerator,
     read_ds_config,
 )
-from gram_scale.encoder import apply_lora, check_encoder_folder, load_encoder
+from gram_scale.encoder import (
+    apply_lora,
+    check_encoder_folder,
+    enable_gradient_checkpointing,
+    load_encoder,
+)
 from gram_scale.errors import InputError, Interrupted, TrainingStopped
 from gram_scale.export import check_output_dir, clear_output_dir, export_run, publish
 from gram_scale.history import HISTORY_FILE, HistoryLog, resident_bytes
@@ -109,6 +114,8 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
     tokens = TokenCache.build(tokenizer, data.catalogue.texts, opts.max_tokens)
     if opts.precision == "fp64":
         encoder.double()
+    if opts.gradient_checkpointing and not opts.freeze_encoder:
+        enable_gradient_checkpointing(encoder)
     if opts.freeze_encoder:
         encoder.requires_grad_(False)
     elif opts.lora:

@@ -105,3 +105,30 @@ def test_multi_guard_scaled_item_gradient_is_caught(task_opts):
     """Guard: the same comparison catches one item's gradient off by 1e-3 in Single-step."""
     opts, data, nodrop = task_opts
     assert multi_vs_single(with_dropout(opts, nodrop, False), data, 1 + 1e-3) > 100 * TOL
+
+
+def test_single_equals_e2e_with_gradient_checkpointing(task_opts):
+    """Recomputed activations (Hugging Face, non-reentrant) draw the forward's keyed masks."""
+    opts, data, nodrop = task_opts
+    opts = with_dropout(opts, nodrop, True)
+    checkpointed = replace(opts, gradient_checkpointing=True)
+    assert single_vs_e2e(checkpointed, data, 3) < TOL
+    # the recompute really happens: the encoder keeps fewer activations for its backward
+    kept = [run_steps(replace(o, strategy="single"), data, 1)[0].runner.peak_activation_bytes
+            for o in (opts, checkpointed)]  # fmt: skip
+    assert kept[1] < kept[0] / 2, kept
+
+
+def test_guard_recompute_with_other_masks_is_caught(task_opts, monkeypatch):
+    """Guard: when the recompute draws masks of its own, the comparison above fails."""
+    import contextlib
+
+    from gram_scale import encoder
+
+    def no_replay():
+        return contextlib.nullcontext(), contextlib.nullcontext()
+
+    monkeypatch.setattr(encoder, "replay_context", no_replay)
+    opts, data, nodrop = task_opts
+    opts = replace(with_dropout(opts, nodrop, True), gradient_checkpointing=True)
+    assert single_vs_e2e(opts, data, 3) > 100 * TOL

@@ -68,6 +68,7 @@ def test_a_real_failure_is_reported_as_itself(what, kt_dir, tiny_encoder, tmp_pa
     assert "lost another process" not in line
     if what == "OOM":
         assert "OutOfMemoryError: CUDA out of memory" in line and "--encoder-batch-size" in line
+        assert "--gradient-checkpointing" in line
     else:
         assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in line
     assert "Traceback" in log.read_text() and "_inject" in log.read_text()
