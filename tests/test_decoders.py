@@ -10,8 +10,9 @@ import pytest
 import torch
 from launching import history, max_diff, run
 from safetensors.torch import load_file
-from test_distributed import ZERO_ARGS, worst_excess
+from test_distributed import ZERO_ARGS, ZERO_PARAM_REL, worst_excess
 from test_equivalence import TOL as EXACT_TOL
+from test_equivalence import run_steps
 from tiny import options, params, replace
 
 from gram_scale.data.items import TokenCache
@@ -105,30 +106,36 @@ def test_every_strategy_trains_a_decoder(decoder, strategy, kt_dir):
     assert max(float((before[k] - p).abs().max()) for k, p in params(s).items() if k in enc) > 1e-4
 
 
+def _single_vs_e2e(kind: str, folder: str, kt_dir, n_steps: int, scale_one_item=None,
+                   **kw) -> float:  # fmt: skip
+    """Largest parameter difference between E2E and Single-step, over its allowance (<= 1 is
+    equal). Llama's RMSNorm computes in float32 whatever the model's dtype, so its rounding
+    (~6e-8 relative) reaches every gradient: AdamW blows that up on near-zero coordinates
+    (measured 1.2e-6), plain SGD keeps it rounding-sized (measured 1.6e-8 after 3 steps;
+    allowed: 8 float32 ulps of the largest parameter). GPT-2 computes in float64 throughout:
+    AdamW, within 1e-9 as in test_equivalence."""
+    opts = options(data=str(kt_dir), encoder=folder, cf_dropout=0.1, precision="fp64")
+    if kind == "llama":
+        opts = replace(opts, optimizer="sgd", lr_encoder=0.1, lr_cf=0.1)
+    data = load_data(opts)
+    e2e = params(run_steps(replace(opts, strategy="e2e", **kw), data, n_steps)[0])
+    single = params(run_steps(replace(opts, strategy="single", **kw), data, n_steps,
+                              scale_one_item)[0])  # fmt: skip
+    assert max_diff(e2e, params(setup(opts, data))) > 1e-4  # the steps moved the parameters
+    allowed = EXACT_TOL
+    if kind == "llama":
+        allowed = ZERO_PARAM_REL * max(float(v.abs().max()) for v in e2e.values())
+    return max_diff(e2e, single) / allowed
+
+
 @pytest.mark.parametrize("n_steps", [1, 3])
 def test_single_equals_e2e_with_dropout_on(decoder, kt_dir, n_steps):
-    _, folder = decoder
-    opts = options(data=str(kt_dir), encoder=folder, cf_dropout=0.1, precision="fp64")
-    data = load_data(opts)
-
-    def trained(o):
-        s = setup(o, data)
-        batches = s.task.train_batches(0)
-        for step in range(n_steps):
-            s.strategy.step(next(batches), step)
-        return params(s)
-
-    e2e, single = trained(replace(opts, strategy="e2e")), trained(replace(opts, strategy="single"))
-    assert max_diff(e2e, params(setup(opts, data))) > 1e-4
-    assert max_diff(e2e, single) < EXACT_TOL  # float64: see test_equivalence
-    # the guard: with keyed dropout off the masks differ, and so do the results
-    loose = replace(opts, keyed_dropout=False)
-    assert (
-        max_diff(
-            trained(replace(loose, strategy="e2e")), trained(replace(loose, strategy="single"))
-        )
-        > 100 * EXACT_TOL
-    )
+    kind, folder = decoder
+    assert _single_vs_e2e(kind, folder, kt_dir, n_steps) <= 1
+    # the guards: with keyed dropout off the masks differ, and so do the results; one item's
+    # summed gradient off by 1e-3 in Single-step is caught too
+    assert _single_vs_e2e(kind, folder, kt_dir, n_steps, keyed_dropout=False) > 10
+    assert _single_vs_e2e(kind, folder, kt_dir, n_steps, scale_one_item=1 + 1e-3) > 2
 
 
 def _lora_args(kt_dir, encoder, out, config: str) -> list[str]:
