@@ -97,10 +97,7 @@ def compute(opts) -> dict:
     data = load_data(opts)
     task = make_task(opts, data, dim=8 * opts.cf_heads)  # the CF model is not used here
     out = {"task": opts.task, "items": len(data.catalogue), "batch_size": opts.batch_size}
-    if opts.task == "kt":
-        out["interactions"] = int(sum(len(items) for items, _ in data.train))
-    else:
-        out["impressions"] = len(data.train)
+    out.update(task.size_stats(data))
     out["cold_items"] = int(data.cold_items.sum())
     out.update(batch_stats(task))
     return out

@@ -29,7 +29,7 @@ from gram_scale.runner import EncoderRunner
 from gram_scale.signals import StopRequest
 from gram_scale.strategies import make_strategy
 from gram_scale.strategies.base import CFUpdate
-from gram_scale.tasks import make_task
+from gram_scale.tasks import make_task, task_class
 
 
 def _say(accelerator, text: str) -> None:
@@ -78,7 +78,7 @@ def run_record(opts: Options, encoder: dict, stage: int | None, world: int) -> d
         training = f"LoRA r {opts.lora_r} on {opts.lora_targets}"
     else:
         training = "all weights"
-    cf = f"{opts.cf_layers} LSTM layers" if opts.task == "kt" else f"{opts.cf_heads} heads"
+    cf = task_class(opts.task).cf_summary(opts)
     return {
         "strategy": opts.strategy,
         "encoder": f"{encoder['model_type']} hidden {encoder['hidden_size']} "

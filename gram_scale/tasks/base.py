@@ -21,6 +21,29 @@ class Task(Protocol):
     main_metric: str
     model: nn.Module
     data: object
+    default_sizes: dict  # keyword arguments of ``write_default`` for the built-in set
+
+    def __init__(self, data, opts, dim: int) -> None: ...
+
+    @staticmethod
+    def write_default(folder, seed: int, **sizes) -> None:
+        """Generate the built-in synthetic set into ``folder``."""
+        ...
+
+    @staticmethod
+    def load(folder, opts):
+        """Read a data folder into the task's splits (catalogue, train, valid, test)."""
+        ...
+
+    @staticmethod
+    def cf_summary(opts) -> str:
+        """The CF model in words."""
+        ...
+
+    @staticmethod
+    def size_stats(data) -> dict:
+        """Training-set size figures for ``gram_scale.stats``."""
+        ...
 
     def num_train_batches(self) -> int:
         """Global batches per epoch."""

@@ -56,6 +56,35 @@ class KTTask:
 
     name = "kt"
     main_metric = "auc"
+    # Built-in default set: large enough that the text signal is learnable and the batch
+    # repetition (R_batch) is real, small enough that the default job runs in minutes on 2 cores.
+    default_sizes = {"n_users": 300, "n_items": 300, "mean_len": 50, "n_unused_items": 10,
+                     "zipf": 1.0}  # fmt: skip
+
+    @staticmethod
+    def write_default(folder, seed: int, **sizes) -> None:
+        """Generate the built-in synthetic set into ``folder``."""
+        from gram_scale.data.synth import write_kt
+
+        write_kt(folder, seed=seed, **sizes)
+
+    @staticmethod
+    def load(folder, opts):
+        """Read a KT folder (items.csv, interactions.csv) into splits."""
+        from gram_scale.data.kt import load_kt
+
+        return load_kt(folder, seed=opts.seed, valid_frac=opts.valid_frac,
+                       test_frac=opts.test_frac, cold_frac=opts.cold_frac)  # fmt: skip
+
+    @staticmethod
+    def cf_summary(opts) -> str:
+        """The CF model in words (for the run record a resume compares)."""
+        return f"{opts.cf_layers} LSTM layers"
+
+    @staticmethod
+    def size_stats(data) -> dict:
+        """Training-set size figures for ``gram_scale.stats``."""
+        return {"interactions": int(sum(len(items) for items, _ in data.train))}
 
     def __init__(self, data, opts, dim: int):
         self.data = data

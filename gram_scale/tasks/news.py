@@ -53,6 +53,31 @@ class NewsTask:
 
     name = "news"
     main_metric = "auc"
+    default_sizes = {"n_users": 300, "n_news": 400, "impressions_per_user": 3, "n_candidates": 5}
+
+    @staticmethod
+    def write_default(folder, seed: int, **sizes) -> None:
+        """Generate the built-in synthetic set into ``folder``."""
+        from gram_scale.data.synth import write_mind
+
+        write_mind(folder, seed=seed, **sizes)
+
+    @staticmethod
+    def load(folder, opts):
+        """Read a MIND folder into splits."""
+        from gram_scale.data.mind import load_mind
+
+        return load_mind(folder, use_abstract=opts.use_abstract, seed=opts.seed)
+
+    @staticmethod
+    def cf_summary(opts) -> str:
+        """The CF model in words (for the run record a resume compares)."""
+        return f"{opts.cf_heads} heads"
+
+    @staticmethod
+    def size_stats(data) -> dict:
+        """Training-set size figures for ``gram_scale.stats``."""
+        return {"impressions": len(data.train)}
 
     def __init__(self, data, opts, dim: int):
         if dim % opts.cf_heads:
