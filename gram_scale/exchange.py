@@ -26,7 +26,7 @@ import torch.distributed as dist
 # Knuth's multiplicative constant: neighbouring catalogue rows land on different owners, so
 # ownership does not follow the catalogue's order (popular items often sit together).
 _HASH = 2654435761
-_ID_BYTES = 8  # item ids travel as int64
+ID_BYTES = 8  # item ids travel as int64
 
 
 def owner_of(items: torch.Tensor, world: int) -> torch.Tensor:
@@ -159,7 +159,7 @@ class Comm:
         """How many rows each rank will send to this one, given what this rank sends each."""
         if self.world == 1:
             return list(send)
-        self._count(_ID_BYTES * (self.world - 1), _ID_BYTES * (self.world - 1))
+        self._count(ID_BYTES * (self.world - 1), ID_BYTES * (self.world - 1))
         out = torch.empty(self.world, dtype=torch.long, device=self.device)
         dist.all_to_all_single(out, torch.tensor(send, dtype=torch.long, device=self.device))
         return [int(v) for v in out.tolist()]

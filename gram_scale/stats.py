@@ -18,9 +18,8 @@ import torch
 
 from gram_scale.config import parse_options
 from gram_scale.errors import EXIT_INPUT_ERROR, InputError
-from gram_scale.exchange import owner_of
+from gram_scale.exchange import ID_BYTES, owner_of
 
-_ID_BYTES = 8
 _ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp64": 8}
 
 
@@ -70,7 +69,7 @@ def exchange_rows(batch, world: int) -> tuple[torch.Tensor, torch.Tensor]:
 def traffic(task, world: int, dim: int, element_bytes: int) -> dict:
     """Predicted item bytes (sent + received) per rank per step over the first epoch."""
     row = dim * element_bytes
-    per_pair = _ID_BYTES + 2 * row  # an id to the owner, a row back, a gradient to the owner
+    per_pair = ID_BYTES + 2 * row  # an id to the owner, a row back, a gradient to the owner
     steps, total, worst, union_bytes = 0, 0.0, 0.0, 0.0
     for batch in task.train_batches(0):
         asked, served = exchange_rows(batch, world)
