@@ -1,12 +1,14 @@
-"""The Multi-step item table: rows of the items touched in the current window, in CPU memory.
+"""The Multi-step item table: rows of the items touched in the current window that this rank
+owns (the table is sharded by item owner; see ``gram_scale.exchange``).
 
 Each touched item keeps the encoder vector it was cached with (``base``) and the sum of the
 gradients the CF model sent it (``grads``). Its table row, the value later CF steps read, is
 ``base - lr * grads``: the cached vector moved by plain SGD. The window-end regression target is
 that row; its gradient ``h - (base - lr * grads)`` is computed as ``(h - base) + lr * grads`` so
 the small gradient is not lost in the cancellation of two nearly equal vectors. Only touched
-items are stored, so memory grows with the window's items, not the catalogue. With CUDA present
-the rows are pinned so copies to the GPU are asynchronous.
+items are stored, so memory grows with this rank's share of the window's items, not the
+catalogue. The rows live on the encoder's device (the GPU when there is one, else CPU memory),
+where the CF model reads them: no host copies, so no pinned memory is involved.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ class ItemTable:
         self,
         dim: int,
         lr: float = 1.0,
-        pin: bool | None = None,
         capacity: int = 1024,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ):
         self.dim = dim
         self.dtype = dtype
         self.lr = lr
-        self.pin = torch.cuda.is_available() if pin is None else pin
+        self.device = torch.device(device)
         self._keys = torch.empty(0, dtype=torch.long)  # sorted item rows
         self._slots = torch.empty(0, dtype=torch.long)  # slot of each sorted key
         self._items = torch.empty(0, dtype=torch.long)  # item of each slot, insertion order
@@ -36,8 +38,7 @@ class ItemTable:
         self.grads = self._alloc(capacity)
 
     def _alloc(self, n: int) -> torch.Tensor:
-        t = torch.zeros(n, self.dim, dtype=self.dtype)
-        return t.pin_memory() if self.pin else t
+        return torch.zeros(n, self.dim, dtype=self.dtype, device=self.device)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -71,7 +72,7 @@ class ItemTable:
                 new = self._alloc(cap)
                 new[:n] = getattr(self, name)[:n]
                 setattr(self, name, new)
-        self.base[n:need] = vectors.detach().to("cpu", self.dtype)
+        self.base[n:need] = vectors.detach().to(self.device, self.dtype)
         self.grads[n:need] = 0
         self._items = torch.cat([self._items, items.cpu().long()])
         keys = torch.cat([self._keys, items.cpu().long()])
@@ -79,18 +80,20 @@ class ItemTable:
         order = torch.argsort(keys)
         self._keys, self._slots = keys[order], slots[order]
 
-    def rows(self, items: torch.Tensor, device) -> torch.Tensor:
-        """Current table rows (cached vector moved by SGD) of held items, on ``device``."""
-        s = self.slots(items)
-        return (self.base[s] - self.lr * self.grads[s]).to(device, non_blocking=True)
+    def rows(self, items: torch.Tensor) -> torch.Tensor:
+        """Current table rows (cached vector moved by SGD) of held items."""
+        s = self.slots(items).to(self.device)
+        return self.base[s] - self.lr * self.grads[s]
 
     def apply(self, items: torch.Tensor, grads: torch.Tensor) -> None:
         """Accumulate the CF gradients of held items (their rows move by plain SGD)."""
-        self.grads.index_add_(0, self.slots(items), grads.detach().to("cpu", self.dtype))
+        self.grads.index_add_(
+            0, self.slots(items).to(self.device), grads.detach().to(self.device, self.dtype)
+        )
 
     def base_and_grads(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached vectors and summed gradients of held items, on CPU."""
-        s = self.slots(items)
+        """Cached vectors and summed gradients of held items."""
+        s = self.slots(items).to(self.device)
         return self.base[s], self.grads[s]
 
     def regression_grad(self, items: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -115,12 +118,12 @@ class ItemTable:
         n = len(self._items)
         return {
             "items": self._items.clone(),
-            "base": self.base[:n].clone(),
-            "grads": self.grads[:n].clone(),
+            "base": self.base[:n].cpu().clone(),
+            "grads": self.grads[:n].cpu().clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore rows saved by ``state_dict``."""
         self.clear()
         self.insert(state["items"], state["base"])
-        self.grads[: len(state["items"])] = state["grads"]
+        self.grads[: len(state["items"])] = state["grads"].to(self.device, self.dtype)

@@ -392,7 +392,7 @@ def measure_costs(opts: Options, repeats: int = 3, cf_batches: int = 8) -> dict:
 
     from gram_scale.data.batches import unique_index
     from gram_scale.data.load import load_data
-    from gram_scale.distributed import make_accelerator
+    from gram_scale.engine import make_accelerator
     from gram_scale.trainer import setup
 
     plain = dataclasses.replace(opts, config="none", report_to="none")

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gram_scale.errors import InputError
+from gram_scale.strategies import STRATEGIES
+from gram_scale.tasks import TASKS
 
-TASKS = ("kt", "news")
-STRATEGIES = ("e2e", "single", "multi")
 POOLINGS = ("auto", "mean", "cls", "last")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 REPORTERS = ("none", "wandb", "tensorboard")
@@ -30,7 +30,9 @@ class Options:
     """Every option of a training run; each field is also a ``--flag``."""
 
     # what to train on
-    task: str = _opt("kt", "task: kt (knowledge tracing, DKT) or news (MIND, NRMS)", choices=TASKS)
+    task: str = _opt(
+        "kt", "task: kt (knowledge tracing, DKT) or news (MIND, NRMS)", choices=tuple(TASKS)
+    )
     data: str = _opt(
         "",
         "data folder (KT: items.csv + interactions.csv; news: MIND train/ and dev/); "
@@ -73,7 +75,9 @@ class Options:
         "projections of the architecture (query,value; q_proj,v_proj; GPT-2 c_attn)",
     )
     # GRAM
-    strategy: str = _opt("single", "e2e, single (GRAM single-step) or multi", choices=STRATEGIES)
+    strategy: str = _opt(
+        "single", "e2e, single (GRAM single-step) or multi", choices=tuple(STRATEGIES)
+    )
     window: str = _opt("1E", "multi: encoder update latency, in steps (10) or epochs (0.5E, 1E)")
     table_lr: float = _opt(1.0, "multi: SGD learning rate of the item table inside a window")
     encoder_batch_size: int = _opt(64, "items per encoder chunk (window-end updates, evaluation)")

@@ -56,17 +56,28 @@ def ndcg(labels: torch.Tensor, scores: torch.Tensor, k: int) -> float:
     return dcg(labels, scores, k) / best if best > 0 else float("nan")
 
 
-def impression_metrics(impressions: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """AUC, MRR, nDCG@5, nDCG@10 per impression, averaged over impressions with both classes."""
-    totals = {"auc": 0.0, "mrr": 0.0, "ndcg@5": 0.0, "ndcg@10": 0.0}
-    n = 0
+_IMPRESSION_METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
+
+
+def impression_rows(impressions: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """AUC, MRR, nDCG@5, nDCG@10 of each impression with both classes, one row each."""
+    rows = []
     for labels, scores in impressions:
         labels = labels.long()
         if labels.sum() == 0 or labels.sum() == len(labels):
             continue  # AUC undefined; MIND's scorer skips these as well
-        n += 1
-        totals["auc"] += auc(labels, scores)
-        totals["mrr"] += mrr(labels, scores)
-        totals["ndcg@5"] += ndcg(labels, scores, 5)
-        totals["ndcg@10"] += ndcg(labels, scores, 10)
-    return {k: (v / n if n else math.nan) for k, v in totals.items()} | {"impressions": n}
+        rows.append([auc(labels, scores), mrr(labels, scores), ndcg(labels, scores, 5),
+                     ndcg(labels, scores, 10)])  # fmt: skip
+    return torch.tensor(rows, dtype=torch.double).reshape(-1, len(_IMPRESSION_METRICS))
+
+
+def mean_rows(rows: torch.Tensor) -> dict[str, float]:
+    """The per-impression rows averaged, with the number of impressions."""
+    n = len(rows)
+    means = rows.sum(0) / n if n else torch.full((len(_IMPRESSION_METRICS),), math.nan)
+    return {k: float(v) for k, v in zip(_IMPRESSION_METRICS, means)} | {"impressions": n}
+
+
+def impression_metrics(impressions: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """AUC, MRR, nDCG@5, nDCG@10 per impression, averaged over impressions with both classes."""
+    return mean_rows(impression_rows(impressions))

@@ -31,6 +31,13 @@ def agreed_signal(counts: list[int]) -> int | None:
     return None
 
 
+def stop_counts(total: int, world: int) -> list[int]:
+    """Per-signal rank counts (one per ``STOP_SIGNALS``) from the sum over ranks of
+    ``StopRequest.code``: base world + 1 digits, so no count carries into the next."""
+    base = world + 1
+    return [(total // base**k) % base for k in range(len(STOP_SIGNALS))]
+
+
 class StopRequest:
     """Turns the given signals into a flag while active (a context manager)."""
 
@@ -44,6 +51,13 @@ class StopRequest:
     def counts(self) -> list[int]:
         """1 for the received signal, 0 for the others, one entry per ``STOP_SIGNALS``."""
         return [int(self.received == sig) for sig in STOP_SIGNALS]
+
+    def code(self, world: int) -> int:
+        """This rank's stop signal as one integer whose sum over ``world`` ranks still tells
+        how many ranks received each signal (``stop_counts``); 0 for none."""
+        if self.received is None:
+            return 0
+        return (world + 1) ** STOP_SIGNALS.index(self.received)
 
     @property
     def name(self) -> str:

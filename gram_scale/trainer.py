@@ -25,28 +25,24 @@ from gram_scale.checkpoint import save as save_checkpoint
 from gram_scale.config import Options
 from gram_scale.data.items import TokenCache
 from gram_scale.data.load import load_data
-from gram_scale.distributed import (
-    EncoderRunner,
-    build_runner,
-    check_ds_config,
-    make_accelerator,
-    read_ds_config,
-)
 from gram_scale.encoder import (
     apply_lora,
     check_encoder_folder,
     enable_gradient_checkpointing,
     load_encoder,
 )
+from gram_scale.engine import build_runner, check_ds_config, make_accelerator, read_ds_config
 from gram_scale.errors import InputError, Interrupted, TrainingStopped
+from gram_scale.exchange import OwnedVectors
 from gram_scale.export import check_output_dir, clear_output_dir, export_run, publish
 from gram_scale.history import HISTORY_FILE, HistoryLog, resident_bytes
 from gram_scale.optim import make_optimizer
+from gram_scale.runner import EncoderRunner
 from gram_scale.schedule import encoder_steps, make_scheduler, run_steps
-from gram_scale.signals import STOP_SIGNALS, StopRequest, agreed_signal
+from gram_scale.signals import STOP_SIGNALS, StopRequest, agreed_signal, stop_counts
 from gram_scale.strategies import make_strategy
 from gram_scale.strategies.base import CFUpdate
-from gram_scale.tasks import make_task
+from gram_scale.tasks import make_task, task_class
 
 
 def _say(accelerator, text: str) -> None:
@@ -58,15 +54,33 @@ def _print(text: str) -> None:
     print(text, flush=True)
 
 
-def evaluate(task, runner, split: str) -> dict:
-    """Metrics of a split from fresh eval-mode encoder vectors of every catalogue item
-    (cold-start items included, so they are never stale); ``{"skipped": why}`` when the split
-    has nothing to score."""
+def catalogue_vectors(task, runner) -> OwnedVectors:
+    """Fresh eval-mode encoder vectors of every catalogue item (cold-start items included, so
+    they are never stale), each rank encoding the items it owns; one encode serves every split
+    evaluated at that point and the export."""
+    runner.comm.phase = "eval"
+    try:
+        return runner.owned_vectors(len(task.data.catalogue))
+    finally:
+        runner.comm.phase = "train"
+
+
+def evaluate(task, vectors: OwnedVectors | None, split: str) -> dict:
+    """Metrics of a split, each rank scoring its share; ``{"skipped": why}`` when the split has
+    nothing to score (then ``vectors`` may be None)."""
     reason = task.unscorable(split)
     if reason is not None:  # the same on every rank: all hold the same data
         return {"skipped": reason}
-    vectors = runner.eval_vectors(torch.arange(len(task.data.catalogue)))
-    return task.evaluate(split, vectors)
+    vectors.comm.phase = "eval"
+    try:
+        return task.evaluate(split, vectors.lookup, vectors.comm)
+    finally:
+        vectors.comm.phase = "train"
+
+
+def needs_vectors(task, splits: tuple[str, ...], export: bool = False) -> bool:
+    """Whether any of the splits has something to score (or the vectors are exported)."""
+    return export or any(task.unscorable(split) is None for split in splits)
 
 
 def run_record(opts: Options, encoder: dict, stage: int | None, world: int) -> dict:
@@ -77,7 +91,7 @@ def run_record(opts: Options, encoder: dict, stage: int | None, world: int) -> d
         training = f"LoRA r {opts.lora_r} on {opts.lora_targets}"
     else:
         training = "all weights"
-    cf = f"{opts.cf_layers} LSTM layers" if opts.task == "kt" else f"{opts.cf_heads} heads"
+    cf = task_class(opts.task).cf_summary(opts)
     return {
         "strategy": opts.strategy,
         "encoder": f"{encoder['model_type']} hidden {encoder['hidden_size']} "
@@ -226,19 +240,28 @@ def train(opts: Options) -> dict:
                 step = state.step
                 lrs = {"lr_encoder": runner.lr(), "lr_cf": s.cf.lr()}  # the rates this step uses
                 t = time.perf_counter()
-                res = strategy.step(batch.slice(rank, world), step)
+                # the step's scalars (loss, counts, finite check, traffic, the stop signals the
+                # ranks received) travel in one collective inside the step
+                res = strategy.step(batch.slice(rank, world), step, stop.code(world))
                 seconds = time.perf_counter() - t
                 state.train_seconds += seconds
-                # one collective: the counts and which stop signals the ranks received
-                fwd, bwd, *signals = runner.comm.sum_ints(
-                    [res.item_forwards, res.item_backwards, *stop.counts()]
-                )
-                counters["occurrences"] += res.occurrences
-                counters["unique"] += res.unique
+                totals = res.totals
+                fwd, bwd = totals.item_forwards, totals.item_backwards
+                signals = stop_counts(totals.stop, world)
+                occurrences = batch.occurrences()  # every rank holds the global batch
+                unique = len(torch.unique(batch.items[batch.items >= 0]))
+                counters["occurrences"] += occurrences
+                counters["unique"] += unique
                 counters["item_forwards"] += fwd
                 counters["item_backwards"] += bwd
-                history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": res.occurrences,
-                                "unique": res.unique, "item_forwards": fwd, "item_backwards": bwd,
+                for key, per_rank in (("comm_bytes_sent", totals.bytes_sent),
+                                      ("comm_bytes_received", totals.bytes_received)):  # fmt: skip
+                    counters[key] = [
+                        a + b for a, b in zip(counters.get(key) or [0] * world, per_rank)
+                    ]
+                history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": occurrences,
+                                "unique": unique, "item_forwards": fwd, "item_backwards": bwd,
+                                "comm_bytes_sent": totals.bytes_sent, "comm_bytes_received": totals.bytes_received,
                                 "encoder_updated": res.encoder_updated, "skipped": res.skipped,
                                 "encoder_skipped": res.encoder_skipped,
                                 "seconds": seconds, **lrs, "rss_bytes": resident_bytes()})  # fmt: skip
@@ -264,16 +287,18 @@ def train(opts: Options) -> dict:
                         )
                 else:
                     state.bad_in_a_row = 0
-                ratio = res.occurrences / max(res.unique, 1)
+                ratio = occurrences / max(unique, 1)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{res.loss:.4f}", r=f"{ratio:.1f}")
                 if opts.report_to != "none" and state.step % opts.log_every == 0:
+                    traffic = {f"train/{key}/rank{r}": v for key in ("comm_bytes_sent", "comm_bytes_received")
+                               for r, v in enumerate(counters[key])}  # fmt: skip
                     accelerator.log({"train/loss": res.loss, "train/item_forwards": fwd,
                                      **{f"train/{k}": v for k, v in lrs.items() if v is not None},
                                      "train/item_backwards": bwd, "train/occurrence_unique_ratio": ratio,
-                                     "train/items_per_s": counters["occurrences"] / max(state.train_seconds, 1e-9)},
-                                    step=state.step)  # fmt: skip
+                                     "train/items_per_s": counters["occurrences"] / max(state.train_seconds, 1e-9)}
+                                    | traffic, step=state.step)  # fmt: skip
                 if opts.save_every and state.step % opts.save_every == 0:
                     save_checkpoint(accelerator, state, opts.output_dir, opts.keep_checkpoints,
                                     record)  # fmt: skip
@@ -282,7 +307,11 @@ def train(opts: Options) -> dict:
             if opts.max_steps and state.step >= opts.max_steps and epoch < opts.epochs - 1:
                 break
             if epoch < opts.epochs - 1:
-                valid = evaluate(task, runner, "valid")
+                vectors = (
+                    catalogue_vectors(task, runner) if needs_vectors(task, ("valid",)) else None
+                )
+                valid = evaluate(task, vectors, "valid")
+                del vectors
                 epochs.append({"epoch": epoch, "step": state.step, "train_seconds": state.train_seconds,
                                "valid": valid})  # fmt: skip
                 if "skipped" not in valid:  # said once, with the final metrics
@@ -298,15 +327,19 @@ def train(opts: Options) -> dict:
     tail = strategy.finish(step)  # Multi-step: a last partial window still updates the encoder
     train_seconds += time.perf_counter() - t
     if tail is not None:
-        counters["item_forwards"] += runner.comm.sum_int(tail.item_forwards)
-        counters["item_backwards"] += runner.comm.sum_int(tail.item_backwards)
-    valid = evaluate(task, runner, "valid")
+        fwd, bwd = runner.comm.sum_ints([tail.item_forwards, tail.item_backwards])
+        counters["item_forwards"] += fwd
+        counters["item_backwards"] += bwd
+    # one encode serves valid, test and the exported item vectors
+    final = needs_vectors(task, ("valid", "test"), export=opts.export)
+    vectors = catalogue_vectors(task, runner) if final else None
+    valid = evaluate(task, vectors, "valid")
     epochs.append(
         {"epoch": len(epochs), "step": step, "train_seconds": train_seconds, "valid": valid}
     )
     if progress is not None:
         progress.close()
-    test = evaluate(task, runner, "test")
+    test = evaluate(task, vectors, "test")
     metrics = {
         "valid": valid,
         "test": test,
@@ -330,7 +363,8 @@ def train(opts: Options) -> dict:
                  for k, v in m.items() if "skipped" not in m}  # fmt: skip
         accelerator.log(final, step=step)
 
-    vectors = runner.eval_vectors(torch.arange(len(data.catalogue))) if opts.export else None
+    # gathered on the main process only, which writes it
+    vectors = vectors.full(len(data.catalogue)) if opts.export else None
     encoder_state = None
     if opts.export and runner.engine is not None:
         # Collective under ZeRO-3 (every rank takes part); only the main process gets the dict.

@@ -84,13 +84,11 @@ def test_table_holds_exactly_the_touched_items(base):
 
 
 def test_table_rows_move_by_sgd():
-    t = ItemTable(dim=3, lr=0.5, pin=False, capacity=1)
+    t = ItemTable(dim=3, lr=0.5, capacity=1)
     t.insert(torch.tensor([7, 2]), torch.tensor([[1.0, 1, 1], [2, 2, 2]]))
     t.apply(torch.tensor([2]), torch.tensor([[1.0, 0, -2]]))
     t.apply(torch.tensor([2, 7]), torch.tensor([[1.0, 0, 0], [4, 4, 4]]))
-    assert torch.equal(
-        t.rows(torch.tensor([2, 7]), "cpu"), torch.tensor([[1.0, 2, 3], [-1, -1, -1]])
-    )
+    assert torch.equal(t.rows(torch.tensor([2, 7])), torch.tensor([[1.0, 2, 3], [-1, -1, -1]]))
     assert t.missing(torch.tensor([1, 2, 7, 9])).tolist() == [1, 9]
     h = torch.tensor([[1.0, 2, 3]])
     assert torch.equal(t.regression_grad(torch.tensor([2]), h), torch.tensor([[0.0, 0, 0]]))

@@ -1,6 +1,10 @@
-"""2 CPU processes (gloo) equal 1 process, under DDP, ZeRO-2 and ZeRO-3; global dedup counts."""
+"""2 and 4 CPU processes (gloo) equal 1 process, under DDP, ZeRO-2 and ZeRO-3; global dedup
+counts; per-rank item traffic against its prediction; a last batch with fewer samples than
+ranks; ranks that own no item of any step under ZeRO-3."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -8,12 +12,14 @@ from launching import history, metrics, outputs, run
 from tiny import options
 
 from gram_scale.data.load import load_data
+from gram_scale.exchange import owner_of
+from gram_scale.stats import exchange_rows
 from gram_scale.tasks import make_task
 
 STRATEGY_ARGS = {"e2e": ["--strategy", "e2e"], "single": ["--strategy", "single"],
                  "multi": ["--strategy", "multi", "--window", "2"]}  # fmt: skip
 
-# Every run is float64, so summation order (ranks, all-reduce, ZeRO buckets) moves a gradient by
+# Every run is float64, so summation order (ranks, all-to-all, ZeRO buckets) moves a gradient by
 # ~1e-16 of its terms. Without DeepSpeed that is all: after AdamW steps the runs differ by
 # < lr * 1e-16 / eps ~ 1e-11 (measured ~1e-14).
 DDP_TOL = 1e-9
@@ -27,16 +33,19 @@ DDP_TOL = 1e-9
 ZERO_ARGS = ["--optimizer", "sgd", "--lr-encoder", "0.1", "--lr-cf", "0.1"]
 ZERO_PARAM_REL = 2**-20  # 8 float32 ulps of the model's largest parameter
 ZERO_VECTOR_REL = 1e-5
+TRAFFIC = ("comm_bytes_sent", "comm_bytes_received")
 
 
-def common(kt_dir, tiny_encoder, config: str) -> list[str]:
+def common(data_dir, tiny_encoder, config: str, batch_size: int = 8, task: str = "kt") -> list[str]:
     # CF dropout is off: its masks come from each rank's RNG, so they depend on the rank layout
-    # (encoder dropout is keyed by item and stays on).
-    return ["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
-            "--epochs", "1", "--max-steps", "3", "--batch-size", "8", "--seq-len", "20",
-            "--encoder-batch-size", "16", "--cf-dropout", "0", "--lr-encoder", "1e-3",
-            "--precision", "fp64", "--no-progress", "--config", config_path(config),
-            *(ZERO_ARGS if config != "none" else [])]  # fmt: skip
+    # (encoder dropout is keyed by item and stays on). A collective that waits for a rank that
+    # skipped a call fails after --dist-timeout instead of hanging the suite.
+    return ["--task", task, "--data", str(data_dir), "--encoder", str(tiny_encoder),
+            "--max-tokens", "16", "--epochs", "1", "--max-steps", "3",
+            "--batch-size", str(batch_size), "--seq-len", "20", "--history-len", "10",
+            "--cf-heads", "2", "--encoder-batch-size", "16", "--cf-dropout", "0",
+            "--lr-encoder", "1e-3", "--precision", "fp64", "--no-progress", "--dist-timeout", "120",
+            "--config", config_path(config), *(ZERO_ARGS if config != "none" else [])]  # fmt: skip
 
 
 def config_path(config: str) -> str:
@@ -57,21 +66,44 @@ def worst_excess(one_dir, two_dir, config: str) -> float:
                diff["vec.vectors"] / (ZERO_VECTOR_REL * vector_scale))  # fmt: skip
 
 
+def last_batch_smaller_than(n_samples: int, world: int) -> int:
+    """A batch size (>= world) giving 3 batches, the last of 1 or 2 samples (< world)."""
+    bs = (n_samples - 1) // 2
+    assert bs >= world and 1 <= n_samples - 2 * bs < world
+    return bs
+
+
 @pytest.fixture(scope="module")
-def baseline(kt_dir, tiny_encoder, tmp_path_factory):
-    """``baseline(strategy, optimizer_args)``: a 1-process plain-torch run, made once, in this
+def kt4_dir(tmp_path_factory):
+    """A small KT set whose answered items never belong to rank 3 of 4 (rank 3 owns no item of
+    any training step; it still owns unanswered catalogue items, which evaluation encodes)."""
+    from gram_scale.data.synth import write_kt
+
+    folder = tmp_path_factory.mktemp("kt4") / "data"
+    write_kt(folder, n_users=14, n_items=48, mean_len=24, n_unused_items=2, seed=3)
+    rows = {line.split(",", 1)[0]: i for i, line in
+            enumerate((folder / "items.csv").read_text().splitlines()[1:])}  # fmt: skip
+    lines = (folder / "interactions.csv").read_text().splitlines()
+    keep = [ln for ln in lines[1:] if int(owner_of(torch.tensor(rows[ln.split(",")[1]]), 4)) != 3]
+    (folder / "interactions.csv").write_text("\n".join([lines[0], *keep]) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_encoder, tmp_path_factory):
+    """``baseline(args)``: the same run on 1 process without DeepSpeed, made once, in this
     process."""
     from gram_scale.config import parse_options
     from gram_scale.trainer import train
 
     made = {}
 
-    def get(strategy: str, config: str, extra: tuple[str, ...] = ()):
-        key = (strategy, config == "none", extra)
+    def get(args: list[str]):
+        args = list(args)
+        args[args.index("--config") + 1] = "none"  # same optimizer, no DeepSpeed
+        key = tuple(args)
         if key not in made:
-            folder = tmp_path_factory.mktemp(f"base-{strategy}")
-            args = [*common(kt_dir, tiny_encoder, config), *STRATEGY_ARGS[strategy], *extra]
-            args[args.index("--config") + 1] = "none"  # same optimizer, no DeepSpeed
+            folder = tmp_path_factory.mktemp("base")
             train(parse_options([*args, "--output-dir", str(folder)]))
             made[key] = folder
         return made[key]
@@ -79,20 +111,67 @@ def baseline(kt_dir, tiny_encoder, tmp_path_factory):
     return get
 
 
+def task_of(data_dir, tiny_encoder, batch_size: int, task: str = "kt"):
+    opts = options(task=task, data=str(data_dir), encoder=str(tiny_encoder), batch_size=batch_size,
+                   seq_len=20, history_len=10)  # fmt: skip
+    return make_task(opts, load_data(opts), dim=8)
+
+
+def assert_equal_to_one(args, processes, config, baseline, tmp_path) -> dict:
+    run([*args, "--output-dir", str(tmp_path)], processes=processes)
+    one_dir = baseline(args)
+    one, many = metrics(one_dir), metrics(tmp_path)
+    assert many["processes"] == processes and one["processes"] == 1
+    assert worst_excess(one_dir, tmp_path, config) <= 1
+    without = {k: v for k, v in many["counters"].items() if k not in TRAFFIC}
+    assert without == {k: v for k, v in one["counters"].items() if k not in TRAFFIC}
+    # Every metric, scored by each rank on its share and combined: AUC and accuracy are rank and
+    # threshold statistics, so scores that agree to ~1e-6 only move them on near ties.
+    for split in ("valid", "test"):
+        assert many[split].keys() == one[split].keys()
+        for key, value in one[split].items():
+            if isinstance(value, float) and not math.isnan(value):
+                assert abs(many[split][key] - value) < 1e-4, (split, key)
+            else:
+                assert many[split][key] == value or math.isnan(many[split][key]), (split, key)
+    return many
+
+
+@pytest.mark.parametrize("processes", [2, 4])
 @pytest.mark.parametrize("config", ["none", "zero2", "zero3"])
 @pytest.mark.parametrize("strategy", ["e2e", "single", "multi"])
-def test_two_processes_equal_one(strategy, config, baseline, kt_dir, tiny_encoder, tmp_path):
-    run([*common(kt_dir, tiny_encoder, config), *STRATEGY_ARGS[strategy],
-         "--output-dir", str(tmp_path)], processes=2)  # fmt: skip
-    one_dir = baseline(strategy, config)
-    one, two = metrics(one_dir), metrics(tmp_path)
-    assert two["processes"] == 2 and one["processes"] == 1
-    assert worst_excess(one_dir, tmp_path, config) <= 1
-    assert two["counters"] == one["counters"]
-    # AUC is a rank statistic: scores that agree to ~1e-6 only change it on near ties
-    assert abs(two["test"]["auc"] - one["test"]["auc"]) < 1e-4
+def test_processes_equal_one(
+    strategy, config, processes, baseline, kt_dir, kt4_dir, tiny_encoder, tmp_path
+):
+    """On 4 processes the data make the last global batch smaller than the ranks (a rank trains
+    on an empty slice) and leave rank 3 owning no item of any step (under ZeRO-3 it still has
+    to make every collective encoder call)."""
+    if processes == 2:
+        data, bs = kt_dir, 8
+    else:
+        data = kt4_dir
+        bs = last_batch_smaller_than(len(task_of(data, tiny_encoder, 8).train_windows), 4)
+    task = task_of(data, tiny_encoder, bs)
+    args = [*common(data, tiny_encoder, config, bs), *STRATEGY_ARGS[strategy]]
+    many = assert_equal_to_one(args, processes, config, baseline, tmp_path)
+    batches = list(task.train_batches(0))[:3]
+    if processes == 4:
+        assert len(batches) == 3 and len(batches[-1]) < 4
+        used = torch.cat([b.items[b.items >= 0] for b in batches])
+        assert not (owner_of(used, 4) == 3).any()
     if strategy == "single":
-        assert_global_dedup(history(tmp_path), kt_dir, tiny_encoder)
+        assert_global_dedup(history(tmp_path), batches, processes)
+    assert_traffic(many, history(tmp_path), batches, processes, strategy,
+                   dim=outputs(tmp_path)["vec.vectors"].shape[1])  # fmt: skip
+
+
+def test_news_empty_slice_equals_one(baseline, news_dir, tiny_encoder, tmp_path):
+    """News on 4 processes, ZeRO-3, Single-step: the last global batch has fewer samples than
+    ranks, so the user encoder of some rank sees 0 rows; the run trains and matches 1 process."""
+    bs = last_batch_smaller_than(len(task_of(news_dir, tiny_encoder, 8, "news").samples), 4)
+    args = [*common(news_dir, tiny_encoder, "zero3", bs, task="news"), *STRATEGY_ARGS["single"]]
+    many = assert_equal_to_one(args, 4, "zero3", baseline, tmp_path)
+    assert many["steps"] == 3
 
 
 def test_guard_unkeyed_dropout_breaks_two_equal_one(baseline, kt_dir, tiny_encoder, tmp_path):
@@ -100,19 +179,40 @@ def test_guard_unkeyed_dropout_breaks_two_equal_one(baseline, kt_dir, tiny_encod
     even the ZeRO comparison (the looser one) says so."""
     args = [*common(kt_dir, tiny_encoder, "zero2"), *STRATEGY_ARGS["single"], "--no-keyed-dropout"]
     run([*args, "--output-dir", str(tmp_path)], processes=2)
-    one_dir = baseline("single", "zero2", ("--no-keyed-dropout",))
-    assert worst_excess(one_dir, tmp_path, "zero2") > 100
+    assert worst_excess(baseline(args), tmp_path, "zero2") > 100
 
 
-def assert_global_dedup(records, kt_dir, tiny_encoder):
+def assert_global_dedup(history, batches, world: int):
     """Summed over ranks, encoder backwards per step = globally unique items of the step,
     fewer than the sum of the ranks' own unique items (the ranks' batches share items)."""
-    opts = options(data=str(kt_dir), encoder=str(tiny_encoder), batch_size=8, seq_len=20)
-    task = make_task(opts, load_data(opts), dim=8)
-    assert len(records) == 3
-    for rec, batch in zip(records, task.train_batches(0)):
+    assert len(history) == len(batches) == 3
+    shared = []
+    for rec, batch in zip(history, batches):
         global_unique = len(torch.unique(batch.items[batch.items >= 0]))
-        per_rank = [batch.slice(r, 2).items for r in range(2)]
+        per_rank = [batch.slice(r, world).items for r in range(world)]
         rank_sum = sum(len(torch.unique(i[i >= 0])) for i in per_rank)
         assert rec["item_backwards"] == rec["item_forwards"] == rec["unique"] == global_unique
-        assert rank_sum > global_unique
+        shared.append(rank_sum > global_unique)
+    assert shared[0]  # a full batch
+
+
+def assert_traffic(metrics_: dict, history: list, batches, world: int, strategy: str, dim: int):
+    """Each rank's item bytes per step are within 2x of (rows it asked for + rows it served +
+    the gradients of both) x D x 8 bytes (float64); E2E moves no items at all."""
+    totals = metrics_["counters"]
+    for key in TRAFFIC:
+        assert totals[key] == [sum(h[key][r] for h in history) for r in range(world)]
+    if strategy == "e2e":
+        assert all(v == 0 for key in TRAFFIC for v in totals[key])
+        return
+    ratios = []
+    for rec, batch in zip(history, batches):
+        asked, served = exchange_rows(batch, world)
+        for r in range(world):
+            predicted = 2 * int(asked[r] + served[r]) * dim * 8
+            measured = rec["comm_bytes_sent"][r] + rec["comm_bytes_received"][r]
+            if predicted == 0:
+                assert measured <= 2 * 8 * world  # the row counts only
+                continue
+            ratios.append(measured / predicted)
+    assert ratios and all(0.5 <= x <= 2 for x in ratios), ratios

@@ -14,6 +14,7 @@ from tiny import options
 from gram_scale.data.items import TokenCache
 from gram_scale.data.load import load_data
 from gram_scale.encoder import pool
+from gram_scale.exchange import Comm
 from gram_scale.tasks import make_task
 
 
@@ -58,7 +59,7 @@ def test_lora_trains_adapters_only_and_reloads(config, kt_dir, tiny_encoder, tmp
     assert float((vecs - saved).abs().max()) < 1e-5
     task = make_task(opts, data, dim=vecs.shape[1])
     task.model.load_state_dict(load_file(str(tmp_path / "cf_model.safetensors")))
-    assert task.evaluate("test", vecs)["auc"] == pytest.approx(
+    assert task.evaluate("test", lambda items: vecs[items], Comm())["auc"] == pytest.approx(
         metrics(tmp_path)["test"]["auc"], abs=1e-6
     )
     assert json.loads((tmp_path / "options.json").read_text())["lora"] is True

@@ -38,5 +38,6 @@ def test_wandb_offline_run_holds_logged_keys(kt_dir, tiny_encoder, tmp_path):
     assert len(runs) == 1
     logged = set(re.findall(rb"(?:train|valid|test)/[a-z_@0-9]+", runs[0].read_bytes()))
     for key in (b"train/loss", b"train/items_per_s", b"train/item_backwards",
-                b"train/occurrence_unique_ratio", b"valid/auc", b"test/auc"):  # fmt: skip
+                b"train/occurrence_unique_ratio", b"train/comm_bytes_sent",
+                b"train/comm_bytes_received", b"valid/auc", b"test/auc"):  # fmt: skip
         assert key in logged, logged

@@ -9,7 +9,7 @@ import torch
 from tiny import options, replace
 
 from gram_scale.data.load import load_data
-from gram_scale.distributed import fill_ds_config
+from gram_scale.engine import fill_ds_config
 from gram_scale.schedule import Schedule, encoder_steps, run_steps
 from gram_scale.trainer import setup
 

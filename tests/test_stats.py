@@ -39,3 +39,47 @@ def test_stats_bad_flag_exit_2():
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "--batch-size: must be at least 1" in r.stderr
+
+
+def test_world_traffic_prediction_matches_a_slice_by_slice_count(kt_dir):
+    """``--world``'s exchange bytes against counting each rank's slice directly; the all-gather
+    column is 3 x U x D x bytes per step."""
+    import torch
+    from tiny import options
+
+    from gram_scale.data.load import load_data
+    from gram_scale.exchange import owner_of
+    from gram_scale.stats import traffic
+    from gram_scale.tasks import make_task
+
+    opts = options(data=str(kt_dir), batch_size=7)
+    task = make_task(opts, load_data(opts), dim=8)
+    world, dim, elem = 3, 16, 4
+    got = traffic(task, world, dim, elem)
+    per_rank_steps, union, steps = [], 0.0, 0
+    for batch in task.train_batches(0):
+        mine = [torch.unique(batch.slice(r, world).items) for r in range(world)]
+        mine = [m[m >= 0] for m in mine]
+        for r in range(world):
+            asked = int((owner_of(mine[r], world) != r).sum())
+            served = sum(int((owner_of(mine[a], world) == r).sum()) for a in range(world) if a != r)
+            per_rank_steps.append((asked + served) * (8 + 2 * dim * elem))
+        union += 3 * len(torch.unique(batch.items[batch.items >= 0])) * dim * elem
+        steps += 1
+    assert (
+        abs(got["exchange_bytes_per_rank_step"] - sum(per_rank_steps) / len(per_rank_steps)) < 1e-6
+    )
+    assert got["exchange_max_bytes_rank_step"] == max(per_rank_steps)
+    assert abs(got["allgather_bytes_per_rank_step"] - union / steps) < 1e-6
+
+
+def test_world_flag_prints_the_table(tmp_path, kt_dir):
+    r = subprocess.run(
+        [sys.executable, "-m", "gram_scale.stats", "--task", "kt", "--data", str(kt_dir),
+         "--batch-size", "8", "--world", "2,4", "--dim", "32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    at = lines.index("item traffic per rank per step (D = 32, fp32):")
+    assert lines[at + 2].split()[0] == "2" and lines[at + 3].split()[0] == "4"

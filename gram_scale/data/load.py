@@ -8,21 +8,16 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-# Built-in default sizes: large enough that the text signal is learnable and the batch
-# repetition (R_batch) is real, small enough that the default job runs in minutes on 2 cores.
-DEFAULT_KT = {"n_users": 300, "n_items": 300, "mean_len": 50, "n_unused_items": 10, "zipf": 1.0}
-DEFAULT_NEWS = {"n_users": 300, "n_news": 400, "impressions_per_user": 3, "n_candidates": 5}
-
 
 def default_data_dir(opts) -> Path:
     """Where the built-in synthetic set of ``opts.task`` lives; generated on first use."""
-    from gram_scale.data import synth
+    from gram_scale.tasks import task_class
 
-    sizes = DEFAULT_KT if opts.task == "kt" else DEFAULT_NEWS
+    task = task_class(opts.task)
+    sizes = task.default_sizes
     tag = "-".join(f"{v}" for v in sizes.values())
     folder = opts.resolved_cache_dir() / f"synthetic-{opts.task}-{tag}-seed0"
-    write = synth.write_kt if opts.task == "kt" else synth.write_mind
-    return generate_once(folder, lambda tmp: write(tmp, seed=0, **sizes))
+    return generate_once(folder, lambda tmp: task.write_default(tmp, seed=0, **sizes))
 
 
 def generate_once(folder: Path, write: Callable[[Path], None]) -> Path:
@@ -47,13 +42,8 @@ def generate_once(folder: Path, write: Callable[[Path], None]) -> Path:
 
 
 def load_data(opts):
-    """KTData or NewsData for the run."""
+    """The data of the run, read by its task's reader."""
+    from gram_scale.tasks import task_class
+
     folder = Path(opts.data) if opts.data else default_data_dir(opts)
-    if opts.task == "kt":
-        from gram_scale.data.kt import load_kt
-
-        return load_kt(folder, seed=opts.seed, valid_frac=opts.valid_frac, test_frac=opts.test_frac,
-                       cold_frac=opts.cold_frac)  # fmt: skip
-    from gram_scale.data.mind import load_mind
-
-    return load_mind(folder, use_abstract=opts.use_abstract, seed=opts.seed)
+    return task_class(opts.task).load(folder, opts)

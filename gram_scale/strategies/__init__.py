@@ -1,16 +1,25 @@
-"""GRAM strategies behind one interface: ``step(batch, step) -> StepResult`` and ``finish``."""
+"""GRAM strategies, found by name in one registry; each implements the ``Strategy`` protocol
+(``gram_scale.strategies.base``): ``step(batch, step, stop) -> StepResult``, ``finish``,
+``state_dict``, ``load_state_dict``. The command line's ``--strategy`` choices come from here."""
 
 from __future__ import annotations
 
-from gram_scale.strategies.e2e import EndToEnd
-from gram_scale.strategies.multi import MultiStep
-from gram_scale.strategies.single import SingleStep
+import importlib
+
+from gram_scale.errors import InputError
+
+# name -> "module:class", imported on first use so that option parsing stays light
+STRATEGIES: dict[str, str] = {
+    "e2e": "gram_scale.strategies.e2e:EndToEnd",
+    "single": "gram_scale.strategies.single:SingleStep",
+    "multi": "gram_scale.strategies.multi:MultiStep",
+}
 
 
 def make_strategy(opts, runner, cf, steps_per_epoch: int):
-    """The strategy named by ``opts.strategy``."""
-    if opts.strategy == "e2e":
-        return EndToEnd(runner, cf, opts)
-    if opts.strategy == "single":
-        return SingleStep(runner, cf, opts)
-    return MultiStep(runner, cf, opts, steps_per_epoch)
+    """The strategy named by ``opts.strategy``; an unknown name is an ``InputError``."""
+    if opts.strategy not in STRATEGIES:
+        known = ", ".join(STRATEGIES)
+        raise InputError("--strategy", None, f"unknown strategy {opts.strategy!r} (known: {known})")
+    module, cls = STRATEGIES[opts.strategy].split(":")
+    return getattr(importlib.import_module(module), cls)(runner, cf, opts, steps_per_epoch)

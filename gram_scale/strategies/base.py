@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -11,17 +12,70 @@ from gram_scale.data.batches import Batch, gather
 
 
 @dataclass
+class Totals:
+    """One step's scalars summed over ranks, agreed in a single collective."""
+
+    ok: bool  # loss and every gradient finite on every rank
+    count: int  # loss terms of the global batch
+    loss: float  # global mean loss
+    item_forwards: int  # encoder rows encoded, all ranks
+    item_backwards: int  # encoder rows back-propagated, all ranks
+    stop: int  # the ranks' stop signals, summed codes (``signals.stop_counts`` reads them)
+    bytes_sent: list[int]  # per rank: item bytes of the step, to other ranks
+    bytes_received: list[int]  # per rank: item bytes of the step, from other ranks
+
+
+@dataclass
 class StepResult:
     """One training step, as seen by this rank (counts of encoder rows are this rank's)."""
 
     loss: float
-    occurrences: int  # global item occurrences in the batch
-    unique: int  # global unique items in the batch
+    occurrences: int  # item occurrences in this rank's batch
+    unique: int  # unique items in this rank's batch
     item_forwards: int  # encoder rows encoded by this rank in this step (incl. window end)
     item_backwards: int  # encoder rows back-propagated by this rank in this step
     encoder_updated: bool
     skipped: bool = False  # non-finite loss or gradient: nothing was updated
     encoder_skipped: bool = False  # non-finite encoder gradient: the encoder update was dropped
+    totals: Totals | None = None  # the step's agreed sums (None after ``finish``)
+
+
+@dataclass
+class Plan:
+    """Encoder rows this rank counts for the step if it goes ahead and if it is skipped; both
+    travel in the step's one collective, then the runner's own counters are checked against
+    the one that happened."""
+
+    forwards_ok: int
+    backwards_ok: int
+    forwards_skipped: int
+    backwards_skipped: int = 0
+    traffic_ok: tuple[int, int] = (
+        0,
+        0,
+    )  # item bytes (sent, received) still to move if it goes ahead
+
+
+class Strategy(Protocol):
+    """What the trainer asks of a training strategy."""
+
+    name: str
+
+    def step(self, batch: Batch, step: int, stop: int = 0) -> StepResult:
+        """One training step on this rank's slice of the global batch."""
+        ...
+
+    def finish(self, step: int) -> StepResult | None:
+        """Flush work pending at the end of training."""
+        ...
+
+    def state_dict(self) -> dict:
+        """Strategy state for checkpoints."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``."""
+        ...
 
 
 class CFUpdate:
@@ -41,26 +95,55 @@ class CFUpdate:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def loss_and_item_grads(self, batch: Batch, rows: torch.Tensor, index: torch.Tensor):
-        """Back-propagate the global-mean CF loss; ``(loss, d loss / d rows)``.
+        """Back-propagate this rank's summed CF loss; ``(loss sum, loss terms, d sum / d rows)``.
 
-        Every rank divides its summed loss by the *global* count, so rank gradients add up to
-        the gradient of the global batch mean (what one process would compute)."""
+        The division by the *global* count waits for ``agree`` (one collective per step), so
+        rank gradients then add up to the gradient of the global batch mean. A rank whose slice
+        of the last batch is empty contributes nothing (the models are not run on 0 rows)."""
         leaf = rows.detach().requires_grad_(True)
-        loss_sum, count = self.task.loss(batch, gather(leaf, index))
-        total = self.comm.sum_int(count)
-        (loss_sum / max(total, 1)).backward()
-        loss = loss_sum.detach().reshape(1).double()
-        self.comm.all_reduce_([loss])
-        return float(loss) / max(total, 1), leaf.grad
+        if len(batch) == 0:
+            loss_sum, count = leaf.sum() * 0, 0
+        else:
+            loss_sum, count = self.task.loss(batch, gather(leaf, index))
+        loss_sum.backward()
+        return float(loss_sum.detach()), count, leaf.grad
 
-    def all_finite(self, loss: float, item_grads: torch.Tensor) -> bool:
-        """Loss, item gradients and CF gradients finite on every rank (all ranks agree)."""
-        bad = not math.isfinite(loss) or not bool(torch.isfinite(item_grads).all())
+    def agree(
+        self, loss_sum: float, count: int, grads: torch.Tensor, plan: Plan, stop: int
+    ) -> tuple[Totals, torch.Tensor]:
+        """The step's one scalar collective: loss, loss terms, the finite check, encoder row
+        counts, stop signals and per-rank traffic. Scales the CF and item gradients by the global
+        count when the step goes ahead; returns the totals and the scaled item gradients."""
+        bad = not math.isfinite(loss_sum) or not bool(torch.isfinite(grads).all())
         for p in self.model.parameters():
             if bad:
                 break
             bad = p.grad is not None and not bool(torch.isfinite(p.grad).all())
-        return self.comm.sum_int(int(bad)) == 0
+        sent, received = self.comm.take_train_traffic()
+        local = [loss_sum, count, int(bad), plan.forwards_ok, plan.backwards_ok,
+                 plan.forwards_skipped, plan.backwards_skipped, int(stop),
+                 *self.comm.per_rank(sent), *self.comm.per_rank(received),
+                 *self.comm.per_rank(plan.traffic_ok[0]), *self.comm.per_rank(plan.traffic_ok[1])]  # fmt: skip
+        v = self.comm.sum_floats(local)
+        w = self.comm.world
+        ok = v[2] == 0
+        total = max(int(v[1]), 1)
+        totals = Totals(
+            ok=ok,
+            count=int(v[1]),
+            loss=v[0] / total,
+            item_forwards=int(v[3] if ok else v[5]),
+            item_backwards=int(v[4] if ok else v[6]),
+            stop=int(v[7]),
+            bytes_sent=[int(a + ok * b) for a, b in zip(v[8 : 8 + w], v[8 + 2 * w : 8 + 3 * w])],
+            bytes_received=[int(a + ok * b) for a, b in zip(v[8 + w : 8 + 2 * w], v[8 + 3 * w :])],
+        )
+        if ok:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(total)
+            grads = grads / total
+        return totals, grads
 
     def discard(self) -> None:
         """Drop this step's CF gradients (a skipped step)."""
@@ -90,8 +173,10 @@ class CFUpdate:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def local_to_global_index(local_unique: torch.Tensor, index: torch.Tensor, union: torch.Tensor):
-    """Re-point a batch index from this rank's unique rows to rows of the global union."""
-    pos = torch.searchsorted(union, local_unique)
-    pos = torch.cat([pos, torch.tensor([len(union)])])  # padding stays one past the end
-    return pos[index]
+def check_counts(runner, plan: Plan, totals: Totals, f0: int, b0: int) -> None:
+    """The rows the runner really encoded and back-propagated are the ones announced."""
+    want = (plan.forwards_ok, plan.backwards_ok) if totals.ok else (
+        plan.forwards_skipped, plan.backwards_skipped)  # fmt: skip
+    got = (runner.item_forwards - f0, runner.item_backwards - b0)
+    if got != want:
+        raise RuntimeError(f"encoder rows (forwards, backwards) {got}, announced {want}")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from gram_scale.data.batches import Batch, occurrence_index
-from gram_scale.strategies.base import CFUpdate, StepResult
+from gram_scale.exchange import pieces
+from gram_scale.strategies.base import CFUpdate, Plan, StepResult, check_counts
 
 
 class EndToEnd:
@@ -13,37 +12,36 @@ class EndToEnd:
 
     name = "e2e"
 
-    def __init__(self, runner, cf: CFUpdate, opts):
+    def __init__(self, runner, cf: CFUpdate, opts, steps_per_epoch: int):
         self.runner, self.cf, self.comm = runner, cf, runner.comm
 
-    def step(self, batch: Batch, step: int) -> StepResult:
+    def step(self, batch: Batch, step: int, stop: int = 0) -> StepResult:
         """One optimizer step of encoder and CF model."""
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
         rows, index = occurrence_index(batch.items)
-        real = len(rows)
-        h = self.runner.encode(
-            rows if real else torch.zeros(1, dtype=torch.long), salt=step, grad=True
-        )
-        loss, g = self.cf.loss_and_item_grads(batch, h[:real].detach(), index)
-        if not self.cf.all_finite(loss, g):  # skip: no optimizer moves, the graph is dropped
+        (piece,) = pieces(self.comm, rows)
+        h = self.runner.encode(piece.items, salt=step, grad=True, count=piece.real)
+        loss_sum, count, g = self.cf.loss_and_item_grads(batch, h[: piece.real].detach(), index)
+        trains = piece.real if self.runner.trainable else 0
+        plan = Plan(piece.real, trains, piece.real)
+        totals, g = self.cf.agree(loss_sum, count, g, plan, stop)
+        applied = False  # the encoder's step: its gradient may still be non-finite
+        if not totals.ok:  # skip: no optimizer moves, the graph is dropped
             self.cf.discard()
-            return StepResult(loss, self.comm.sum_int(real), len(self.comm.union(torch.unique(rows))),
-                              self.runner.item_forwards - f0, 0, False, skipped=True)  # fmt: skip
-        if real:
-            self.runner.backward(h, g)
         else:
-            self.runner.backward(h, torch.zeros_like(h), count=0)
-        applied = self.cf.step_with(self.runner)
-        occurrences = self.comm.sum_int(real)
+            self.runner.backward(h, piece.pad(g), count=piece.real)
+            applied = self.cf.step_with(self.runner)
+        check_counts(self.runner, plan, totals, f0, b0)
         return StepResult(
-            loss=loss,
-            occurrences=occurrences,
-            unique=len(self.comm.union(torch.unique(rows))),
+            loss=totals.loss,
+            occurrences=batch.occurrences(),
+            unique=len(rows.unique()),
             item_forwards=self.runner.item_forwards - f0,
             item_backwards=self.runner.item_backwards - b0,
-            encoder_updated=applied and self.runner.trainable,
-            skipped=not applied,
-            encoder_skipped=not applied,
+            encoder_updated=self.runner.trainable and totals.ok and applied,
+            skipped=not (totals.ok and applied),
+            encoder_skipped=totals.ok and not applied,
+            totals=totals,
         )
 
     def finish(self, step: int) -> StepResult | None:

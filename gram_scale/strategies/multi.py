@@ -5,18 +5,18 @@ the first time an item is touched) and only the CF model steps; each touched row
 SGD with the gradient the CF model sends it. At the window end every touched item is re-encoded
 with gradient in chunks of ``--encoder-batch-size`` and the encoder regresses onto the rows
 (0.5 * squared error, summed), one optimizer step per ``--encoder-epochs`` pass.
+
+The table is sharded by item owner: each rank holds, fills, updates and regresses onto the rows
+it owns; rows reach the ranks that read them, and gradients come back, through the step's item
+exchange.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
-
 from gram_scale.accumulator import ItemTable
 from gram_scale.data.batches import Batch, unique_index
-from gram_scale.distributed import owner_slices
-from gram_scale.strategies.base import CFUpdate, StepResult, local_to_global_index
+from gram_scale.exchange import ItemExchange, pieces, shard_rows
+from gram_scale.strategies.base import CFUpdate, Plan, StepResult, check_counts
 
 
 def window_steps(spec: tuple[str, float], steps_per_epoch: int) -> int:
@@ -37,67 +37,60 @@ class MultiStep:
         self.window = window_steps(opts.window_spec(), steps_per_epoch)
         self.encoder_epochs = opts.encoder_epochs
         self.chunk = opts.encoder_batch_size
-        self.table = ItemTable(runner.encoder.dim, lr=opts.table_lr, dtype=runner.dtype)
+        self.table = ItemTable(
+            runner.encoder.dim, lr=opts.table_lr, dtype=runner.dtype, device=runner.device
+        )
         self.windows_done = 0
         self.encoder_skips = 0  # window-end updates dropped for a non-finite encoder gradient
 
-    def _mine(self, items: torch.Tensor) -> torch.Tensor:
-        return items[owner_slices(len(items), self.comm.world)[self.comm.rank]]
-
-    def step(self, batch: Batch, step: int) -> StepResult:
+    def step(self, batch: Batch, step: int, stop: int = 0) -> StepResult:
         """One CF step; at a window boundary also the encoder update."""
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
         window = step // self.window
         local, index = unique_index(batch.items)
-        union = self.comm.union(local)
+        ex = ItemExchange(self.comm, local)
         held = len(self.table)
-        new = self.table.missing(union)  # same on every rank: the tables are replicas
-        if len(new):
-            mine = self._mine(new)
-            h = self.runner.encode(mine if len(mine) else new[:1], salt=window, grad=False)
-            self.table.insert(new, self.comm.gather_rows(h[: len(mine)]))
-        rows = self.table.rows(union, self.runner.device)
-        loss, g = self.cf.loss_and_item_grads(
-            batch, rows, local_to_global_index(local, index, union)
+        (piece,) = pieces(self.comm, self.table.missing(ex.served))
+        h = self.runner.encode(piece.items, salt=window, grad=False, count=piece.real)
+        self.table.insert(piece.items[: piece.real], h[: piece.real])
+        loss_sum, count, g = self.cf.loss_and_item_grads(
+            batch, ex.fetch(self.table.rows(ex.served)), index
         )
-        skipped = not self.cf.all_finite(loss, g)
-        if skipped:  # CF optimizer and table untouched; the window schedule goes on
+        updated = (step + 1) % self.window == 0
+        regress = self.encoder_epochs if updated and self.runner.trainable else 0
+        plan = Plan(piece.real + regress * len(self.table), regress * len(self.table),
+                    piece.real + regress * held, regress * held, ex.grad_traffic())  # fmt: skip
+        totals, g = self.cf.agree(loss_sum, count, g, plan, stop)
+        if not totals.ok:  # CF optimizer and table untouched; the window schedule goes on
             self.cf.discard()
             self.table.truncate(held)
         else:
-            self.comm.all_reduce_([g])
-            self.table.apply(union, g)
+            self.table.apply(ex.served, ex.return_grads(g))
             self.cf.step()
-        updated = (step + 1) % self.window == 0
         skips = self.encoder_skips
         if updated:
             self.end_window(window)
+        check_counts(self.runner, plan, totals, f0, b0)
         return StepResult(
-            loss=loss,
-            occurrences=self.comm.sum_int(batch.occurrences()),
-            unique=len(union),
+            loss=totals.loss,
+            occurrences=batch.occurrences(),
+            unique=len(local),
             item_forwards=self.runner.item_forwards - f0,
             item_backwards=self.runner.item_backwards - b0,
             encoder_updated=updated and self.runner.trainable and self.encoder_skips == skips,
-            skipped=skipped,
+            skipped=not totals.ok,
             encoder_skipped=self.encoder_skips > skips,
+            totals=totals,
         )
 
     def end_window(self, window: int) -> None:
-        """Regress the encoder onto the touched rows, then clear the table."""
-        items = self.table.items()
-        mine = items[owner_slices(len(items), self.comm.world)[self.comm.rank]]
-        n_chunks = self.comm.max_int(math.ceil(len(mine) / self.chunk))
+        """Regress the encoder onto this rank's touched rows, then clear the table."""
+        calls = pieces(self.comm, self.table.items(), self.chunk)
         for _ in range(self.encoder_epochs if self.runner.trainable else 0):
-            for c in range(n_chunks):
-                chunk = mine[c * self.chunk : (c + 1) * self.chunk]
-                last = c == n_chunks - 1
-                if len(chunk) == 0:  # padding call: same number of calls on every rank
-                    h = self.runner.encode(items[:1], salt=window, grad=True)
-                    self.runner.backward(h, torch.zeros_like(h), last=last, count=0)
-                    continue
-                h = self.runner.encode(chunk, salt=window, grad=True)
-                self.runner.backward(h, self.table.regression_grad(chunk, h), last=last)
+            for c, piece in enumerate(calls):
+                h = self.runner.encode(piece.items, salt=window, grad=True, count=piece.real)
+                g = self.table.regression_grad(piece.items[: piece.real], h[: piece.real])
+                self.runner.backward(h, piece.pad(g), last=c == len(calls) - 1, count=piece.real)
             if not self.runner.step():  # non-finite encoder gradient: that update is dropped
                 self.encoder_skips += 1
         self.table.clear()
@@ -105,7 +98,7 @@ class MultiStep:
 
     def finish(self, step: int) -> StepResult | None:
         """Close a partly filled last window so its gradients reach the encoder."""
-        if len(self.table) == 0:
+        if self.comm.sum_int(len(self.table)) == 0:
             return None
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
         self.end_window(step // self.window)
@@ -114,10 +107,17 @@ class MultiStep:
         )
 
     def state_dict(self) -> dict:
-        """The item table (the window's touched rows) and the window count."""
-        return {"table": self.table.state_dict(), "windows_done": self.windows_done}
+        """The whole item table (every rank's rows, gathered: checkpoints are written by the
+        main process) and the window count; every rank calls it."""
+        mine = self.table.state_dict()
+        return {
+            "table": {k: self.comm.gather_rows(v) for k, v in mine.items()},
+            "windows_done": self.windows_done,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the table and window count of a checkpoint."""
-        self.table.load_state_dict(state["table"])
+        """Restore this rank's rows of a checkpoint's table, and the window count."""
+        table = state["table"]
+        keep = shard_rows(self.comm, table["items"])
+        self.table.load_state_dict({k: v[keep] for k, v in table.items()})
         self.windows_done = state["windows_done"]

@@ -3,54 +3,50 @@ by the one rank that owns it, with the sum of its occurrences' gradients. Exactl
 
 from __future__ import annotations
 
-import torch
-
 from gram_scale.data.batches import Batch, unique_index
-from gram_scale.distributed import owner_slices
-from gram_scale.strategies.base import CFUpdate, StepResult, local_to_global_index
+from gram_scale.exchange import ItemExchange, pieces
+from gram_scale.strategies.base import CFUpdate, Plan, StepResult, check_counts
 
 
 class SingleStep:
-    """Encode the step's unique items once, CF on their gathered rows, back-propagate once each."""
+    """Owners encode what they are asked for once; askers get their rows, owners the summed
+    gradients back; each owner back-propagates once per item."""
 
     name = "single"
 
-    def __init__(self, runner, cf: CFUpdate, opts):
+    def __init__(self, runner, cf: CFUpdate, opts, steps_per_epoch: int):
         self.runner, self.cf, self.comm = runner, cf, runner.comm
 
-    def step(self, batch: Batch, step: int) -> StepResult:
+    def step(self, batch: Batch, step: int, stop: int = 0) -> StepResult:
         """One optimizer step of encoder and CF model."""
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
         local, index = unique_index(batch.items)
-        union = self.comm.union(local)
-        mine = union[owner_slices(len(union), self.comm.world)[self.comm.rank]]
-        real = len(mine)
-        # A rank that owns nothing still runs one call (ZeRO-3 gathers parameters collectively).
-        h_mine = self.runner.encode(mine if real else union[:1], salt=step, grad=True)
-        rows = self.comm.gather_rows(h_mine[:real].detach())  # union order
-        loss, g = self.cf.loss_and_item_grads(
-            batch, rows, local_to_global_index(local, index, union)
-        )
-        if not self.cf.all_finite(loss, g):  # skip: no optimizer moves, the graph is dropped
+        ex = ItemExchange(self.comm, local)
+        (piece,) = pieces(self.comm, ex.served)
+        h = self.runner.encode(piece.items, salt=step, grad=True, count=piece.real)
+        rows = ex.fetch(h[: piece.real].detach())
+        loss_sum, count, g = self.cf.loss_and_item_grads(batch, rows, index)
+        trains = piece.real if self.runner.trainable else 0
+        plan = Plan(piece.real, trains, piece.real, traffic_ok=ex.grad_traffic())
+        totals, g = self.cf.agree(loss_sum, count, g, plan, stop)
+        applied = False  # the encoder's step: its gradient may still be non-finite
+        if not totals.ok:  # skip: no optimizer moves, the graph is dropped
             self.cf.discard()
-            return StepResult(loss, self.comm.sum_int(batch.occurrences()), len(union),
-                              self.runner.item_forwards - f0, 0, False, skipped=True)  # fmt: skip
-        self.comm.all_reduce_([g])  # every occurrence on every rank, summed per item
-        own_g = g[owner_slices(len(union), self.comm.world)[self.comm.rank]]
-        if real:
-            self.runner.backward(h_mine, own_g)
         else:
-            self.runner.backward(h_mine, torch.zeros_like(h_mine), count=0)
-        applied = self.cf.step_with(self.runner)
+            own_g = ex.return_grads(g)  # every occurrence on every rank, summed per item
+            self.runner.backward(h, piece.pad(own_g), count=piece.real)
+            applied = self.cf.step_with(self.runner)
+        check_counts(self.runner, plan, totals, f0, b0)
         return StepResult(
-            loss=loss,
-            occurrences=self.comm.sum_int(batch.occurrences()),
-            unique=len(union),
+            loss=totals.loss,
+            occurrences=batch.occurrences(),
+            unique=len(local),
             item_forwards=self.runner.item_forwards - f0,
             item_backwards=self.runner.item_backwards - b0,
-            encoder_updated=applied and self.runner.trainable,
-            skipped=not applied,
-            encoder_skipped=not applied,
+            encoder_updated=self.runner.trainable and totals.ok and applied,
+            skipped=not (totals.ok and applied),
+            encoder_skipped=totals.ok and not applied,
+            totals=totals,
         )
 
     def finish(self, step: int) -> StepResult | None:

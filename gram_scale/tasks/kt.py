@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from gram_scale.data.batches import Batch, epoch_order, gather
+from gram_scale.exchange import Comm, my_share
 from gram_scale.metrics import accuracy, auc
+from gram_scale.tasks.base import Lookup
 
 
 class DKT(nn.Module):
@@ -54,6 +56,35 @@ class KTTask:
 
     name = "kt"
     main_metric = "auc"
+    # Built-in default set: large enough that the text signal is learnable and the batch
+    # repetition (R_batch) is real, small enough that the default job runs in minutes on 2 cores.
+    default_sizes = {"n_users": 300, "n_items": 300, "mean_len": 50, "n_unused_items": 10,
+                     "zipf": 1.0}  # fmt: skip
+
+    @staticmethod
+    def write_default(folder, seed: int, **sizes) -> None:
+        """Generate the built-in synthetic set into ``folder``."""
+        from gram_scale.data.synth import write_kt
+
+        write_kt(folder, seed=seed, **sizes)
+
+    @staticmethod
+    def load(folder, opts):
+        """Read a KT folder (items.csv, interactions.csv) into splits."""
+        from gram_scale.data.kt import load_kt
+
+        return load_kt(folder, seed=opts.seed, valid_frac=opts.valid_frac,
+                       test_frac=opts.test_frac, cold_frac=opts.cold_frac)  # fmt: skip
+
+    @staticmethod
+    def cf_summary(opts) -> str:
+        """The CF model in words (for the run record a resume compares)."""
+        return f"{opts.cf_layers} LSTM layers"
+
+    @staticmethod
+    def size_stats(data) -> dict:
+        """Training-set size figures for ``gram_scale.stats``."""
+        return {"interactions": int(sum(len(items) for items, _ in data.train))}
 
     def __init__(self, data, opts, dim: int):
         self.data = data
@@ -97,26 +128,34 @@ class KTTask:
             return f"every answer in the {split} split is {'correct' if answers[0] else 'wrong'}"
         return None
 
-    def evaluate(self, split: str, item_vectors: torch.Tensor) -> dict[str, float]:
-        """AUC, accuracy and cold-start AUC on a split, from one vector per catalogue item."""
+    def evaluate(self, split: str, lookup: Lookup, comm: Comm) -> dict[str, float]:
+        """AUC, accuracy and cold-start AUC on a split. Each rank scores its share of the
+        sequences with the item vectors ``lookup`` fetches; the metrics come from every rank's
+        (label, probability) pairs gathered, so they equal one process's."""
         was_training = self.model.training
         self.model.eval()
-        labels, probs, cold = [], [], []
         windows = self.split_windows[split]
+        share = my_share(comm, len(windows))
+        mine = windows[share.start : share.stop]
+        items = torch.unique(torch.cat([w[0] for w in mine])) if mine else torch.zeros(0).long()
+        rows = lookup(items)  # every rank calls it, with or without sequences to score
+        pairs = []
         cold_items = self.data.cold_items
-        for start in range(0, len(windows), self.opts.eval_batch_size):
-            batch = _collate(windows[start : start + self.opts.eval_batch_size])
-            vecs = gather(item_vectors, batch.items.where(batch.items >= 0, len(item_vectors)))
-            correct = batch.fields["correct"].to(vecs.device)
-            p = torch.sigmoid(self.model(vecs, correct)).float().cpu()
+        for start in range(0, len(mine), self.opts.eval_batch_size):
+            batch = _collate(mine[start : start + self.opts.eval_batch_size])
             mask = batch.items >= 0
-            labels.append(batch.fields["correct"][mask])
-            probs.append(p[mask])
-            cold.append(cold_items[batch.items[mask]])
+            index = torch.where(mask, torch.searchsorted(items, batch.items), len(items))
+            vecs = gather(rows, index)
+            correct = batch.fields["correct"].to(vecs.device)
+            p = torch.sigmoid(self.model(vecs, correct)).double().cpu()
+            y, c = batch.fields["correct"][mask], cold_items[batch.items[mask]]
+            pairs.append(torch.stack([y.double(), p[mask], c.double()], 1))
         self.model.train(was_training)
-        if not labels:
+        local = torch.cat(pairs) if pairs else torch.zeros(0, 3, dtype=torch.double)
+        every = comm.gather_rows(local)
+        if not len(every):
             return {"auc": float("nan"), "acc": float("nan"), "cold_auc": float("nan")}
-        y, p, c = torch.cat(labels), torch.cat(probs), torch.cat(cold)
+        y, p, c = every[:, 0].long(), every[:, 1], every[:, 2].bool()
         return {
             "auc": auc(y, p),
             "acc": accuracy(y, p),

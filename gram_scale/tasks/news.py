@@ -9,7 +9,9 @@ from torch import nn
 
 from gram_scale.data.batches import Batch, gather
 from gram_scale.errors import InputError
-from gram_scale.metrics import impression_metrics
+from gram_scale.exchange import Comm, my_share
+from gram_scale.metrics import impression_rows, mean_rows
+from gram_scale.tasks.base import Lookup
 
 
 class NRMSUser(nn.Module):
@@ -51,6 +53,31 @@ class NewsTask:
 
     name = "news"
     main_metric = "auc"
+    default_sizes = {"n_users": 300, "n_news": 400, "impressions_per_user": 3, "n_candidates": 5}
+
+    @staticmethod
+    def write_default(folder, seed: int, **sizes) -> None:
+        """Generate the built-in synthetic set into ``folder``."""
+        from gram_scale.data.synth import write_mind
+
+        write_mind(folder, seed=seed, **sizes)
+
+    @staticmethod
+    def load(folder, opts):
+        """Read a MIND folder into splits."""
+        from gram_scale.data.mind import load_mind
+
+        return load_mind(folder, use_abstract=opts.use_abstract, seed=opts.seed)
+
+    @staticmethod
+    def cf_summary(opts) -> str:
+        """The CF model in words (for the run record a resume compares)."""
+        return f"{opts.cf_heads} heads"
+
+    @staticmethod
+    def size_stats(data) -> dict:
+        """Training-set size figures for ``gram_scale.stats``."""
+        return {"impressions": len(data.train)}
 
     def __init__(self, data, opts, dim: int):
         if dim % opts.cf_heads:
@@ -119,27 +146,35 @@ class NewsTask:
         return None
 
     @torch.no_grad()
-    def evaluate(self, split: str, item_vectors: torch.Tensor) -> dict[str, float]:
-        """AUC, MRR, nDCG@5 and nDCG@10 per impression, averaged."""
+    def evaluate(self, split: str, lookup: Lookup, comm: Comm) -> dict[str, float]:
+        """AUC, MRR, nDCG@5 and nDCG@10 per impression, averaged. Each rank scores its share of
+        the impressions with the item vectors ``lookup`` fetches; the per-impression values of
+        every rank are gathered and averaged, so the metrics equal one process's."""
         was_training = self.model.training
         self.model.eval()
         imps = getattr(self.data, split)
+        share = my_share(comm, len(imps))
+        mine = imps[share.start : share.stop]
         h = self.opts.history_len
-        scored = []
+        hists = [_history(imp.history, h) for imp in mine]
+        used = [x for imp, hist in zip(mine, hists) for x in (hist[hist >= 0], imp.candidates)]
+        items = torch.unique(torch.cat(used)) if used else torch.zeros(0, dtype=torch.long)
+        rows = lookup(items)  # every rank calls it, with or without impressions to score
+        scored, cold = [], []
         cold_items = self.data.cold_items
-        cold = []
-        for start in range(0, len(imps), self.opts.eval_batch_size):
-            chunk = imps[start : start + self.opts.eval_batch_size]
-            hist = torch.stack([_history(imp.history, h) for imp in chunk])
-            index = hist.where(hist >= 0, len(item_vectors))
-            user = self.model(gather(item_vectors, index), (hist >= 0).to(item_vectors.device))
+        for start in range(0, len(mine), self.opts.eval_batch_size):
+            chunk = mine[start : start + self.opts.eval_batch_size]
+            hist = torch.stack(hists[start : start + len(chunk)])
+            index = torch.where(hist >= 0, torch.searchsorted(items, hist), len(items))
+            user = self.model(gather(rows, index), (hist >= 0).to(rows.device))
             for imp, u in zip(chunk, user):
-                s = (item_vectors[imp.candidates.to(item_vectors.device)] @ u).float().cpu()
+                at = torch.searchsorted(items, imp.candidates).to(rows.device)
+                s = (rows[at] @ u).float().cpu()
                 scored.append((imp.labels, s))
                 c = cold_items[imp.candidates]
                 if c.any():
                     cold.append((imp.labels[c], s[c]))
         self.model.train(was_training)
-        out = impression_metrics(scored)
-        out["cold_auc"] = impression_metrics(cold)["auc"] if cold else float("nan")
+        out = mean_rows(comm.gather_rows(impression_rows(scored)))
+        out["cold_auc"] = mean_rows(comm.gather_rows(impression_rows(cold)))["auc"]
         return out

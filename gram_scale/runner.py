@@ -1,0 +1,147 @@
+"""The encoder runner: encodes item rows in chunks, back-propagates a surrogate with given item
+gradients, steps the optimizer. Two back ends: plain torch (with a manual gradient sum across
+ranks, i.e. DDP semantics) and a DeepSpeed ZeRO engine prepared by Accelerate, whose
+backward/step we call ourselves because GRAM needs several backward passes per update.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gram_scale.encoder import ContentEncoder, row_keys
+from gram_scale.exchange import Comm, OwnedVectors, owned, pieces
+
+
+class EncoderRunner:
+    """Encodes item rows, back-propagates item gradients through the encoder, steps it."""
+
+    def __init__(self, encoder: ContentEncoder, tokens, comm: Comm, opts, engine=None,
+                 optimizer=None, scheduler=None):  # fmt: skip
+        self.encoder = encoder  # the plain module (inside the engine when there is one)
+        self.engine = engine  # DeepSpeed engine, or None
+        self.optimizer = optimizer
+        self.scheduler = scheduler  # torch back end only: an engine steps its own
+        self.max_grad_norm = opts.max_grad_norm
+        self.tokens = tokens
+        self.comm = comm
+        self.device = comm.device
+        self.chunk = opts.encoder_batch_size
+        self.keyed = opts.keyed_dropout
+        self.seed = opts.seed
+        self.trainable = not opts.freeze_encoder
+        self.dtype = opts.vector_dtype()  # of the vectors handed to the CF model
+        self.item_forwards = 0
+        self.item_backwards = 0
+        self._pending_backward = False
+        self.peak_activation_bytes = 0  # largest encoder graph kept for a backward (activations)
+
+    @property
+    def module(self):
+        return self.engine if self.engine is not None else self.encoder
+
+    def lr(self) -> float | None:
+        """The learning rate of the next encoder step (None for a frozen encoder)."""
+        if not self.trainable:
+            return None
+        opt = self.engine.basic_optimizer if self.engine is not None else self.optimizer
+        return float(opt.param_groups[0]["lr"])
+
+    def _keys(self, items: torch.Tensor, salt: int | None):
+        if salt is None or not self.keyed:
+            return None
+        return row_keys(items, self.seed * 1_000_003 + salt)
+
+    def encode(
+        self, items: torch.Tensor, salt: int | None, grad: bool, count: int | None = None
+    ) -> torch.Tensor:
+        """Vectors of ``items`` in one forward call; train mode (keyed dropout by ``salt``);
+        ``count`` overrides the rows counted (0 for a padding call)."""
+        self.module.train()
+        ids, mask = self.tokens.rows(items)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        keys = self._keys(items, salt)
+        saved = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.set_grad_enabled(grad and self.trainable):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = (
+                    self.module(ids, mask, keys=keys)
+                    if keys is not None
+                    else self.module(ids, mask)
+                )
+        self.peak_activation_bytes = max(self.peak_activation_bytes, saved[0])
+        self.item_forwards += len(items) if count is None else count
+        return out.to(self.dtype)
+
+    def backward(
+        self,
+        vectors: torch.Tensor,
+        grads: torch.Tensor,
+        last: bool = True,
+        count: int | None = None,
+    ) -> None:
+        """Back-propagate ``sum(vectors * grads)``: each row gets exactly its item gradient.
+
+        ``last=False`` keeps a DeepSpeed engine from treating this backward as the end of the
+        accumulation (ZeRO would otherwise reduce and drop the partial gradients early);
+        ``count`` overrides the rows counted (0 for a padding call)."""
+        if not self.trainable:
+            return
+        surrogate = (vectors * grads.to(vectors.device, vectors.dtype)).sum()
+        self.item_backwards += len(vectors) if count is None else count
+        if self.engine is not None:
+            # The engine averages gradients over ranks; ours are partial sums, so scale back up.
+            self.engine.set_gradient_accumulation_boundary(last)
+            self.engine.backward(surrogate * self.comm.world)
+        else:
+            surrogate.backward()
+        self._pending_backward = True
+
+    def step(self) -> bool:
+        """One optimizer step from the gradients back-propagated since the last step. False when
+        the gradient is not finite (on any rank): the update is dropped with its gradients."""
+        if not self.trainable or not self._pending_backward:
+            return True
+        self._pending_backward = False
+        if self.engine is not None:
+            # ZeRO takes the global gradient norm before it steps and skips (counting it) a step
+            # whose norm is not finite, the scheduler included; it also clips here.
+            skipped = self.engine.skipped_steps
+            self.engine.step()
+            return self.engine.skipped_steps == skipped
+        params = [p for p in self.encoder.parameters() if p.grad is not None]
+        self.comm.all_reduce_([p.grad for p in params])
+        if not all(bool(torch.isfinite(p.grad).all()) for p in params):  # same on every rank
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        # Here, once: the update's gradient has arrived through several backward calls.
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    @torch.no_grad()
+    def owned_vectors(self, n_items: int) -> OwnedVectors:
+        """Eval-mode vectors (no dropout) of the catalogue items this rank owns, in chunks of
+        ``--encoder-batch-size``; every rank makes the same number of calls."""
+        self.module.eval()
+        mine = owned(self.comm, torch.arange(n_items))
+        outs = []
+        for piece in pieces(self.comm, mine, self.chunk):
+            ids, mask = self.tokens.rows(piece.items)
+            out = self.module(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+            outs.append(out[: piece.real])
+        vecs = (
+            torch.cat(outs)
+            if outs
+            else torch.zeros(0, self.encoder.dim, device=self.device, dtype=self.dtype)
+        )
+        self.module.train()
+        return OwnedVectors(self.comm, mine, vecs)

@@ -1,0 +1,72 @@
+"""Ownership, padding and the registries, in-process (the multi-process exchange is exercised by
+test_distributed.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import options
+
+from gram_scale.errors import InputError
+from gram_scale.exchange import Comm, ItemExchange, owner_of, pieces
+from gram_scale.strategies import make_strategy
+from gram_scale.tasks import make_task
+
+
+def test_owner_is_a_fixed_hash_spread_over_ranks():
+    rows = torch.arange(10_000)
+    for world in (2, 4, 8):
+        owners = owner_of(rows, world)
+        assert torch.equal(owners, owner_of(rows.flip(0), world).flip(0))  # order-free
+        assert torch.equal(owners[[5, 17]], owner_of(torch.tensor([5, 17]), world))
+        counts = torch.bincount(owners, minlength=world)
+        assert counts.min() > 0.9 * len(rows) / world  # balanced within 10%
+
+
+def test_a_rank_with_nothing_to_encode_still_makes_the_calls():
+    comm = Comm()
+    (piece,) = pieces(comm, torch.zeros(0, dtype=torch.long))
+    assert piece.real == 0 and len(piece.items) == 1  # one padding call, counted as 0 rows
+    assert torch.equal(piece.pad(torch.zeros(0, 3)), torch.zeros(1, 3))
+    chunks = pieces(comm, torch.arange(5), chunk=2)
+    assert [p.real for p in chunks] == [2, 2, 1]
+
+
+def test_one_process_exchange_is_the_identity():
+    local = torch.tensor([3, 8, 9])
+    ex = ItemExchange(Comm(), local)
+    assert torch.equal(ex.served, local)
+    rows = torch.randn(3, 4)
+    assert torch.equal(ex.fetch(rows), rows)
+    assert torch.equal(ex.return_grads(rows), rows)
+    assert ex.grad_traffic() == (0, 0)
+
+
+def test_unknown_task_or_strategy_raises_from_the_python_api():
+    opts = options()
+    opts.task = "ranking"
+    with pytest.raises(InputError, match="unknown task 'ranking'"):
+        make_task(opts, None, 8)
+    opts.strategy = "magic"
+    with pytest.raises(InputError, match="unknown strategy 'magic'"):
+        make_strategy(opts, None, None, 1)
+
+
+@pytest.mark.parametrize("strategy", ["e2e", "single", "multi"])
+def test_one_scalar_collective_per_step(strategy, kt_dir, tiny_encoder, monkeypatch):
+    """Loss, loss terms, the finite check, row counts, traffic and the stop flag of a step
+    travel in one call (Multi-step: a step inside its window)."""
+    from gram_scale.data.load import load_data
+    from gram_scale.trainer import setup
+
+    opts = options(data=str(kt_dir), encoder=str(tiny_encoder), strategy=strategy, window="3")
+    s = setup(opts, load_data(opts))
+    calls = []
+    for name in ("sum_int", "sum_ints", "sum_floats", "max_int"):
+        real = getattr(Comm, name)
+        monkeypatch.setattr(
+            Comm, name, lambda self, v, _r=real, _n=name: calls.append(_n) or _r(self, v)
+        )
+    res = s.strategy.step(next(s.task.train_batches(0)), 0, stop=True)
+    assert calls == ["sum_floats"]
+    assert res.totals.ok and res.totals.stop and res.totals.count > 0
