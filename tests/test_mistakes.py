@@ -121,7 +121,9 @@ def test_output_dir_with_an_earlier_run(capsys, finished, kt_dir, tiny_encoder, 
     code, stdout, err = cli(capsys, [*args, "--overwrite-output-dir", "--output-dir", str(out)])
     assert code == 0 and err == "", err
     left = sorted(p.name for p in out.iterdir())
-    assert left == ["metrics.json", "notes.txt", "options.json"], left  # no old encoder/...
+    assert left == ["history.jsonl", "metrics.json", "notes.txt", "options.json"], (
+        left
+    )  # no encoder/
     assert json.loads((out / "metrics.json").read_text())["steps"] == 1
 
 
