@@ -160,7 +160,7 @@ WORKLOADS: dict[str, Workload] = {
         options=NEWS_OPTIONS,
     ),
     "kt-skewed": Workload(
-        doc="""A TOEIC-like catalogue, where GRAM.md says Multi-step pays most: few items, many
+        doc="""A TOEIC-like catalogue, where Multi-step pays most: few items, many
         interactions per item, long texts. write_kt(n_users=300, n_items=100, mean_len=50,
         n_unused_items=5, zipf=1.0, seed=0), then every item text is lengthened to 64 words by
         appending words drawn (seeded per item) from its own text, so the level/topic signal
@@ -367,7 +367,7 @@ def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dic
     return row
 
 
-# ---- the GRAM.md cost model, measured in-process --------------------------------------------
+# ---- the epoch-time cost model, measured in-process ---------------------------------------
 def _timed(fn, repeats: int, sync) -> float:
     fn()  # warm-up: first calls allocate and build caches
     times = []
@@ -433,7 +433,7 @@ def measure_costs(opts: Options, repeats: int = 3, cf_batches: int = 8) -> dict:
 
 
 def cost_model(costs: dict, stats: dict) -> dict:
-    """GRAM.md's epoch-time model: E2E N(e+c), Single (N/R_batch)e + Nc, 1E I(e+f) + Nc."""
+    """The epoch-time model: E2E N(e+c), Single (N/R_batch)e + Nc, 1E I(e+f) + Nc."""
     e, f, c = costs["e_s"], costs["f_s"], costs["c_s"]
     n, items, r_batch = stats["occurrences"], stats["distinct_items"], stats["R_batch"]
     e2e = n * (e + c)
@@ -621,7 +621,7 @@ def markdown(result: dict) -> str:
         single = result["strategies"]["single"]["speedup"]
         lines += [
             "",
-            f"Bound (GRAM.md cost model; e, f, c measured in the benchmark process on this "
+            f"Bound (epoch-time cost model; e, f, c measured in the benchmark process on this "
             f"machine): e = {1e3 * b['e_s']:.2f} ms per item (encoder forward+backward, chunks "
             f"of {b['chunk']}), f = {1e3 * b['f_s']:.2f} ms per item (forward only), c = "
             f"{1e6 * b['c_s']:.1f} us per interaction (CF forward+backward+step). The 1E "
