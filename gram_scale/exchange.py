@@ -108,31 +108,32 @@ class Comm:
         Only for small per-rank results (evaluation scores, checkpointed tables)."""
         if self.world == 1:
             return rows
-        counts = torch.tensor([len(rows)], dtype=torch.long, device=self.device)
-        all_counts = [torch.zeros_like(counts) for _ in range(self.world)]
-        dist.all_gather(all_counts, counts)
-        n = max(int(c) for c in all_counts)
-        padded = rows.new_zeros((n, *rows.shape[1:])).to(self.device)
-        padded[: len(rows)] = rows.to(self.device)
+        padded, counts = self._padded(rows)
         out = [torch.zeros_like(padded) for _ in range(self.world)]
         dist.all_gather(out, padded)
-        return torch.cat([o[: int(c)] for o, c in zip(out, all_counts)]).to(rows.device)
+        return torch.cat([o[:c] for o, c in zip(out, counts)]).to(rows.device)
 
     def gather_to_main(self, rows: torch.Tensor) -> torch.Tensor | None:
         """Every rank's rows concatenated in rank order on rank 0; None elsewhere."""
         if self.world == 1:
             return rows
-        counts = torch.tensor([len(rows)], dtype=torch.long, device=self.device)
-        all_counts = [torch.zeros_like(counts) for _ in range(self.world)]
-        dist.all_gather(all_counts, counts)
-        n = max(int(c) for c in all_counts)
-        padded = rows.new_zeros((n, *rows.shape[1:])).to(self.device)
-        padded[: len(rows)] = rows.to(self.device)
+        padded, counts = self._padded(rows)
         out = [torch.zeros_like(padded) for _ in range(self.world)] if self.rank == 0 else None
         dist.gather(padded, out, dst=0)
         if self.rank != 0:
             return None
-        return torch.cat([o[: int(c)] for o, c in zip(out, all_counts)]).to(rows.device)
+        return torch.cat([o[:c] for o, c in zip(out, counts)]).to(rows.device)
+
+    def _padded(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """This rank's rows padded to the longest rank's count (collectives need equal
+        shapes), and every rank's count."""
+        count = torch.tensor([len(rows)], dtype=torch.long, device=self.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world)]
+        dist.all_gather(counts, count)
+        n = max(int(c) for c in counts)
+        padded = rows.new_zeros((n, *rows.shape[1:])).to(self.device)
+        padded[: len(rows)] = rows.to(self.device)
+        return padded, [int(c) for c in counts]
 
     def all_to_all(
         self, rows: torch.Tensor, send: list[int], recv: list[int], counted: bool = True
