@@ -48,10 +48,6 @@ class StopRequest:
         self._at = 0.0
         self._previous: dict[int, object] = {}
 
-    def counts(self) -> list[int]:
-        """1 for the received signal, 0 for the others, one entry per ``STOP_SIGNALS``."""
-        return [int(self.received == sig) for sig in STOP_SIGNALS]
-
     def code(self, world: int) -> int:
         """This rank's stop signal as one integer whose sum over ``world`` ranks still tells
         how many ranks received each signal (``stop_counts``); 0 for none."""

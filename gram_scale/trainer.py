@@ -302,8 +302,8 @@ def train(opts: Options) -> dict:
                 if opts.save_every and state.step % opts.save_every == 0:
                     save_checkpoint(accelerator, state, opts.output_dir, opts.keep_checkpoints,
                                     record)  # fmt: skip
-                if agreed_signal(signals) is not None:
-                    _stop(accelerator, opts, state, record, progress, stop, agreed_signal(signals))
+                if (signum := agreed_signal(signals)) is not None:
+                    _stop(accelerator, opts, state, record, progress, stop, signum)
             if opts.max_steps and state.step >= opts.max_steps and epoch < opts.epochs - 1:
                 break
             if epoch < opts.epochs - 1:
@@ -319,7 +319,8 @@ def train(opts: Options) -> dict:
                 if opts.report_to != "none" and "skipped" not in valid:
                     accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=state.step)
             state.epoch, state.batch_in_epoch = epoch + 1, 0
-    late = agreed_signal(runner.comm.sum_ints(stop.counts()))  # came after the last step
+    # a signal that came after the last step
+    late = agreed_signal(stop_counts(runner.comm.sum_int(stop.code(world)), world))
     if late is not None:
         _stop(accelerator, opts, state, record, progress, stop, late)
     step, train_seconds = state.step, state.train_seconds
