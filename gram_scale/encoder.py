@@ -40,7 +40,6 @@ def default_encoder_path() -> str:
 
 # ---- keyed dropout ------------------------------------------------------------------------
 _M31 = 0x7FFFFFFF
-_COORD_PRIMES = (0x2545F491, 0x1B873593, 0x0CC9E2D5, 0x5BD1E995, 0x27D4EB2F)
 
 
 def _hash31(x: torch.Tensor) -> torch.Tensor:
@@ -50,23 +49,64 @@ def _hash31(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+# A fixed field of pseudo-random 24-bit integers per element shape (and device), shared by every
+# row, call and step: made once, so a mask costs elementwise arithmetic only. Each value is a
+# hash of the element's coordinates, not a draw in sequence, so an element gets the same value
+# whatever the sizes of the other dimensions: an item padded to 12 tokens in one chunk and to 16
+# in another draws the same mask on its real tokens.
+_FIELDS: dict[tuple, torch.Tensor] = {}
+_FIELD_BYTES = 256 * 2**20  # cache budget; shapes vary with the padded length of a chunk
+_COORD_PRIMES = (0x2545F491, 0x1B873593, 0x0CC9E2D5, 0x5BD1E995, 0x27D4EB2F)
+
+
+def _field(shape: tuple[int, ...], device) -> torch.Tensor:
+    key = (shape, str(device))
+    field = _FIELDS.pop(key, None)
+    if field is None:
+        acc = torch.zeros(shape, dtype=torch.long, device=device)
+        for d, size in enumerate(shape):
+            view = [1] * len(shape)
+            view[d] = size
+            c = torch.arange(size, device=device, dtype=torch.long).view(view)
+            acc = (acc + c * _COORD_PRIMES[d % len(_COORD_PRIMES)]) & _M31
+        field = (_hash31(acc) & 0xFFFFFF).to(torch.float64)
+        while _FIELDS and sum(f.numel() * 8 for f in _FIELDS.values()) + field.numel() * 8 > (
+            _FIELD_BYTES
+        ):
+            _FIELDS.pop(next(iter(_FIELDS)))  # the least recently used
+    _FIELDS[key] = field  # most recently used last
+    return field
+
+
+def _row_multipliers(keys: torch.Tensor, device) -> torch.Tensor:
+    """Per-row odd 29-bit multiplier over 2**24, from 31-bit row keys (exact in float64)."""
+    odd = (_hash31(keys) & 0x1FFFFFFF) | 1
+    return (odd.double() / 2.0**24).to(device)
+
+
 class _KeyedDropout:
-    def __init__(self, row_keys: torch.Tensor, calls: int = 0, coords: dict | None = None):
+    """``F.dropout`` whose mask for each first-dim row depends only on the row's key and the call.
+
+    An element's uniform draw is ``(k * m mod 2**24) / 2**24``: ``k`` is a fixed random 24-bit
+    integer per element position, ``m`` an odd multiplier hashed from (row key, call). For odd
+    ``m``, ``k -> k * m mod 2**24`` is a bijection, so each row's draws are as uniform as the
+    field; rows get unrelated masks unless the ratio of their multipliers is tiny modulo
+    2**24, which a hash makes vanishingly rare. The product is below 2**53, so float64 holds it
+    exactly and every kernel (vectorised or not, CPU or GPU, fused or not) gives the same bits:
+    an item draws the same mask in any chunk. It costs one float64 multiply, a fraction and a
+    compare per element, where hashing every element took a dozen 64-bit integer operations.
+    """
+
+    def __init__(self, row_keys: torch.Tensor, calls: int = 0):
         self.row_keys = row_keys
         self.calls = calls  # dropout calls so far: part of each call's key
-        self._coords: dict[tuple, torch.Tensor] = {} if coords is None else coords
 
-    def coord_hash(self, shape: tuple[int, ...], device) -> torch.Tensor:
-        key = (shape, str(device))
-        if key not in self._coords:
-            acc = torch.zeros(shape, dtype=torch.long, device=device)
-            for d, size in enumerate(shape):
-                view = [1] * len(shape)
-                view[d] = size
-                c = torch.arange(size, device=device, dtype=torch.long).view(view)
-                acc = (acc + c * _COORD_PRIMES[d % len(_COORD_PRIMES)]) & _M31
-            self._coords[key] = _hash31(acc)
-        return self._coords[key]
+    def dropped(self, shape: tuple[int, ...], p: float, device) -> torch.Tensor:
+        """The boolean drop mask of the next call, for ``shape[0]`` rows."""
+        self.calls += 1
+        keys = (self.row_keys.cpu() + self.calls * 0x3C6EF372) & _M31
+        mult = _row_multipliers(keys, device).view(-1, *([1] * (len(shape) - 1)))
+        return (_field(tuple(shape[1:]), device) * mult).frac_() < p
 
     def __call__(self, x, p=0.5, training=True, inplace=False):
         if not training or p == 0.0:
@@ -75,12 +115,8 @@ class _KeyedDropout:
             raise RuntimeError(
                 f"keyed dropout expects {self.row_keys.shape[0]} rows first, got shape {tuple(x.shape)}"
             )
-        self.calls += 1
-        rows = _hash31((self.row_keys.to(x.device) + self.calls * 0x3C6EF372) & _M31)
-        coords = self.coord_hash(tuple(x.shape[1:]), x.device)
-        u = _hash31(rows.view(-1, *([1] * (x.dim() - 1))) ^ coords)
-        keep = u >= int(p * 2**31)
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+        drop = self.dropped(tuple(x.shape), p, x.device)
+        return x.mul(1.0 / (1.0 - p)).masked_fill_(drop, 0.0)
 
 
 @contextlib.contextmanager
@@ -114,7 +150,7 @@ def replay_context():
     active = F.dropout
     if not isinstance(active, _KeyedDropout):
         return contextlib.nullcontext(), contextlib.nullcontext()
-    replay = _KeyedDropout(active.row_keys, active.calls, active._coords)
+    replay = _KeyedDropout(active.row_keys, active.calls)
     return contextlib.nullcontext(), _installed(replay)
 
 

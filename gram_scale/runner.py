@@ -32,6 +32,7 @@ class EncoderRunner:
         self.dtype = opts.vector_dtype()  # of the vectors handed to the CF model
         self.item_forwards = 0
         self.item_backwards = 0
+        self.item_recomputes = 0  # rows encoded a second time, with gradient (chunked Single-step)
         self._pending_backward = False
         self.peak_activation_bytes = 0  # largest encoder graph kept for a backward (activations)
 
@@ -76,6 +77,25 @@ class EncoderRunner:
         self.peak_activation_bytes = max(self.peak_activation_bytes, saved[0])
         self.item_forwards += len(items) if count is None else count
         return out.to(self.dtype)
+
+    def rng_state(self) -> tuple:
+        """The RNG state an encoder call starts from, for ``recompute``."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def recompute(self, items: torch.Tensor, salt: int, state: tuple, count: int) -> torch.Tensor:
+        """``encode`` again, with gradient, rows already encoded (and counted) without, from the
+        RNG state that call started from: keyed dropout draws the same masks anyway, and with
+        ``--no-keyed-dropout`` the global RNG then does too, so the vectors are the ones the CF
+        model saw. The RNG stream outside goes on as if there had been no second call."""
+        self.item_recomputes += count
+        cpu, cuda = state
+        devices = [self.device] if cuda is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
+            return self.encode(items, salt, grad=True, count=0)
 
     def backward(
         self,

@@ -61,16 +61,51 @@ def single_vs_e2e(opts, data, n_steps: int, scale_one_item: float | None = None)
     e2e, _ = run_steps(replace(opts, strategy="e2e"), data, n_steps)
     single, res = run_steps(replace(opts, strategy="single"), data, n_steps, scale_one_item)
     assert all(r.occurrences > r.unique for r in res)  # the batches really repeat items
+    chunked = any(r.unique > opts.encoder_batch_size for r in res)
+    assert (single.runner.item_recomputes > 0) == chunked  # a second pass exactly when chunked
     init, _ = run_steps(opts, data, 0)
     assert max_diff(params(e2e), params(init)) > 1e-4  # the steps really moved the parameters
     return max_diff(params(e2e), params(single))
 
 
+# One step with every item in one chunk (the graph of the forward is kept), and three steps in
+# chunks of 16, fewer than a step's unique items (encoded without gradient, then again with).
+STEPS_AND_CHUNKS = [(1, 512), (3, 16)]
+
+
 @pytest.mark.parametrize("dropout", [True, False], ids=["dropout", "no-dropout"])
-@pytest.mark.parametrize("n_steps", [1, 3])
-def test_single_equals_e2e(task_opts, dropout, n_steps):
+@pytest.mark.parametrize("n_steps,chunk", STEPS_AND_CHUNKS, ids=["1-one-chunk", "3-chunks-of-16"])
+def test_single_equals_e2e(task_opts, dropout, n_steps, chunk):
     opts, data, nodrop = task_opts
-    assert single_vs_e2e(with_dropout(opts, nodrop, dropout), data, n_steps) < TOL
+    opts = replace(with_dropout(opts, nodrop, dropout), encoder_batch_size=chunk)
+    assert single_vs_e2e(opts, data, n_steps) < TOL
+
+
+def test_guard_chunk_recompute_with_other_masks_is_caught(task_opts, monkeypatch):
+    """Guard: a chunk re-encoded under another dropout key than its first pass fails the test."""
+    from gram_scale.runner import EncoderRunner
+
+    real = EncoderRunner.recompute
+    monkeypatch.setattr(EncoderRunner, "recompute",
+                        lambda self, items, salt, *a: real(self, items, salt + 1, *a))  # fmt: skip
+    opts, data, nodrop = task_opts
+    assert single_vs_e2e(with_dropout(opts, nodrop, True), data, 3) > 100 * TOL
+
+
+def test_single_step_memory_is_one_chunk(task_opts):
+    """The encoder graph kept for a backward is one chunk's, however many items the step has."""
+    opts, data, _ = task_opts
+    kept = {}
+    for chunk in (4, 8, 512):
+        s, res = run_steps(replace(opts, strategy="single", encoder_batch_size=chunk), data, 1)
+        kept[chunk] = s.runner.peak_activation_bytes
+    unique = res[0].unique
+    assert unique > 16
+    # kept bytes = a * rows of the call + b (the weights a backward holds on to): the step with
+    # chunks of 8 kept 8 rows' worth, not the step's ``unique`` rows
+    per_row = (kept[8] - kept[4]) / 4
+    assert per_row > 0
+    assert (kept[512] - kept[8]) / per_row == pytest.approx(unique - 8, rel=0.05), kept
 
 
 def test_scaled_item_gradient_is_caught(task_opts):
@@ -120,15 +155,20 @@ def test_single_equals_e2e_with_gradient_checkpointing(task_opts):
 
 
 def test_guard_recompute_with_other_masks_is_caught(task_opts, monkeypatch):
-    """Guard: when the recompute draws masks of its own, the comparison above fails."""
-    import contextlib
+    """Guard: when the recompute draws other masks (keyed by row position, not item: E2E and
+    Single-step place an item at different rows), the test above fails."""
+    import torch.nn.functional as F
 
     from gram_scale import encoder
 
-    def no_replay():
-        return contextlib.nullcontext(), contextlib.nullcontext()
+    def other_masks():
+        active = F.dropout
+        if not isinstance(active, encoder._KeyedDropout):
+            return encoder.contextlib.nullcontext(), encoder.contextlib.nullcontext()
+        other = encoder._KeyedDropout(encoder.torch.arange(len(active.row_keys)), active.calls)
+        return encoder.contextlib.nullcontext(), encoder._installed(other)
 
-    monkeypatch.setattr(encoder, "replay_context", no_replay)
+    monkeypatch.setattr(encoder, "replay_context", other_masks)
     opts, data, nodrop = task_opts
     opts = replace(with_dropout(opts, nodrop, True), gradient_checkpointing=True)
     assert single_vs_e2e(opts, data, 3) > 100 * TOL
