@@ -19,6 +19,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 REPORTERS = ("none", "wandb", "tensorboard")
 PRECISIONS = ("fp32", "bf16", "fp64")
 OPTIMIZERS = ("adamw", "sgd")
+ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2")
 
 
 def _opt(default, help: str, **kw):
@@ -113,6 +114,13 @@ class Options:
     max_grad_norm: float = _opt(
         0.0, "clip each optimizer's gradient to this global L2 norm (0 = off)"
     )
+    attn_implementation: str = _opt(
+        "auto",
+        "encoder attention kernel: auto = sdpa, or eager when the encoder's attention dropout is "
+        "on and keyed (sdpa and flash attention draw their dropout inside the kernel, where "
+        "keyed masks cannot reach)",
+        choices=ATTENTIONS,
+    )
     eval_batch_size: int = _opt(256, "sequences or impressions per evaluation batch")
     seed: int = _opt(0, "random seed (data split, initialisation, order, dropout)")
     # run
@@ -121,8 +129,9 @@ class Options:
     )
     precision: str = _opt(
         "fp32",
-        "fp32, bf16 (encoder under DeepSpeed) or fp64 (encoder, CF model and item table in "
-        "float64: slow, for checking exactness)",
+        "fp32, bf16 (under DeepSpeed: encoder weights in bf16; without: bf16 autocast of the "
+        "encoder) or fp64 (encoder, CF model and item table in float64: slow, for checking "
+        "exactness)",
         choices=PRECISIONS,
     )
     output_dir: str = _opt("outputs/run", "where metrics, options and exports are written")
@@ -276,10 +285,6 @@ def _check_conflicts(opts: Options) -> None:
             "--lora",
             None,
             "cannot be combined with --freeze-encoder (a frozen encoder trains no adapters)",
-        )
-    if opts.precision == "bf16" and opts.config.lower() == "none":
-        raise InputError(
-            "--precision", None, "bf16 needs a DeepSpeed --config (plain DDP trains in fp32)"
         )
     if opts.precision == "bf16" and opts.freeze_encoder:
         raise InputError(

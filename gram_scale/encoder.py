@@ -258,7 +258,8 @@ _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "l
 
 def check_encoder_folder(path: str | os.PathLike, max_tokens: int) -> dict:
     """Refuse a folder that cannot serve as the item encoder, reading only its small files;
-    returns its identity (path, config hash, type, hidden size) for checkpoints."""
+    returns its identity (path, config hash, type, hidden size) for checkpoints, and its
+    parsed ``config``."""
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -289,14 +290,40 @@ def check_encoder_folder(path: str | os.PathLike, max_tokens: int) -> dict:
                                                    f"token positions of the encoder {folder}")  # fmt: skip
     hidden = cfg.get("hidden_size", cfg.get("dim", cfg.get("d_model")))
     return {"path": str(folder.resolve()), "config_sha256": hashlib.sha256(raw).hexdigest(),
-            "model_type": model_type, "hidden_size": hidden}  # fmt: skip
+            "model_type": model_type, "hidden_size": hidden, "config": cfg}  # fmt: skip
 
 
-def _auto_model(path: str, dtype: torch.dtype | None = None):
+# Names of the attention-probability dropout in Hugging Face configs (BERT-likes, Llama/Qwen,
+# GPT-2, DistilBERT).
+_ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop",
+                      "attn_dropout")  # fmt: skip
+
+
+def resolve_attention(choice: str, config: dict, keyed: bool) -> str:
+    """The attention kernel for ``--attn-implementation``: ``auto`` is sdpa unless the model's
+    attention dropout is on and keyed, which only eager attention can do (sdpa and flash
+    attention draw their masks inside the kernel, where ``F.dropout`` is never called)."""
+    p = max(float(config.get(k) or 0.0) for k in _ATTENTION_DROPOUT)
+    needs_eager = keyed and p > 0
+    if choice == "auto":
+        return "eager" if needs_eager else "sdpa"
+    if choice != "eager" and needs_eager:
+        raise InputError("--attn-implementation", None, f"{choice} draws the encoder's attention "
+                         f"dropout ({p}) inside the kernel, where keyed masks cannot reach; use "
+                         "eager (or auto), or --no-keyed-dropout")  # fmt: skip
+    if choice == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+            raise InputError("--attn-implementation", None, "flash_attention_2 needs a GPU and "
+                             "the flash-attn package; use sdpa")  # fmt: skip
+    return choice
+
+
+def _auto_model(path: str, dtype: torch.dtype | None = None, attention: str = "eager"):
     from transformers import AutoModel
 
-    # eager attention: its dropout goes through F.dropout, so keyed masks reach it too
-    kw = {"local_files_only": True, "attn_implementation": "eager"}
+    kw = {"local_files_only": True, "attn_implementation": attention}
     if dtype is not None:  # e.g. bf16 weights straight from disk: half the memory of fp32
         kw["dtype"] = dtype
     try:  # no pooler head: we pool ourselves, and an untrained pooler would be random weights
@@ -305,11 +332,13 @@ def _auto_model(path: str, dtype: torch.dtype | None = None):
         return AutoModel.from_pretrained(path, **kw)
 
 
-def load_encoder(path: str, pooling: str = "auto", dtype: torch.dtype | None = None):
+def load_encoder(path: str, pooling: str = "auto", dtype: torch.dtype | None = None,
+                 attention: str = "auto", keyed: bool = True):  # fmt: skip
     """Load ``(ContentEncoder, tokenizer)`` from a local folder; never touches the network.
 
     A tokenizer without a pad token pads with its eos token (decoder tokenizers often have
-    none); the pooling is checked against the architecture before any weight is read."""
+    none); the pooling and attention kernel are checked against the architecture before any
+    weight is read."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoConfig, AutoTokenizer
@@ -321,11 +350,13 @@ def load_encoder(path: str, pooling: str = "auto", dtype: torch.dtype | None = N
     if not (folder / "config.json").is_file():
         raise InputError(folder, None, "not a Hugging Face model folder (no config.json)")
     try:
-        resolve_pooling(pooling, AutoConfig.from_pretrained(str(folder), local_files_only=True))
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        resolve_pooling(pooling, config)
+        attention = resolve_attention(attention, config.to_dict(), keyed)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = _auto_model(str(folder), dtype)
+        model = _auto_model(str(folder), dtype, attention)
     except (OSError, ValueError) as exc:
         raise InputError(folder, None, f"cannot load encoder: {str(exc).splitlines()[0]}") from exc
     if len(tokenizer) < 100:  # a fallback built from special tokens alone, not a vocabulary

@@ -30,6 +30,8 @@ class EncoderRunner:
         self.seed = opts.seed
         self.trainable = not opts.freeze_encoder
         self.dtype = opts.vector_dtype()  # of the vectors handed to the CF model
+        # bf16 without DeepSpeed: float32 weights, the encoder's matrix products in bf16
+        self.autocast = opts.precision == "bf16" and engine is None
         self.item_forwards = 0
         self.item_backwards = 0
         self.item_recomputes = 0  # rows encoded a second time, with gradient (chunked Single-step)
@@ -46,6 +48,20 @@ class EncoderRunner:
             return None
         opt = self.engine.basic_optimizer if self.engine is not None else self.optimizer
         return float(opt.param_groups[0]["lr"])
+
+    def numerics(self) -> dict:
+        """dtypes of the encoder's weights, matrix products and gradient accumulation, and its
+        attention kernel: what the run really did, for metrics.json."""
+        weights = next(self.encoder.parameters()).dtype
+        accum = self.engine.get_data_types()[1] if self.engine is not None else weights
+        name = lambda t: str(t).removeprefix("torch.")  # noqa: E731
+        return {"weights": name(weights),
+                "compute": name(torch.bfloat16 if self.autocast else weights),
+                "grad_accum": name(accum),
+                "attention": getattr(self.encoder.model.config, "_attn_implementation", None)}  # fmt: skip
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
     def _keys(self, items: torch.Tensor, salt: int | None):
         if salt is None or not self.keyed:
@@ -67,7 +83,7 @@ class EncoderRunner:
             saved[0] += t.numel() * t.element_size()
             return t
 
-        with torch.set_grad_enabled(grad and self.trainable):
+        with torch.set_grad_enabled(grad and self.trainable), self._autocast():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = (
                     self.module(ids, mask, keys=keys)
@@ -156,7 +172,8 @@ class EncoderRunner:
         outs = []
         for piece in pieces(self.comm, mine, self.chunk):
             ids, mask = self.tokens.rows(piece.items)
-            out = self.module(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+            with self._autocast():
+                out = self.module(ids.to(self.device), mask.to(self.device)).to(self.dtype)
             outs.append(out[: piece.real])
         vecs = (
             torch.cat(outs)

@@ -30,6 +30,7 @@ from gram_scale.encoder import (
     check_encoder_folder,
     enable_gradient_checkpointing,
     load_encoder,
+    resolve_attention,
 )
 from gram_scale.engine import build_runner, check_ds_config, make_accelerator, read_ds_config
 from gram_scale.errors import InputError, Interrupted, TrainingStopped
@@ -124,7 +125,8 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
     plain 1 process."""
     # bf16 runs under a DeepSpeed engine, which casts the encoder anyway: load it in bf16
     dtype = torch.bfloat16 if opts.precision == "bf16" and ds_raw is not None else None
-    encoder, tokenizer = load_encoder(opts.resolved_encoder(), opts.pooling, dtype)
+    encoder, tokenizer = load_encoder(opts.resolved_encoder(), opts.pooling, dtype,
+                                      opts.attn_implementation, opts.keyed_dropout)  # fmt: skip
     tokens = TokenCache.build(tokenizer, data.catalogue.texts, opts.max_tokens)
     if opts.precision == "fp64":
         encoder.double()
@@ -166,6 +168,7 @@ def train(opts: Options) -> dict:
     ds_file = read_ds_config(opts.config)
     stage = None if ds_file is None else check_ds_config(ds_file, opts.config, opts, world)
     encoder_id = check_encoder_folder(opts.resolved_encoder(), opts.max_tokens)
+    resolve_attention(opts.attn_implementation, encoder_id["config"], opts.keyed_dropout)
     check_output_dir(opts)
     ds_raw = None if opts.freeze_encoder else ds_file  # a frozen encoder needs no engine
     record = run_record(opts, encoder_id, None if ds_raw is None else stage, world)
@@ -351,6 +354,8 @@ def train(opts: Options) -> dict:
         "skipped_steps": state.skipped_steps,
         "occurrence_unique_ratio": counters["occurrences"] / max(counters["unique"], 1),
         "encoder_peak_activation_bytes": runner.peak_activation_bytes,
+        "encoder_recomputed_rows": runner.comm.sum_int(runner.item_recomputes),
+        "encoder_numerics": runner.numerics(),
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "peak_rss_bytes_per_rank": _peak_rss_per_rank(runner.comm),
         "epochs": epochs,

@@ -211,10 +211,10 @@ def test_encoder_folder_refused(capsys, kt_dir, tiny_encoder, no_tokenizer, tiny
     "extra, parts",
     [
         (["--lora", "--freeze-encoder"], ["--lora", "--freeze-encoder"]),
-        (["--precision", "bf16"], ["--precision", "bf16 needs a DeepSpeed --config"]),
+        (["--precision", "bf16", "--freeze-encoder"], ["--precision", "--freeze-encoder trains"]),
         (["--overwrite-output-dir", "--resume", "latest"], ["--overwrite-output-dir", "--resume"]),
     ],
-    ids=["lora-frozen", "bf16-ddp", "overwrite-resume"],
+    ids=["lora-frozen", "bf16-frozen", "overwrite-resume"],
 )
 def test_flag_conflicts_refused(extra, parts, capsys, kt_dir, tiny_encoder, tmp_path):
     refused(capsys, [*common(kt_dir, tiny_encoder), *extra], tmp_path / "out", *parts)

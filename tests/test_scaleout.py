@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -17,11 +18,15 @@ def test_offload_configs_train_with_falling_loss(config, precision, kt_dir, tiny
          "--epochs", "2", "--batch-size", "8", "--seq-len", "20", "--lr-cf", "3e-3",
          "--config", f"ds_configs/{config}.json", "--precision", precision, "--no-progress",
          "--output-dir", str(tmp_path)], processes=2)  # fmt: skip
+    numerics = json.loads((tmp_path / "metrics.json").read_text())["encoder_numerics"]
+    # the shipped configs accumulate gradients in float32, bf16 weights included
+    assert numerics["grad_accum"] == "float32"
     if precision == "bf16":  # the engine really ran the encoder in bf16
         from safetensors.torch import load_file
 
         weights = load_file(str(tmp_path / "encoder" / "model.safetensors"))
         assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+        assert numerics["weights"] == numerics["compute"] == "bfloat16"
     losses = [h["loss"] for h in history(tmp_path)]
     third = len(losses) // 3
     assert third >= 4
