@@ -267,14 +267,21 @@ def make_accelerator(opts, ds_raw: dict | None):
         )
 
 
+def in_process_device() -> torch.device:
+    """The device of a run without an Accelerator (tests, benchmarks): ``$GRAM_DEVICE``, else
+    the CPU; ``launch/gpu_check.sh`` sets it to run the exactness tests on a GPU."""
+    return torch.device(os.environ.get("GRAM_DEVICE") or "cpu")
+
+
 def build_runner(accelerator, encoder: ContentEncoder, tokens, opts, ds_raw: dict | None,
                  total_steps: int = 1) -> EncoderRunner:  # fmt: skip
     """Wrap the encoder: a DeepSpeed engine when configured, else a module with its optimizer;
     either way with the LR schedule over ``total_steps`` encoder optimizer steps.
 
-    ``accelerator=None`` (in-process tests): one CPU process, plain module."""
+    ``accelerator=None`` (in-process tests and benchmarks): one process, plain module, on
+    ``in_process_device()``."""
     if accelerator is None:
-        comm = Comm()
+        comm = Comm(device=in_process_device())
     else:
         comm = Comm(accelerator.process_index, accelerator.num_processes, accelerator.device)
     params = [p for p in encoder.parameters() if p.requires_grad]

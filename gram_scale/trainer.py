@@ -32,7 +32,13 @@ from gram_scale.encoder import (
     load_encoder,
     resolve_attention,
 )
-from gram_scale.engine import build_runner, check_ds_config, make_accelerator, read_ds_config
+from gram_scale.engine import (
+    build_runner,
+    check_ds_config,
+    in_process_device,
+    make_accelerator,
+    read_ds_config,
+)
 from gram_scale.errors import InputError, Interrupted, TrainingStopped
 from gram_scale.exchange import OwnedVectors
 from gram_scale.export import check_output_dir, clear_output_dir, export_run, publish
@@ -141,7 +147,7 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
         apply_lora(encoder, opts)
     torch.manual_seed(opts.seed)
     task = make_task(opts, data, encoder.dim)
-    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    device = accelerator.device if accelerator is not None else in_process_device()
     task.model.to(device, opts.vector_dtype())
     cf_opt = make_optimizer(task.model.parameters(), opts, opts.lr_cf)
     steps_per_epoch = task.num_train_batches()
