@@ -104,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     from gram_scale.data.load import generate_once, load_data
 
     p = argparse.ArgumentParser(prog="python -m gram_scale.bench_memory", description=__doc__)
-    p.add_argument("--chunks", default="16,64", help="chunk sizes (--encoder-batch-size), comma-separated")
+    p.add_argument(
+        "--chunks", default="16,64", help="chunk sizes (--encoder-batch-size), comma-separated"
+    )
     p.add_argument("--steps", type=int, default=2, help="Single-step steps per setting")
     p.add_argument("--encoder", default="", help="encoder folder; empty = all-MiniLM-L6-v2")
-    p.add_argument("--cache-dir", default="", help="generated data; empty = $GRAM_CACHE or ~/.cache")
+    p.add_argument(
+        "--cache-dir", default="", help="generated data; empty = $GRAM_CACHE or ~/.cache"
+    )
     p.add_argument("--out", default="outputs/bench-memory", help="results folder")
     args = p.parse_args(argv)
     try:
