@@ -81,7 +81,9 @@ class Options:
     )
     window: str = _opt("1E", "multi: encoder update latency, in steps (10) or epochs (0.5E, 1E)")
     table_lr: float = _opt(1.0, "multi: SGD learning rate of the item table inside a window")
-    encoder_batch_size: int = _opt(64, "items per encoder chunk (window-end updates, evaluation)")
+    encoder_batch_size: int = _opt(
+        64, "items per encoder call: bounds encoder memory (Single-step, window ends, evaluation)"
+    )
     encoder_epochs: int = _opt(1, "multi: regression passes over the window's items")
     # CF model and optimisation
     epochs: int = _opt(2, "training epochs")
