@@ -139,6 +139,16 @@ class Options:
     )
     cache_dir: str = _opt("", "generated data and token caches; empty = $GRAM_CACHE or ~/.cache")
     log_every: int = _opt(10, "log training loss every this many steps")
+    eval_every: int = _opt(
+        0,
+        "also evaluate on the valid split every this many steps (0 = only at epoch ends and at "
+        "the end of training)",
+    )
+    save_best: bool = _opt(
+        False,
+        "export the encoder, CF model and item vectors of the best valid main metric (over every "
+        "evaluation) instead of the last step's; metrics.json names its step",
+    )
     max_bad_steps: int = _opt(
         5,
         "consecutive non-finite steps tolerated (skipped); one more stops the run with a checkpoint",
@@ -251,6 +261,8 @@ def validate(opts: Options) -> Options:
         )
     if opts.save_every < 0:
         raise InputError("--save-every", None, f"must be 0 or more, got {opts.save_every}")
+    if opts.eval_every < 0:
+        raise InputError("--eval-every", None, f"must be 0 or more, got {opts.eval_every}")
     if opts.keep_checkpoints < 1:
         raise InputError(
             "--keep-checkpoints", None, f"must be at least 1, got {opts.keep_checkpoints}"
@@ -308,6 +320,8 @@ def _check_conflicts(opts: Options) -> None:
         raise InputError(
             "--precision", None, "bf16 applies to the trained encoder; --freeze-encoder trains none"
         )
+    if opts.save_best and not opts.export:
+        raise InputError("--save-best", None, "has nothing to save with --no-export")
     if opts.overwrite_output_dir and opts.resume:
         raise InputError(
             "--overwrite-output-dir",

@@ -84,7 +84,7 @@ def test_cli_help_lists_every_flag_with_default():
     assert r.returncode == 0
     for flag in ("--task", "--data", "--encoder", "--strategy", "--epochs", "--batch-size",
                  "--lr-encoder", "--lr-cf", "--seed", "--output-dir", "--config", "--window",
-                 "--regress-batch-size"):  # fmt: skip
+                 "--regress-batch-size", "--eval-every", "--save-best"):  # fmt: skip
         assert flag in r.stdout
     assert "(default: single)" in " ".join(r.stdout.split())
 
@@ -101,6 +101,9 @@ def test_cli_help_lists_every_flag_with_default():
         (["--lr-schedule", "step"], "--lr-schedule: must be one of constant, linear, cosine"),
         (["--max-grad-norm", "-1"], "--max-grad-norm: must be 0 or more, got -1.0"),
         (["--regress-batch-size", "abc"], "--regress-batch-size: expected a positive number"),
+        (["--eval-every", "-1"], "--eval-every: must be 0 or more, got -1"),
+        (["--eval-every", "abc"], "--eval-every: invalid int value: 'abc'"),
+        (["--save-best", "--no-export"], "--save-best: has nothing to save with --no-export"),
     ],
 )
 def test_cli_bad_flag_is_one_line_exit_2(args, message, tmp_path):
