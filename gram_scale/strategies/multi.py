@@ -118,7 +118,8 @@ class MultiStep:
         """Regress the encoder onto the window's touched rows (``steps``: the window's length,
         for the auto mini-batch size), then clear the table; every rank calls it."""
         if self.runner.trainable:
-            # Sorted: the gathered order follows the ranks, the shuffle must not.
+            # Sorted: the gathered order follows the ranks, the shuffle must not. (These ids, 8
+            # bytes a touched item once a window, are not in the item-traffic counters.)
             touched = torch.sort(self.comm.gather_rows(self.table.items())).values
             size = regress_batch(len(touched), steps, self.regress_size)
             for pass_ in range(self.encoder_epochs):
