@@ -3,7 +3,8 @@
 A checkpoint is ``<output>/checkpoints/step-<N>/``, written by ``accelerator.save_state`` (the
 DeepSpeed engine with its ZeRO shards, or the plain encoder and optimizer; the CF model and
 optimizer; every rank's RNG states) plus ``TrainState`` (step, data position, counters,
-and the strategy's own state: Multi-step's item table and window position). It is written into a
+and the strategy's own state: Multi-step's item table and window position), and with
+``--save-best`` the best-so-far export as hard links (``best/``). It is written into a
 hidden ``.tmp-`` folder, where each rank adds a manifest of the sizes and SHA-256 sums of the
 files it wrote itself, and only then renamed into place, so a crash mid-save leaves the previous
 checkpoint as the latest complete one.
@@ -32,7 +33,7 @@ class TrainState:
 
     # the plain-data fields saved and restored (the strategy's state travels beside them)
     FIELDS = ("step", "epoch", "batch_in_epoch", "train_seconds", "counters", "epochs",
-              "skipped_steps", "bad_in_a_row")  # fmt: skip
+              "skipped_steps", "bad_in_a_row", "evals", "best")  # fmt: skip
 
     def __init__(self, strategy):
         self.strategy = strategy
@@ -44,6 +45,8 @@ class TrainState:
         self.epochs: list[dict] = []
         self.skipped_steps = 0
         self.bad_in_a_row = 0
+        self.evals: list[dict] = []  # --eval-every's valid evaluations
+        self.best: dict | None = None  # --save-best: step, epoch, valid and test of the best
 
     def state_dict(self) -> dict:
         """Plain data (tensors only inside the strategy state)."""
@@ -53,7 +56,8 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned."""
         for key in self.FIELDS:
-            setattr(self, key, state[key])
+            if key in state:  # checkpoints from before a field existed keep its default
+                setattr(self, key, state[key])
         self.strategy.load_state_dict(state["strategy"])
 
 
@@ -247,10 +251,29 @@ def _show(value) -> str:
     return "none" if value is None else str(value)
 
 
+BEST_DIR = "best"  # inside a checkpoint: the best-so-far export of --save-best
+
+
+def link_or_copy(src: str | Path, dest: str | Path) -> None:
+    """A hard link (no disk space, no time: exported files are never rewritten in place), or a
+    plain copy where no link can be made (another file system)."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def link_tree(src: Path, dest: Path) -> None:
+    """Copy a folder as hard links (``link_or_copy``)."""
+    shutil.copytree(src, dest, copy_function=link_or_copy)
+
+
 def save(accelerator, state: TrainState, output_dir: str | Path, keep: int,
-         record: dict | None = None) -> Path:  # fmt: skip
+         record: dict | None = None, best: Path | None = None) -> Path:  # fmt: skip
     """Write a checkpoint of the current step on every rank; atomic by rename. ``record``
-    (what the run is) goes into ``run.json`` for resume checks.
+    (what the run is) goes into ``run.json`` for resume checks; ``best`` (a staged best-so-far
+    export, when there is one) is kept beside the state, so a resume restores the best that
+    belongs to its step.
 
     Replacing a checkpoint of the same step renames the old one away first and deletes it
     only once the new one is in place, so at every moment one intact copy exists."""
@@ -265,6 +288,8 @@ def save(accelerator, state: TrainState, output_dir: str | Path, keep: int,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and record is not None:  # before rank 0's manifest lists it
         (tmp / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    if accelerator.is_main_process and best is not None and best.is_dir():
+        link_tree(best, tmp / BEST_DIR)
     write_manifest(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -85,6 +85,13 @@ class Options:
         64, "items per encoder call: bounds encoder memory (Single-step, window ends, evaluation)"
     )
     encoder_epochs: int = _opt(1, "multi: regression passes over the window's items")
+    regress_batch_size: str = _opt(
+        "auto",
+        "multi: touched items per encoder optimizer step at a window end (N, or auto: the "
+        "window's touched items / its steps, rounded up, so a window of N steps makes about N "
+        "encoder steps)",
+        metavar="N|auto",
+    )
     # CF model and optimisation
     epochs: int = _opt(2, "training epochs")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0 = no limit)")
@@ -143,6 +150,16 @@ class Options:
     )
     cache_dir: str = _opt("", "generated data and token caches; empty = $GRAM_CACHE or ~/.cache")
     log_every: int = _opt(10, "log training loss every this many steps")
+    eval_every: int = _opt(
+        0,
+        "also evaluate on the valid split every this many steps (0 = only at epoch ends and at "
+        "the end of training)",
+    )
+    save_best: bool = _opt(
+        False,
+        "export the encoder, CF model and item vectors of the best valid main metric (over every "
+        "evaluation) instead of the last step's; metrics.json names its step",
+    )
     max_bad_steps: int = _opt(
         5,
         "consecutive non-finite steps tolerated (skipped); one more stops the run with a checkpoint",
@@ -170,6 +187,10 @@ class Options:
     def window_spec(self) -> tuple[str, float]:
         """('steps', n) or ('epochs', fraction)."""
         return parse_window(self.window)
+
+    def regress_batch(self) -> int | None:
+        """``--regress-batch-size`` as a number of items, None for auto."""
+        return parse_regress_batch(self.regress_batch_size)
 
     def vector_dtype(self):
         """dtype of item vectors, item gradients, the item table and the CF model."""
@@ -216,6 +237,17 @@ def parse_window(text: str) -> tuple[str, float]:
     return "epochs", frac
 
 
+def parse_regress_batch(text: str) -> int | None:
+    """Parse ``--regress-batch-size``: a positive number of items, or None for ``auto``."""
+    text = str(text).strip()
+    if text.lower() == "auto":
+        return None
+    if not re.fullmatch(r"\d+", text) or int(text) < 1:
+        why = f"expected a positive number of items or auto, got {text!r}"
+        raise InputError("--regress-batch-size", None, why)
+    return int(text)
+
+
 def validate(opts: Options) -> Options:
     """Check every value once; the first bad one raises InputError naming the flag."""
     for f in dataclasses.fields(opts):
@@ -240,6 +272,8 @@ def validate(opts: Options) -> Options:
         )
     if opts.save_every < 0:
         raise InputError("--save-every", None, f"must be 0 or more, got {opts.save_every}")
+    if opts.eval_every < 0:
+        raise InputError("--eval-every", None, f"must be 0 or more, got {opts.eval_every}")
     if opts.keep_checkpoints < 1:
         raise InputError(
             "--keep-checkpoints", None, f"must be at least 1, got {opts.keep_checkpoints}"
@@ -269,6 +303,7 @@ def validate(opts: Options) -> Options:
     if opts.valid_frac + opts.test_frac >= 1:
         raise InputError("--valid-frac", None, "valid and test fractions leave no training users")
     parse_window(opts.window)
+    parse_regress_batch(opts.regress_batch_size)
     if opts.data and not Path(opts.data).is_dir():
         raise InputError(opts.data, None, "data folder not found")
     if opts.encoder and not (Path(opts.encoder) / "config.json").is_file():
@@ -292,6 +327,8 @@ def _check_conflicts(opts: Options) -> None:
         raise InputError(
             "--precision", None, "bf16 applies to the trained encoder; --freeze-encoder trains none"
         )
+    if opts.save_best and not opts.export:
+        raise InputError("--save-best", None, "has nothing to save with --no-export")
     if opts.overwrite_output_dir and opts.resume:
         raise InputError(
             "--overwrite-output-dir",

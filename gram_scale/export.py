@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from gram_scale.checkpoint import BEST_DIR as CHECKPOINT_BEST_DIR
+from gram_scale.checkpoint import link_or_copy, link_tree
 from gram_scale.encoder import save_encoder, save_lora_encoder
 from gram_scale.errors import InputError
 from gram_scale.history import HISTORY_FILE
@@ -25,11 +27,13 @@ VECTORS_FILE = "item_vectors.safetensors"
 METRICS_FILE = "metrics.json"
 OPTIONS_FILE = "options.json"
 CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = ".best"  # --save-best: the best-so-far export, until the run ends
+BEST_RECORD = "best.json"  # inside it: the step it is of
 # What a run leaves in its output folder (trackers included: wandb/, and TensorBoard's run
 # folder named after the project). An earlier run is recognised by these, and
 # --overwrite-output-dir removes exactly these; anything else in the folder is left alone.
 RUN_ENTRIES = (METRICS_FILE, OPTIONS_FILE, ENCODER_DIR, ADAPTER_DIR, CF_FILE, VECTORS_FILE,
-               CHECKPOINTS_DIR, HISTORY_FILE, "wandb", "gram-scale")  # fmt: skip
+               CHECKPOINTS_DIR, HISTORY_FILE, BEST_DIR, "wandb", "gram-scale")  # fmt: skip
 
 
 def check_output_dir(opts) -> None:
@@ -105,6 +109,56 @@ def publish(output_dir: str | Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def stage_best(output_dir: str | Path, step: int, write) -> None:
+    """Call ``write(tmp_folder)`` and make that folder ``OUTPUT/.best`` (the best-so-far export
+    of ``step``). The previous one is renamed away first and deleted only once the new one is in
+    place; a crash in between leaves a ``.partial-`` folder that the next start removes, and a
+    resume takes its best from the checkpoint anyway."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    old = out / f".partial-old{BEST_DIR}"
+    try:
+        write(tmp)
+        write_json(tmp / BEST_RECORD, {"step": step})
+        _share_like_json(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if (out / BEST_DIR).exists():
+            os.replace(out / BEST_DIR, old)
+        os.replace(tmp, out / BEST_DIR)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def best_step(output_dir: str | Path) -> int | None:
+    """The step of the staged best export, None when there is none."""
+    path = Path(output_dir) / BEST_DIR / BEST_RECORD
+    return json.loads(path.read_text())["step"] if path.is_file() else None
+
+
+def restore_best(output_dir: str | Path, checkpoint: Path | None) -> None:
+    """Make ``OUTPUT/.best`` the checkpoint's best export (none: no best yet), dropping one an
+    interrupted run staged after that checkpoint."""
+    best = Path(output_dir) / BEST_DIR
+    shutil.rmtree(best, ignore_errors=True)
+    if checkpoint is not None and (checkpoint / CHECKPOINT_BEST_DIR).is_dir():
+        link_tree(checkpoint / CHECKPOINT_BEST_DIR, best)
+
+
+def take_best(output_dir: str | Path, folder: Path) -> None:
+    """Put the staged best export's files into ``folder`` (as links; ``.best`` stays until the
+    export is in place)."""
+    best = Path(output_dir) / BEST_DIR
+    for entry in best.iterdir():
+        if entry.name == BEST_RECORD:
+            continue
+        if entry.is_dir():
+            link_tree(entry, folder / entry.name)
+        else:
+            link_or_copy(entry, folder / entry.name)
+
+
 def write_json(path: Path, obj) -> None:
     """Pretty JSON with NaN written as null."""
     path.write_text(json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
@@ -136,5 +190,6 @@ def export_run(folder: Path, encoder, tokenizer, encoder_state, cf_model, ids: l
             str(folder / VECTORS_FILE),
             metadata={"ids": json.dumps(ids)},
         )
-    write_json(folder / METRICS_FILE, metrics)
-    (folder / OPTIONS_FILE).write_text(opts.to_json() + "\n")
+    if metrics is not None:  # None: a staged best export, whose metrics come at the end
+        write_json(folder / METRICS_FILE, metrics)
+        (folder / OPTIONS_FILE).write_text(opts.to_json() + "\n")

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -41,7 +43,17 @@ from gram_scale.engine import (
 )
 from gram_scale.errors import InputError, Interrupted, TrainingStopped
 from gram_scale.exchange import OwnedVectors
-from gram_scale.export import check_output_dir, clear_output_dir, export_run, publish
+from gram_scale.export import (
+    BEST_DIR,
+    best_step,
+    check_output_dir,
+    clear_output_dir,
+    export_run,
+    publish,
+    restore_best,
+    stage_best,
+    take_best,
+)
 from gram_scale.history import HISTORY_FILE, HistoryLog, resident_bytes
 from gram_scale.optim import make_optimizer
 from gram_scale.runner import EncoderRunner
@@ -88,6 +100,15 @@ def evaluate(task, vectors: OwnedVectors | None, split: str) -> dict:
 def needs_vectors(task, splits: tuple[str, ...], export: bool = False) -> bool:
     """Whether any of the splits has something to score (or the vectors are exported)."""
     return export or any(task.unscorable(split) is None for split in splits)
+
+
+def better(valid: dict, best: dict | None, key: str) -> bool:
+    """Whether valid metrics beat the best so far on ``key`` (higher is better; the earlier
+    evaluation wins a tie, and a skipped or non-finite one never wins)."""
+    value = valid.get(key)
+    if "skipped" in valid or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return best is None or value > best["valid"][key]
 
 
 def run_record(opts: Options, encoder: dict, stage: int | None, world: int) -> dict:
@@ -151,12 +172,65 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
     task.model.to(device, opts.vector_dtype())
     cf_opt = make_optimizer(task.model.parameters(), opts, opts.lr_cf)
     steps_per_epoch = task.num_train_batches()
-    runner = build_runner(accelerator, encoder, tokens, opts, ds_raw,
-                          encoder_steps(opts, steps_per_epoch))  # fmt: skip
+    # Multi-step's encoder step count is estimated from one step's unique items
+    first = next(task.train_batches(0), None) if opts.strategy == "multi" else None
+    step_items = 0 if first is None else len(torch.unique(first.items[first.items >= 0]))
+    total = encoder_steps(opts, steps_per_epoch, len(data.catalogue), step_items)
+    runner = build_runner(accelerator, encoder, tokens, opts, ds_raw, total)
     cf_sched = make_scheduler(cf_opt, opts, run_steps(opts, steps_per_epoch))
     cf = CFUpdate(task, cf_opt, runner.comm, cf_sched, opts.max_grad_norm)
     strategy = make_strategy(opts, runner, cf, steps_per_epoch)
     return Session(data, encoder, tokenizer, tokens, task, runner, cf, strategy, steps_per_epoch)
+
+
+def export_tensors(accelerator, opts: Options, s: Session, vectors: OwnedVectors):
+    """``(encoder state, every catalogue vector)`` to export, on the main process (None
+    elsewhere; an encoder state of None: the module's own); every rank calls it (under ZeRO-3
+    gathering the encoder is a collective)."""
+    full = vectors.full(len(s.data.catalogue))
+    if s.runner.engine is not None:
+        state = accelerator.get_state_dict(s.runner.engine)  # only the main process gets it
+        if state is not None:
+            state = {
+                k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")
+            }
+        return state, full
+    return (s.encoder.model.state_dict() if opts.lora else None), full
+
+
+def check_valid(accelerator, opts: Options, s: Session, state: TrainState, epoch: int) -> dict:
+    """Valid metrics of the models as they are now; with --save-best a better one is staged as
+    the export, with its test metrics. Every rank calls it.
+
+    Under Multi-step mid-window this is the encoder as it stands: the window's table updates
+    reach it only at the window end (the CF model has already learned on them)."""
+    task = s.task
+    vectors = catalogue_vectors(task, s.runner) if needs_vectors(task, ("valid",)) else None
+    valid = evaluate(task, vectors, "valid")
+    if opts.save_best and better(valid, state.best, task.main_metric):
+        test = evaluate(task, vectors, "test")
+        state.best = {"step": state.step, "epoch": epoch, "valid": valid, "test": test}
+        encoder_state, full = export_tensors(accelerator, opts, s, vectors)
+        if accelerator.is_main_process:
+            stage_best(opts.output_dir, state.step, lambda tmp: export_run(
+                tmp, s.encoder, s.tokenizer, encoder_state, task.model, s.data.catalogue.ids,
+                full, None, opts))  # fmt: skip
+    return valid
+
+
+def _report_valid(accelerator, opts: Options, valid: dict, where: str, step: int) -> None:
+    if "skipped" in valid:  # said once, with the final metrics
+        return
+    _say(accelerator, f"{where}: valid " + _fmt(valid))
+    if opts.report_to != "none":
+        accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=step)
+
+
+def _checkpoint(accelerator, state: TrainState, opts: Options, record: dict):
+    """A checkpoint of the current step, with the staged best export when there is one."""
+    best = Path(opts.output_dir) / BEST_DIR if opts.save_best else None
+    return save_checkpoint(accelerator, state, opts.output_dir, opts.keep_checkpoints, record,
+                           best)  # fmt: skip
 
 
 def train(opts: Options) -> dict:
@@ -227,6 +301,9 @@ def train(opts: Options) -> dict:
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from)
         _say(accelerator, f"resumed from {resume_from} at step {state.step}")
+    if opts.save_best and accelerator.is_main_process:
+        # the best staged as of the checkpoint; a fresh start drops what an earlier try staged
+        restore_best(opts.output_dir, resume_from)
     if progress is not None:
         progress.update(state.step)
     counters, epochs = state.counters, state.epochs
@@ -268,13 +345,24 @@ def train(opts: Options) -> dict:
                     counters[key] = [
                         a + b for a, b in zip(counters.get(key) or [0] * world, per_rank)
                     ]
+                state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
+                evaluated = {}
+                # the last step's evaluation is the final one, after the loop
+                if (
+                    opts.eval_every
+                    and state.step % opts.eval_every == 0
+                    and state.step < total_steps
+                ):
+                    valid = check_valid(accelerator, opts, s, state, epoch)
+                    state.evals.append({"step": state.step, "epoch": epoch, "valid": valid})
+                    _report_valid(accelerator, opts, valid, f"step {state.step}", state.step)
+                    evaluated = {"valid": valid}
                 history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": occurrences,
                                 "unique": unique, "item_forwards": fwd, "item_backwards": bwd,
                                 "comm_bytes_sent": totals.bytes_sent, "comm_bytes_received": totals.bytes_received,
                                 "encoder_updated": res.encoder_updated, "skipped": res.skipped,
                                 "encoder_skipped": res.encoder_skipped,
-                                "seconds": seconds, **lrs, "rss_bytes": resident_bytes()})  # fmt: skip
-                state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
+                                "seconds": seconds, **lrs, "rss_bytes": resident_bytes(), **evaluated})  # fmt: skip
                 if res.skipped or res.encoder_skipped:
                     state.skipped_steps += 1
                     state.bad_in_a_row += 1
@@ -287,9 +375,7 @@ def train(opts: Options) -> dict:
                             {"train/skipped_steps": state.skipped_steps}, step=state.step
                         )
                     if state.bad_in_a_row > opts.max_bad_steps:
-                        path = save_checkpoint(
-                            accelerator, state, opts.output_dir, opts.keep_checkpoints, record
-                        )
+                        path = _checkpoint(accelerator, state, opts, record)
                         raise TrainingStopped(
                             f"{state.bad_in_a_row} non-finite steps in a row (last: step {step}), more than "
                             f"--max-bad-steps {opts.max_bad_steps}; the last good state is saved in {path}"
@@ -309,24 +395,19 @@ def train(opts: Options) -> dict:
                                      "train/items_per_s": counters["occurrences"] / max(state.train_seconds, 1e-9)}
                                     | traffic, step=state.step)  # fmt: skip
                 if opts.save_every and state.step % opts.save_every == 0:
-                    save_checkpoint(accelerator, state, opts.output_dir, opts.keep_checkpoints,
-                                    record)  # fmt: skip
+                    _checkpoint(accelerator, state, opts, record)
                 if (signum := agreed_signal(signals)) is not None:
                     _stop(accelerator, opts, state, record, progress, stop, signum)
             if opts.max_steps and state.step >= opts.max_steps and epoch < opts.epochs - 1:
                 break
             if epoch < opts.epochs - 1:
-                vectors = (
-                    catalogue_vectors(task, runner) if needs_vectors(task, ("valid",)) else None
-                )
-                valid = evaluate(task, vectors, "valid")
-                del vectors
+                if state.evals and state.evals[-1]["step"] == state.step:  # --eval-every's
+                    valid = state.evals[-1]["valid"]
+                else:
+                    valid = check_valid(accelerator, opts, s, state, epoch)
+                    _report_valid(accelerator, opts, valid, f"epoch {epoch}", state.step)
                 epochs.append({"epoch": epoch, "step": state.step, "train_seconds": state.train_seconds,
                                "valid": valid})  # fmt: skip
-                if "skipped" not in valid:  # said once, with the final metrics
-                    _say(accelerator, f"epoch {epoch}: valid " + _fmt(valid))
-                if opts.report_to != "none" and "skipped" not in valid:
-                    accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=state.step)
             state.epoch, state.batch_in_epoch = epoch + 1, 0
     # a signal that came after the last step
     late = agreed_signal(stop_counts(runner.comm.sum_int(stop.code(world)), world))
@@ -350,9 +431,16 @@ def train(opts: Options) -> dict:
     if progress is not None:
         progress.close()
     test = evaluate(task, vectors, "test")
+    # --save-best: the export (and the metrics that describe it) is the best evaluation's; the
+    # last model's when it is the best, or when no evaluation could be scored
+    best = state.best
+    if opts.save_best and (best is None or better(valid, best, task.main_metric)):
+        best = {"step": step, "epoch": len(epochs) - 1, "valid": valid, "test": test}
+        best = best if "skipped" not in valid else None
+    staged = opts.save_best and best is not None and best["step"] != step
     metrics = {
-        "valid": valid,
-        "test": test,
+        "valid": best["valid"] if staged else valid,
+        "test": best["test"] if staged else test,
         "steps": step,
         "train_seconds": train_seconds,
         "processes": world,
@@ -367,30 +455,45 @@ def train(opts: Options) -> dict:
         "epochs": epochs,
         "history_file": HISTORY_FILE,  # one line per step, streamed while training
     }
+    if opts.eval_every:
+        metrics["evals"] = state.evals
+    if opts.save_best:  # valid and test above are the exported model's
+        metrics["best_step"] = None if best is None else best["step"]
+        metrics["best_valid"] = None if best is None else best["valid"][task.main_metric]
+        metrics["last_valid"], metrics["last_test"] = valid, test
     history.close()
     _say(accelerator, "final valid " + _fmt(valid))
     _say(accelerator, "final test  " + _fmt(test))
+    if staged:
+        _say(accelerator, f"best valid (step {best['step']}, exported) " + _fmt(best["valid"]))
+        _say(accelerator, f"best test  (step {best['step']}, exported) " + _fmt(best["test"]))
     if opts.report_to != "none":
         final = {f"{split}/{k}": v for split, m in (("valid", valid), ("test", test))
                  for k, v in m.items() if "skipped" not in m}  # fmt: skip
         accelerator.log(final, step=step)
 
     # gathered on the main process only, which writes it
-    vectors = vectors.full(len(data.catalogue)) if opts.export else None
     encoder_state = None
-    if opts.export and runner.engine is not None:
-        # Collective under ZeRO-3 (every rank takes part); only the main process gets the dict.
-        full = accelerator.get_state_dict(runner.engine)
-        if full is not None:
-            encoder_state = {
-                k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")
-            }
-    elif opts.export:
-        encoder_state = encoder.model.state_dict() if opts.lora else None
+    if opts.export and not staged:
+        encoder_state, vectors = export_tensors(accelerator, opts, s, vectors)
     if accelerator.is_main_process:
-        publish(opts.output_dir, lambda tmp: export_run(
-            tmp, encoder if opts.export else None, tokenizer, encoder_state, task.model,
-            data.catalogue.ids, vectors, metrics, opts))  # fmt: skip
+        if staged:
+            found = best_step(opts.output_dir)
+            if found != best["step"]:  # a bug: the checkpoint and the staging keep them together
+                raise RuntimeError(f"staged best export is of step {found}, not {best['step']}")
+
+            def write(tmp):
+                take_best(opts.output_dir, tmp)
+                export_run(tmp, None, tokenizer, None, task.model, data.catalogue.ids, None,
+                           metrics, opts)  # fmt: skip
+        else:
+
+            def write(tmp):
+                export_run(tmp, encoder if opts.export else None, tokenizer, encoder_state,
+                           task.model, data.catalogue.ids, vectors, metrics, opts)  # fmt: skip
+
+        publish(opts.output_dir, write)
+        shutil.rmtree(Path(opts.output_dir) / BEST_DIR, ignore_errors=True)
         print(f"wrote {opts.output_dir}/metrics.json", flush=True)
     accelerator.wait_for_everyone()
     # Free the engine before the process group goes (torch 2.13 gloo can abort at exit
@@ -439,8 +542,7 @@ def _stop(accelerator, opts: Options, state: TrainState, record: dict, progress,
     if opts.save_on_signal or opts.save_every:
         path = checkpoint_root(opts.output_dir) / f"step-{state.step:08d}"
         if not (opts.save_every and state.step % opts.save_every == 0):  # not saved yet
-            path = save_checkpoint(accelerator, state, opts.output_dir, opts.keep_checkpoints,
-                                   record)  # fmt: skip
+            path = _checkpoint(accelerator, state, opts, record)
         where = f"checkpoint {path} (continue with --resume latest)"
     if progress is not None:
         progress.close()

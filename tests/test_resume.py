@@ -28,6 +28,8 @@ def test_train_state_round_trip_restores_every_field():
     saved.counters["occurrences"] = 40
     saved.epochs.append({"epoch": 0, "step": 4})
     saved.skipped_steps, saved.bad_in_a_row = 2, 1
+    saved.evals.append({"step": 3, "epoch": 0, "valid": {"auc": 0.5}})
+    saved.best = {"step": 3, "epoch": 0, "valid": {"auc": 0.5}, "test": {"auc": 0.6}}
     state = saved.state_dict()
     saved.counters["occurrences"] += 1  # the saved state is a copy, not a view
     saved.epochs.append({"epoch": 1, "step": 8})
@@ -40,6 +42,8 @@ def test_train_state_round_trip_restores_every_field():
         "counters": {"occurrences": 40, "unique": 0, "item_forwards": 0, "item_backwards": 0},
         "epochs": [{"epoch": 0, "step": 4}],
         "skipped_steps": 2, "bad_in_a_row": 1,
+        "evals": [{"step": 3, "epoch": 0, "valid": {"auc": 0.5}}],
+        "best": {"step": 3, "epoch": 0, "valid": {"auc": 0.5}, "test": {"auc": 0.6}},
     }  # fmt: skip
 
 
