@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from launching import history, metrics, outputs, run, run_many
+from launching import history, metrics, outputs, run_many
 from tiny import options
 
 from gram_scale.data.load import load_data
@@ -145,21 +145,32 @@ def layout(processes: int, kt_dir, kt4_dir, tiny_encoder):
     return kt4_dir, bs
 
 
+def launch_runs(config: str, processes: int, kt_dir, kt4_dir, news_dir, tiny_encoder) -> dict:
+    """The runs that share the (config, processes) launch, by name: each strategy of
+    ``test_processes_equal_one``, and the other tests' runs of that config and process count."""
+    data, bs = layout(processes, kt_dir, kt4_dir, tiny_encoder)
+    shared = common(data, tiny_encoder, config, bs)
+    runs = {s: [*shared, *a] for s, a in STRATEGY_ARGS.items()}
+    if (config, processes) == ("zero3", 4):
+        runs["news"] = news_args(news_dir, tiny_encoder)
+    if (config, processes) == ("zero2", 2):
+        runs["guard"] = guard_args(kt_dir, tiny_encoder)
+    return runs
+
+
 @pytest.fixture(scope="module")
-def launched(kt_dir, kt4_dir, tiny_encoder, tmp_path_factory):
-    """``launched(config, processes)[strategy]``: (args, output folder, failure or None) of
-    that strategy's run. The three strategies of a (config, processes) train one after another
-    in one launch, made once: each launch's start-up costs more than its training."""
+def launched(kt_dir, kt4_dir, news_dir, tiny_encoder, tmp_path_factory):
+    """``launched(config, processes)[name]``: (args, output folder, failure or None) of that run
+    of ``launch_runs``. A (config, processes)'s runs train one after another in one launch,
+    made once: a launch's start-up costs more than a run's training."""
     made = {}
 
     def get(config: str, processes: int) -> dict:
         if (config, processes) not in made:
-            data, bs = layout(processes, kt_dir, kt4_dir, tiny_encoder)
-            shared = common(data, tiny_encoder, config, bs)
-            args = {s: [*shared, *a] for s, a in STRATEGY_ARGS.items()}
-            out = {s: tmp_path_factory.mktemp(f"{s}-{config}-{processes}") for s in args}
-            failures = run_many([[*args[s], "--output-dir", str(out[s])] for s in args], processes)
-            made[config, processes] = {s: (args[s], out[s], f) for s, f in zip(args, failures)}
+            args = launch_runs(config, processes, kt_dir, kt4_dir, news_dir, tiny_encoder)
+            out = {k: tmp_path_factory.mktemp(f"{k}-{config}-{processes}") for k in args}
+            failures = run_many([[*args[k], "--output-dir", str(out[k])] for k in args], processes)
+            made[config, processes] = {k: (args[k], out[k], f) for k, f in zip(args, failures)}
         return made[config, processes]
 
     return get
@@ -190,22 +201,32 @@ def test_processes_equal_one(
                    dim=outputs(out)["vec.vectors"].shape[1])  # fmt: skip
 
 
-def test_news_empty_slice_equals_one(baseline, news_dir, tiny_encoder, tmp_path):
+def news_args(news_dir, tiny_encoder) -> list[str]:
+    """News, ZeRO-3, Single-step, with a last global batch smaller than 4 ranks."""
+    bs = last_batch_smaller_than(len(task_of(news_dir, tiny_encoder, 8, "news").samples), 4)
+    return [*common(news_dir, tiny_encoder, "zero3", bs, task="news"), *STRATEGY_ARGS["single"]]
+
+
+def test_news_empty_slice_equals_one(launched, baseline):
     """News on 4 processes, ZeRO-3, Single-step: the last global batch has fewer samples than
     ranks, so the user encoder of some rank sees 0 rows; the run trains and matches 1 process."""
-    bs = last_batch_smaller_than(len(task_of(news_dir, tiny_encoder, 8, "news").samples), 4)
-    args = [*common(news_dir, tiny_encoder, "zero3", bs, task="news"), *STRATEGY_ARGS["single"]]
-    run([*args, "--output-dir", str(tmp_path)], processes=4)
-    many = assert_equal_to_one(args, tmp_path, 4, "zero3", baseline)
+    args, out, failure = launched("zero3", 4)["news"]
+    assert failure is None, failure
+    many = assert_equal_to_one(args, out, 4, "zero3", baseline)
     assert many["steps"] == 3
 
 
-def test_guard_unkeyed_dropout_breaks_two_equal_one(baseline, kt_dir, tiny_encoder, tmp_path):
+def guard_args(kt_dir, tiny_encoder) -> list[str]:
+    """2 processes, ZeRO-2, Single-step, dropout masks from each rank's RNG."""
+    return [*common(kt_dir, tiny_encoder, "zero2"), *STRATEGY_ARGS["single"], "--no-keyed-dropout"]
+
+
+def test_guard_unkeyed_dropout_breaks_two_equal_one(launched, baseline):
     """Guard: with dropout masks drawn from each rank's RNG, 2 processes no longer equal 1, and
     even the ZeRO comparison (the looser one) says so."""
-    args = [*common(kt_dir, tiny_encoder, "zero2"), *STRATEGY_ARGS["single"], "--no-keyed-dropout"]
-    run([*args, "--output-dir", str(tmp_path)], processes=2)
-    assert worst_excess(baseline(args), tmp_path, "zero2") > 100
+    args, out, failure = launched("zero2", 2)["guard"]
+    assert failure is None, failure
+    assert worst_excess(baseline(args), out, "zero2") > 100
 
 
 def assert_global_dedup(history, batches, world: int):
