@@ -1,4 +1,5 @@
-"""Run the real command line, on one process or under ``accelerate launch`` with 2 CPU ranks."""
+"""Run the real command line, on one process or under ``accelerate launch`` with 2 CPU ranks;
+several runs can share one launch."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TWO_CPU = str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")
+TRAIN = ROOT / "launch" / "train.py"
+TRAIN_MANY = ROOT / "tests" / "train_many.py"
 
 
 def env() -> dict:
@@ -26,9 +29,9 @@ def env() -> dict:
 
 
 def run(args: list[str], processes: int = 1, timeout: int = 600, check: bool = True, extra_env=None,
-        launcher_args: list[str] = ()):  # fmt: skip
-    """``launch/train.py ARGS`` on 1 process, or on N via accelerate launch."""
-    script = str(ROOT / "launch" / "train.py")
+        launcher_args: list[str] = (), script: Path = TRAIN):  # fmt: skip
+    """``launch/train.py ARGS`` (or another script) on 1 process, or on N via accelerate launch."""
+    script = str(script)
     if processes == 1:
         cmd = [sys.executable, script, *args]
     else:
@@ -40,6 +43,37 @@ def run(args: list[str], processes: int = 1, timeout: int = 600, check: bool = T
     if check and r.returncode != 0:
         raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r
+
+
+def run_many(runs: list[list[str]], processes: int, timeout: int = 600) -> list[str | None]:
+    """Each argument list of RUNS trained in turn by the same N launched processes (one start-up
+    for all; ``tests/train_many.py``); per run, None if it finished, else its failure with the
+    launch's output. The runs after a failed one are launched again without it, so a failure
+    hides no other run's result. ``timeout`` is per run."""
+    from train_many import FINISHED
+
+    failures: list[str | None] = [None] * len(runs)
+    todo = list(range(len(runs)))
+    while todo:
+        try:
+            r = run([json.dumps([runs[i] for i in todo])], processes, timeout * len(todo),
+                    check=False, script=TRAIN_MANY)  # fmt: skip
+            what, stdout, stderr = f"exit {r.returncode}", r.stdout, r.stderr
+        except subprocess.TimeoutExpired as exc:
+            what, stdout, stderr = f"timed out after {exc.timeout} s", exc.stdout, exc.stderr
+        done = sum(FINISHED.format(k, len(todo)) in (stdout or "") for k in range(1, len(todo) + 1))
+        if done == len(todo):
+            break
+        # the first unfinished run failed; it is reported with what the launch printed up to then
+        failed, todo = todo[done], todo[done + 1 :]
+        failures[failed] = (f"run {done + 1} of the launch failed: {what}\n"
+                            f"{_text(stdout)[-3000:]}\n{_text(stderr)[-6000:]}")  # fmt: skip
+    return failures
+
+
+def _text(out: str | bytes | None) -> str:
+    # a timed-out run's output comes as bytes, or not at all
+    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
 
 
 def _free_port() -> int:

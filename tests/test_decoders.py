@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from launching import history, max_diff, run
+from launching import history, max_diff, run, run_many
 from safetensors.torch import load_file
 from test_distributed import ZERO_ARGS, ZERO_PARAM_REL, worst_excess
 from test_equivalence import TOL as EXACT_TOL
@@ -147,15 +147,25 @@ def _lora_args(kt_dir, encoder, out, config: str) -> list[str]:
             "fp64", *ZERO_ARGS, "--no-progress", "--output-dir", str(out)]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def zero3_lora(kt_dir, tiny_llama, tiny_gpt2, tmp_path_factory) -> dict:
+    """``{decoder: (output folder, failure or None)}``: the 2-rank ZeRO-3 LoRA run of the tiny
+    Llama and of the tiny GPT-2, both in one launch."""
+    encoders = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+    out = {k: tmp_path_factory.mktemp(f"zero3-lora-{k}") for k in encoders}
+    runs = [_lora_args(kt_dir, encoders[k], out[k], "ds_configs/zero3.json") for k in encoders]
+    return {k: (out[k], failure) for k, failure in zip(encoders, run_many(runs, processes=2))}
+
+
 def _lrs(folder) -> list[float]:
     return [lr for h in history(folder) for lr in (h["lr_encoder"], h["lr_cf"])]
 
 
 def test_two_ranks_equal_one_under_zero3_lora_with_schedule_and_clipping(
-    tiny_llama, kt_dir, tmp_path
+    zero3_lora, tiny_llama, kt_dir, tmp_path
 ):
-    two, one = tmp_path / "two", tmp_path / "one"
-    run(_lora_args(kt_dir, tiny_llama, two, "ds_configs/zero3.json"), processes=2)
+    (two, failure), one = zero3_lora["llama"], tmp_path / "one"
+    assert failure is None, failure
     run(_lora_args(kt_dir, tiny_llama, one, "ds_configs/zero3.json"))
     # float64 and plain SGD, compared as in test_distributed (ZeRO's float32 master weights)
     assert worst_excess(one, two, "zero3") <= 1
@@ -175,12 +185,12 @@ def test_two_ranks_equal_one_under_zero3_lora_with_schedule_and_clipping(
     assert factors[:3] == [0.5, 1.0, 1.0] and 0 < factors[4] < factors[3] < 1
 
 
-def test_gpt2_lora_export_reloads_merged_and_adapter(tiny_gpt2, kt_dir, tmp_path):
+def test_gpt2_lora_export_reloads_merged_and_adapter(zero3_lora, tiny_gpt2, kt_dir):
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
 
-    out = tmp_path / "run"
-    run(_lora_args(kt_dir, tiny_gpt2, out, "ds_configs/zero3.json"), processes=2)
+    out, failure = zero3_lora["gpt2"]
+    assert failure is None, failure
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert len(lora_b) == 2 and all(float(v.abs().max()) > 0 for v in lora_b)  # c_attn x 2 layers

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from launching import history, metrics, outputs, run
+from launching import history, metrics, outputs, run_many
 from tiny import options
 
 from gram_scale.data.load import load_data
@@ -131,12 +131,12 @@ def task_of(data_dir, tiny_encoder, batch_size: int, task: str = "kt"):
     return make_task(opts, load_data(opts), dim=8)
 
 
-def assert_equal_to_one(args, processes, config, baseline, tmp_path) -> dict:
-    run([*args, "--output-dir", str(tmp_path)], processes=processes)
+def assert_equal_to_one(args, many_dir, processes, config, baseline) -> dict:
+    """The run of ARGS in MANY_DIR (on N processes) equals the same run on 1 process."""
     one_dir = baseline(args)
-    one, many = metrics(one_dir), metrics(tmp_path)
+    one, many = metrics(one_dir), metrics(many_dir)
     assert many["processes"] == processes and one["processes"] == 1
-    assert worst_excess(one_dir, tmp_path, config) <= 1
+    assert worst_excess(one_dir, many_dir, config) <= 1
     without = {k: v for k, v in many["counters"].items() if k not in TRAFFIC}
     assert without == {k: v for k, v in one["counters"].items() if k not in TRAFFIC}
     # Every metric, scored by each rank on its share and combined: AUC and accuracy are rank and
@@ -151,51 +151,98 @@ def assert_equal_to_one(args, processes, config, baseline, tmp_path) -> dict:
     return many
 
 
+def layout(processes: int, kt_dir, kt4_dir, tiny_encoder):
+    """(data, batch size) of the 2- or 4-process runs."""
+    if processes == 2:
+        return kt_dir, 8
+    bs = last_batch_smaller_than(len(task_of(kt4_dir, tiny_encoder, 8).train_windows), 4)
+    return kt4_dir, bs
+
+
+def launch_runs(config: str, processes: int, kt_dir, kt4_dir, news_dir, tiny_encoder) -> dict:
+    """The runs that share the (config, processes) launch, by name: each strategy of
+    ``test_processes_equal_one``, and the other tests' runs of that config and process count."""
+    data, bs = layout(processes, kt_dir, kt4_dir, tiny_encoder)
+    shared = common(data, tiny_encoder, config, bs)
+    runs = {s: [*shared, *a] for s, a in STRATEGY_ARGS.items()}
+    if config == "zero3":
+        runs["multi"] += ZERO3_MULTI_ARGS  # the last of a repeated flag wins
+    if (config, processes) == ("zero3", 4):
+        runs["news"] = news_args(news_dir, tiny_encoder)
+    if (config, processes) == ("zero2", 2):
+        runs["guard"] = guard_args(kt_dir, tiny_encoder)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def launched(kt_dir, kt4_dir, news_dir, tiny_encoder, tmp_path_factory):
+    """``launched(config, processes)[name]``: (args, output folder, failure or None) of that run
+    of ``launch_runs``. A (config, processes)'s runs train one after another in one launch,
+    made once: a launch's start-up costs more than a run's training."""
+    made = {}
+
+    def get(config: str, processes: int) -> dict:
+        if (config, processes) not in made:
+            args = launch_runs(config, processes, kt_dir, kt4_dir, news_dir, tiny_encoder)
+            out = {k: tmp_path_factory.mktemp(f"{k}-{config}-{processes}") for k in args}
+            failures = run_many([[*args[k], "--output-dir", str(out[k])] for k in args], processes)
+            made[config, processes] = {k: (args[k], out[k], f) for k, f in zip(args, failures)}
+        return made[config, processes]
+
+    return get
+
+
 @pytest.mark.parametrize("processes", [2, 4])
 @pytest.mark.parametrize("config", ["none", "zero2", "zero3"])
 @pytest.mark.parametrize("strategy", ["e2e", "single", "multi"])
 def test_processes_equal_one(
-    strategy, config, processes, baseline, kt_dir, kt4_dir, tiny_encoder, tmp_path
+    strategy, config, processes, launched, baseline, kt_dir, kt4_dir, tiny_encoder
 ):
     """On 4 processes the data make the last global batch smaller than the ranks (a rank trains
     on an empty slice) and leave rank 3 owning no item of any step (under ZeRO-3 it still has
     to make every collective encoder call)."""
-    if processes == 2:
-        data, bs = kt_dir, 8
-    else:
-        data = kt4_dir
-        bs = last_batch_smaller_than(len(task_of(data, tiny_encoder, 8).train_windows), 4)
+    data, bs = layout(processes, kt_dir, kt4_dir, tiny_encoder)
     task = task_of(data, tiny_encoder, bs)
-    args = [*common(data, tiny_encoder, config, bs), *STRATEGY_ARGS[strategy]]
-    if strategy == "multi" and config == "zero3":
-        args += ZERO3_MULTI_ARGS  # the last of a repeated flag wins
-    many = assert_equal_to_one(args, processes, config, baseline, tmp_path)
+    args, out, failure = launched(config, processes)[strategy]
+    assert failure is None, failure
+    many = assert_equal_to_one(args, out, processes, config, baseline)
     batches = list(task.train_batches(0))[:3]
     if processes == 4:
         assert len(batches) == 3 and len(batches[-1]) < 4
         used = torch.cat([b.items[b.items >= 0] for b in batches])
         assert not (owner_of(used, 4) == 3).any()
     if strategy == "single":
-        assert_global_dedup(history(tmp_path), batches, processes)
-    assert_traffic(many, history(tmp_path), batches, processes, strategy,
-                   dim=outputs(tmp_path)["vec.vectors"].shape[1])  # fmt: skip
+        assert_global_dedup(history(out), batches, processes)
+    assert_traffic(many, history(out), batches, processes, strategy,
+                   dim=outputs(out)["vec.vectors"].shape[1])  # fmt: skip
 
 
-def test_news_empty_slice_equals_one(baseline, news_dir, tiny_encoder, tmp_path):
+def news_args(news_dir, tiny_encoder) -> list[str]:
+    """News, ZeRO-3, Single-step, with a last global batch smaller than 4 ranks."""
+    bs = last_batch_smaller_than(len(task_of(news_dir, tiny_encoder, 8, "news").samples), 4)
+    return [*common(news_dir, tiny_encoder, "zero3", bs, task="news"), *STRATEGY_ARGS["single"]]
+
+
+def test_news_empty_slice_equals_one(launched, baseline):
     """News on 4 processes, ZeRO-3, Single-step: the last global batch has fewer samples than
     ranks, so the user encoder of some rank sees 0 rows; the run trains and matches 1 process."""
-    bs = last_batch_smaller_than(len(task_of(news_dir, tiny_encoder, 8, "news").samples), 4)
-    args = [*common(news_dir, tiny_encoder, "zero3", bs, task="news"), *STRATEGY_ARGS["single"]]
-    many = assert_equal_to_one(args, 4, "zero3", baseline, tmp_path)
+    args, out, failure = launched("zero3", 4)["news"]
+    assert failure is None, failure
+    many = assert_equal_to_one(args, out, 4, "zero3", baseline)
     assert many["steps"] == 3
 
 
-def test_guard_unkeyed_dropout_breaks_two_equal_one(baseline, kt_dir, tiny_encoder, tmp_path):
+def guard_args(kt_dir, tiny_encoder) -> list[str]:
+    """2 processes, ZeRO-2, Single-step, dropout masks from each rank's RNG."""
+    return [*common(kt_dir, tiny_encoder, "zero2"), *STRATEGY_ARGS["single"], "--no-keyed-dropout"]
+
+
+def test_guard_unkeyed_dropout_breaks_two_equal_one(launched, baseline):
     """Guard: with dropout masks drawn from each rank's RNG, 2 processes no longer equal 1, and
     even the ZeRO comparison (the looser one) says so."""
-    args = [*common(kt_dir, tiny_encoder, "zero2"), *STRATEGY_ARGS["single"], "--no-keyed-dropout"]
-    run([*args, "--output-dir", str(tmp_path)], processes=2)
-    assert worst_excess(baseline(args), tmp_path, "zero2") > 100
+    args, out, failure = launched("zero2", 2)["guard"]
+    assert failure is None, failure
+    assert worst_excess(baseline(args), out, "zero2") > 100
 
 
 def assert_global_dedup(history, batches, world: int):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from launching import history, max_diff, metrics, outputs, run
+from launching import history, max_diff, metrics, outputs, run, run_many
 
 from gram_scale.checkpoint import TrainState, find_resume, list_checkpoints
 
@@ -59,12 +59,18 @@ def args(kt_dir, tiny_encoder, strategy: str, out) -> list[str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(kt_dir, tiny_encoder, tmp_path_factory):
-    """Uninterrupted 2-process runs of each strategy, the reference for every resumed run."""
-    out = {}
-    for strategy in ("single", "multi"):
-        out[strategy] = tmp_path_factory.mktemp(f"full-{strategy}")
-        run(args(kt_dir, tiny_encoder, strategy, out[strategy]), processes=2)
-    return out
+    """Uninterrupted 2-process runs of each strategy, the reference for every resumed run:
+    ``{strategy: (output folder, failure or None)}``, both trained in one launch."""
+    out = {s: tmp_path_factory.mktemp(f"full-{s}") for s in ("single", "multi")}
+    failures = run_many([args(kt_dir, tiny_encoder, s, folder) for s, folder in out.items()], 2)
+    return {s: (folder, failure) for (s, folder), failure in zip(out.items(), failures)}
+
+
+def reference(uninterrupted, strategy: str):
+    """The uninterrupted run's folder; its failure fails the test that needs it."""
+    folder, failure = uninterrupted[strategy]
+    assert failure is None, f"uninterrupted {strategy} run: {failure}"
+    return folder
 
 
 # A resumed run repeats the uninterrupted run's operations in the same order, in float64; a
@@ -94,7 +100,7 @@ def test_elastic_restart_after_sigkill_equals_uninterrupted(
             extra_env={"GRAM_FAULT_KILL": "1:5"}, launcher_args=["--max_restarts", "2"])  # fmt: skip
     assert "starting from scratch" in r.stdout  # first attempt: nothing to resume yet
     assert "resumed from" in r.stdout and "step-00000004" in r.stdout  # after the restart
-    assert_same_run(uninterrupted[strategy], out)
+    assert_same_run(reference(uninterrupted, strategy), out)
 
 
 def test_sigterm_mid_window_then_resume_equals_uninterrupted(uninterrupted, kt_dir, tiny_encoder,
@@ -110,7 +116,7 @@ def test_sigterm_mid_window_then_resume_equals_uninterrupted(uninterrupted, kt_d
     assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [5, 4]
     r = run([*full, "--resume", "latest"], processes=2)
     assert "step-00000005 at step 5" in r.stdout
-    assert_same_run(uninterrupted["multi"], out)
+    assert_same_run(reference(uninterrupted, "multi"), out)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(kt_dir, tiny_encoder, tmp_path):

@@ -7,27 +7,37 @@ import re
 
 import pytest
 import torch
-from launching import history, run
+from launching import history, run, run_many
+
+CONFIGS = [("zero2_offload", "fp32"), ("zero3_offload", "fp32"), ("zero2", "bf16")]
 
 
-@pytest.mark.parametrize(
-    "config, precision", [("zero2_offload", "fp32"), ("zero3_offload", "fp32"), ("zero2", "bf16")]
-)
-def test_offload_configs_train_with_falling_loss(config, precision, kt_dir, tiny_encoder, tmp_path):
-    run(["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
-         "--epochs", "2", "--batch-size", "8", "--seq-len", "20", "--lr-cf", "3e-3",
-         "--config", f"ds_configs/{config}.json", "--precision", precision, "--no-progress",
-         "--output-dir", str(tmp_path)], processes=2)  # fmt: skip
-    numerics = json.loads((tmp_path / "metrics.json").read_text())["encoder_numerics"]
+@pytest.fixture(scope="module")
+def trained(kt_dir, tiny_encoder, tmp_path_factory) -> dict:
+    """``{(config, precision): (output folder, failure or None)}``: each of CONFIGS trained on 2
+    CPU ranks, all in one launch (each run starts a fresh Accelerator and DeepSpeed engine)."""
+    out = {c: tmp_path_factory.mktemp(f"{c[0]}-{c[1]}") for c in CONFIGS}
+    runs = [["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
+             "--epochs", "2", "--batch-size", "8", "--seq-len", "20", "--lr-cf", "3e-3",
+             "--config", f"ds_configs/{config}.json", "--precision", precision, "--no-progress",
+             "--output-dir", str(folder)] for (config, precision), folder in out.items()]  # fmt: skip
+    return {c: (out[c], failure) for c, failure in zip(CONFIGS, run_many(runs, processes=2))}
+
+
+@pytest.mark.parametrize("config, precision", CONFIGS)
+def test_offload_configs_train_with_falling_loss(config, precision, trained):
+    folder, failure = trained[config, precision]
+    assert failure is None, failure
+    numerics = json.loads((folder / "metrics.json").read_text())["encoder_numerics"]
     # the shipped configs accumulate gradients in float32, bf16 weights included
     assert numerics["grad_accum"] == "float32"
     if precision == "bf16":  # the engine really ran the encoder in bf16
         from safetensors.torch import load_file
 
-        weights = load_file(str(tmp_path / "encoder" / "model.safetensors"))
+        weights = load_file(str(folder / "encoder" / "model.safetensors"))
         assert {v.dtype for v in weights.values()} == {torch.bfloat16}
         assert numerics["weights"] == numerics["compute"] == "bfloat16"
-    losses = [h["loss"] for h in history(tmp_path)]
+    losses = [h["loss"] for h in history(folder)]
     third = len(losses) // 3
     assert third >= 4
     assert sum(losses[-third:]) / third < sum(losses[:third]) / third - 0.01, losses
