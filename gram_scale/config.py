@@ -82,6 +82,13 @@ class Options:
     table_lr: float = _opt(1.0, "multi: SGD learning rate of the item table inside a window")
     encoder_batch_size: int = _opt(64, "items per encoder chunk (window-end updates, evaluation)")
     encoder_epochs: int = _opt(1, "multi: regression passes over the window's items")
+    regress_batch_size: str = _opt(
+        "auto",
+        "multi: touched items per encoder optimizer step at a window end (N, or auto: the "
+        "window's touched items / its steps, rounded up, so a window of N steps makes about N "
+        "encoder steps)",
+        metavar="N|auto",
+    )
     # CF model and optimisation
     epochs: int = _opt(2, "training epochs")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0 = no limit)")
@@ -160,6 +167,10 @@ class Options:
         """('steps', n) or ('epochs', fraction)."""
         return parse_window(self.window)
 
+    def regress_batch(self) -> int | None:
+        """``--regress-batch-size`` as a number of items, None for auto."""
+        return parse_regress_batch(self.regress_batch_size)
+
     def vector_dtype(self):
         """dtype of item vectors, item gradients, the item table and the CF model."""
         import torch  # only when asked: parsing flags stays light
@@ -203,6 +214,17 @@ def parse_window(text: str) -> tuple[str, float]:
     if frac <= 0:
         raise InputError("--window", None, f"must be a positive fraction of an epoch, got {text!r}")
     return "epochs", frac
+
+
+def parse_regress_batch(text: str) -> int | None:
+    """Parse ``--regress-batch-size``: a positive number of items, or None for ``auto``."""
+    text = str(text).strip()
+    if text.lower() == "auto":
+        return None
+    if not re.fullmatch(r"\d+", text) or int(text) < 1:
+        why = f"expected a positive number of items or auto, got {text!r}"
+        raise InputError("--regress-batch-size", None, why)
+    return int(text)
 
 
 def validate(opts: Options) -> Options:
@@ -258,6 +280,7 @@ def validate(opts: Options) -> Options:
     if opts.valid_frac + opts.test_frac >= 1:
         raise InputError("--valid-frac", None, "valid and test fractions leave no training users")
     parse_window(opts.window)
+    parse_regress_batch(opts.regress_batch_size)
     if opts.data and not Path(opts.data).is_dir():
         raise InputError(opts.data, None, "data folder not found")
     if opts.encoder and not (Path(opts.encoder) / "config.json").is_file():

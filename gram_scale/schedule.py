@@ -8,7 +8,8 @@ on the back end. Optimizer step ``k`` (0-based) of ``total`` uses ``lr x factor(
   ``warmup - 1`` reaches the full rate;
 - then ``constant``: 1; ``linear``: ``(total - k) / (total - warmup)``; ``cosine``:
   ``(1 + cos(pi (k - warmup) / (total - warmup))) / 2``. Both decays start at 1 and stay above 0
-  on the last step.
+  on the last step. A step past ``total`` (Multi-step's count is an estimate and may fall short)
+  keeps the last step's rate instead of reaching 0 or turning back up.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Schedule:
         if self.kind == "constant":
             return 1.0
         span = max(1, self.total - self.warmup)
-        done = min(1.0, (k - self.warmup) / span)
+        done = min(k - self.warmup, span - 1) / span
         if self.kind == "linear":
             return max(0.0, 1.0 - done)
         return 0.5 * (1.0 + math.cos(math.pi * done))
@@ -45,16 +46,30 @@ def run_steps(opts, steps_per_epoch: int) -> int:
     return min(total, opts.max_steps) if opts.max_steps else total
 
 
-def encoder_steps(opts, steps_per_epoch: int) -> int:
-    """Encoder optimizer steps of the run: one per training step, or for Multi-step
-    ``--encoder-epochs`` per window, the last partial window included."""
-    from gram_scale.strategies.multi import window_steps  # the strategies import this module
+def encoder_steps(opts, steps_per_epoch: int, n_items: int, step_items: int) -> int:
+    """Encoder optimizer steps of the run: one per training step; for Multi-step an estimate of
+    the window-end mini-batches, ``--encoder-epochs`` times each.
+
+    A window of w steps touches T items, known only once it has run: here T is taken as at
+    most the catalogue (``n_items``) and at most w times one step's unique items
+    (``step_items``, e.g. the first batch's). It makes ceil(T / batch) mini-batches: with auto
+    at most min(w, T), so about the run's steps when a window's items outnumber its steps, and
+    the touched items when they do not (a long window over a small catalogue). The last
+    partial window counts with the steps it takes. A short estimate is harmless (later steps
+    keep the last rate), a long one leaves the decay unfinished."""
+    from gram_scale.strategies.multi import regress_batches, window_steps  # they import this
 
     steps = run_steps(opts, steps_per_epoch)
     if opts.strategy != "multi":
         return steps
     window = window_steps(opts.window_spec(), steps_per_epoch)
-    return math.ceil(steps / window) * opts.encoder_epochs
+    size = opts.regress_batch()
+
+    def batches(w: int) -> int:
+        return regress_batches(min(n_items, w * step_items), w, size) if w else 0
+
+    per_pass = (steps // window) * batches(window) + batches(steps % window)
+    return per_pass * opts.encoder_epochs
 
 
 def make_scheduler(optimizer, opts, total: int) -> torch.optim.lr_scheduler.LambdaLR:

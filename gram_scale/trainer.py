@@ -143,8 +143,11 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
     task.model.to(device, opts.vector_dtype())
     cf_opt = make_optimizer(task.model.parameters(), opts, opts.lr_cf)
     steps_per_epoch = task.num_train_batches()
-    runner = build_runner(accelerator, encoder, tokens, opts, ds_raw,
-                          encoder_steps(opts, steps_per_epoch))  # fmt: skip
+    # Multi-step's encoder step count is estimated from one step's unique items
+    first = next(task.train_batches(0), None) if opts.strategy == "multi" else None
+    step_items = 0 if first is None else len(torch.unique(first.items[first.items >= 0]))
+    total = encoder_steps(opts, steps_per_epoch, len(data.catalogue), step_items)
+    runner = build_runner(accelerator, encoder, tokens, opts, ds_raw, total)
     cf_sched = make_scheduler(cf_opt, opts, run_steps(opts, steps_per_epoch))
     cf = CFUpdate(task, cf_opt, runner.comm, cf_sched, opts.max_grad_norm)
     strategy = make_strategy(opts, runner, cf, steps_per_epoch)

@@ -94,3 +94,101 @@ def test_table_rows_move_by_sgd():
     assert torch.equal(t.regression_grad(torch.tensor([2]), h), torch.tensor([[0.0, 0, 0]]))
     t.clear()
     assert len(t) == 0 and t.missing(torch.tensor([2])).tolist() == [2]
+
+
+def _touched(batches) -> torch.Tensor:
+    return torch.unique(torch.cat([b.items[b.items >= 0] for b in batches]))
+
+
+def _encoder_steps_per_window(opts, data, window: int, windows: int) -> list[int]:
+    """Encoder optimizer steps taken at each window end (counted by the LR scheduler, which
+    advances once per applied optimizer step)."""
+    s = setup(replace(opts, strategy="multi", window=str(window)), data)
+    batches = s.task.train_batches(0)
+    seen = [0]
+    for step in range(window * windows):
+        s.strategy.step(next(batches), step)
+        if (step + 1) % window == 0:
+            seen.append(s.runner.scheduler.last_epoch)
+    assert s.runner.optimizer.state_dict()["state"][0]["step"] == seen[-1]  # AdamW agrees
+    return [b - a for a, b in zip(seen, seen[1:])]
+
+
+@pytest.mark.parametrize("encoder_epochs", [1, 2])
+def test_multi_auto_regress_batch_makes_about_n_encoder_steps(base, encoder_epochs):
+    """An N-step window makes ceil(T / ceil(T / N)) encoder steps per pass (T touched items):
+    here N or one fewer, since every window touches far more items than it has steps."""
+    from gram_scale.strategies.multi import regress_batches
+
+    opts, data = base
+    opts = replace(opts, encoder_epochs=encoder_epochs, encoder_batch_size=7)
+    n = 4
+    got = _encoder_steps_per_window(opts, data, n, 2)
+    s = setup(opts, data)
+    batches = list(s.task.train_batches(0))[: 2 * n]
+    touched = [len(_touched(batches[w * n : (w + 1) * n])) for w in range(2)]
+    assert min(touched) > 4 * n
+    assert got == [regress_batches(t, n, None) * encoder_epochs for t in touched]
+    assert all((n - 1) * encoder_epochs <= g <= n * encoder_epochs for g in got), got
+
+
+def test_multi_regress_batch_covering_the_window_steps_once_per_pass(base):
+    opts, data = base
+    opts = replace(opts, encoder_epochs=3, regress_batch_size="100000")
+    assert _encoder_steps_per_window(opts, data, 4, 2) == [3, 3]
+
+
+def test_multi_window_end_mini_batches(base):
+    """What the window end does, call by call: each pass shuffles the touched items (its own
+    shuffle, fixed by seed, window and pass) and cuts them into mini-batches of
+    --regress-batch-size; each mini-batch is encoded in chunks of --encoder-batch-size whose
+    backward calls accumulate (last=True only on its final chunk) into one optimizer step."""
+    from gram_scale.strategies.multi import regress_order
+
+    opts, data = base
+    opts = replace(opts, strategy="multi", window="3", encoder_epochs=2, regress_batch_size="9",
+                   encoder_batch_size=4)  # fmt: skip
+    s = setup(opts, data)
+    calls = []  # ("encode", items) / ("backward", last) / ("step",) at the window end
+    runner = s.runner
+    encode, backward, step_ = runner.encode, runner.backward, runner.step
+
+    def spy_encode(items, salt, grad, count=None):
+        if grad:
+            calls.append(("encode", items[:count].tolist()))
+        return encode(items, salt, grad, count)
+
+    def spy_backward(vectors, grads, last=True, count=None):
+        calls.append(("backward", last))
+        return backward(vectors, grads, last=last, count=count)
+
+    def spy_step():
+        calls.append(("step",))
+        return step_()
+
+    runner.encode, runner.backward, runner.step = spy_encode, spy_backward, spy_step
+    batches = list(s.task.train_batches(0))[:3]
+    for step, batch in enumerate(batches):
+        s.strategy.step(batch, step)
+    touched = _touched(batches)
+    mini_batches, current, lasts = [], [], []
+    for call in calls:
+        if call[0] == "encode":
+            assert 1 <= len(call[1]) <= 4  # a chunk
+            current += call[1]
+        elif call[0] == "backward":
+            lasts.append(call[1])
+        else:
+            assert lasts == [False] * (len(lasts) - 1) + [True]
+            assert len(lasts) == -(-len(current) // 4)  # one backward per chunk
+            mini_batches.append(current)
+            current, lasts = [], []
+    per_pass = -(-len(touched) // 9)
+    assert len(mini_batches) == 2 * per_pass and len(touched) > 2 * 9
+    for p in range(2):
+        got = mini_batches[p * per_pass : (p + 1) * per_pass]
+        assert [len(m) for m in got[:-1]] == [9] * (per_pass - 1)
+        assert sum(got, []) == regress_order(touched, opts.seed, 0, p).tolist()
+    assert mini_batches[0] != mini_batches[per_pass]  # each pass draws its own shuffle
+    assert sorted(sum(mini_batches[:per_pass], [])) == touched.tolist()
+    assert regress_order(touched, opts.seed, 1, 0).tolist() != sum(mini_batches[:per_pass], [])

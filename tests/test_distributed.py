@@ -16,8 +16,22 @@ from gram_scale.exchange import owner_of
 from gram_scale.stats import exchange_rows
 from gram_scale.tasks import make_task
 
+# Multi-step: 2 auto mini-batches per full window (from the global touched count), 2 passes,
+# each rank's share of a mini-batch in chunks of 4 (several, and padding calls where a rank owns
+# fewer), and a 1-step last window closed by ``finish``: the mini-batch sequence must not depend
+# on the number of ranks.
 STRATEGY_ARGS = {"e2e": ["--strategy", "e2e"], "single": ["--strategy", "single"],
-                 "multi": ["--strategy", "multi", "--window", "2"]}  # fmt: skip
+                 "multi": ["--strategy", "multi", "--window", "2", "--encoder-epochs", "2",
+                           "--encoder-batch-size", "4"]}  # fmt: skip
+# Under ZeRO-3 one mini-batch a window, one pass (the older form; the chunks of 4 stay). ZeRO-3
+# adds each chunk's gradient partition into a float32 buffer, so a rank's chunking (which follows
+# the world size) rounds each update differently, and a window end's consecutive regression
+# steps, each starting from the last one's result, compound it. Measured against 1 process on 2
+# ranks: 14x the allowance with 2 auto mini-batches and 2 passes in chunks of 4, 12.8x with 1
+# pass, 1.8x with 2 passes in one chunk, 0.25x with 1 pass in one chunk (3.1x on 4 ranks), and
+# 0.06x for one step in chunks of 4 (the accumulation itself is right). The mini-batch sequence
+# is checked on DDP (exact) and ZeRO-2, 2 and 4 ranks.
+ZERO3_MULTI_ARGS = ["--encoder-epochs", "1", "--regress-batch-size", "100000"]
 
 # Every run is float64, so summation order (ranks, all-to-all, ZeRO buckets) moves a gradient by
 # ~1e-16 of its terms. Without DeepSpeed that is all: after AdamW steps the runs differ by
@@ -153,6 +167,8 @@ def test_processes_equal_one(
         bs = last_batch_smaller_than(len(task_of(data, tiny_encoder, 8).train_windows), 4)
     task = task_of(data, tiny_encoder, bs)
     args = [*common(data, tiny_encoder, config, bs), *STRATEGY_ARGS[strategy]]
+    if strategy == "multi" and config == "zero3":
+        args += ZERO3_MULTI_ARGS  # the last of a repeated flag wins
     many = assert_equal_to_one(args, processes, config, baseline, tmp_path)
     batches = list(task.train_batches(0))[:3]
     if processes == 4:

@@ -23,12 +23,29 @@ def test_schedule_factors_by_hand():
     assert cosine == pytest.approx(expected) and cosine[-1] > 0
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_steps_past_the_total_keep_the_last_rate(kind):
+    """Multi-step's encoder step count is an estimate: a run that takes more steps than it
+    said goes on at the last step's (small, positive) rate."""
+    schedule = Schedule(kind, 1, 5)
+    assert [schedule(k) for k in range(5, 9)] == [schedule(4)] * 4 and schedule(4) > 0
+
+
 def test_total_steps_per_optimizer():
+    """30 CF steps in windows of 4 (7 windows and a 2-step tail), 2 regression passes."""
     opts = options(epochs=3, strategy="multi", window="4", encoder_epochs=2)
-    assert run_steps(opts, 10) == 30 and encoder_steps(opts, 10) == 8 * 2  # 7 windows + a tail
-    assert encoder_steps(replace(opts, max_steps=8), 10) == 2 * 2
-    assert encoder_steps(replace(opts, strategy="single"), 10) == 30
-    assert encoder_steps(replace(opts, window="0.5E"), 10) == 6 * 2
+    assert run_steps(opts, 10) == 30
+    assert encoder_steps(replace(opts, strategy="single"), 10, 60, 50) == 30
+    # auto: a window's items outnumber its steps, so one encoder step per CF step
+    assert encoder_steps(opts, 10, 60, 50) == 30 * 2
+    assert encoder_steps(replace(opts, max_steps=8), 10, 60, 50) == 8 * 2
+    assert encoder_steps(replace(opts, window="0.5E"), 10, 60, 50) == 30 * 2
+    # a 3-item catalogue: 3 mini-batches of 1 per window, the tail's 3 items in 2 of 2 and 1
+    assert encoder_steps(opts, 10, 3, 50) == (7 * 3 + 2) * 2
+    # 25 items a mini-batch: a window touches at most 4 x 50 items (8 mini-batches), the tail 100
+    assert encoder_steps(replace(opts, regress_batch_size="25"), 10, 1000, 50) == (7 * 8 + 4) * 2
+    # a mini-batch that holds every touched item: one step per window and pass
+    assert encoder_steps(replace(opts, regress_batch_size="100000"), 10, 1000, 50) == 8 * 2
 
 
 def _lrs_per_step(opts, data, n_steps: int):
@@ -42,13 +59,30 @@ def _lrs_per_step(opts, data, n_steps: int):
 
 
 def test_multi_step_encoder_schedule_counts_windows(kt_dir, tiny_encoder):
+    """One mini-batch per window: the encoder steps at the end of steps 1, 3, 5."""
     opts = options(data=str(kt_dir), encoder=str(tiny_encoder), strategy="multi", window="2",
-                   max_steps=6, lr_schedule="linear", warmup_steps=1)  # fmt: skip
+                   max_steps=6, lr_schedule="linear", warmup_steps=1,
+                   regress_batch_size="100000")  # fmt: skip
     _, seen = _lrs_per_step(opts, load_data(opts), 6)
-    enc = Schedule("linear", 1, 3)  # 3 windows: the encoder steps at the end of steps 1, 3, 5
+    enc = Schedule("linear", 1, 3)
     cf = Schedule("linear", 1, 6)
     assert [e for e, _ in seen] == pytest.approx([1e-3 * enc(k // 2) for k in range(6)])
     assert [c for _, c in seen] == pytest.approx([1e-3 * cf(k) for k in range(6)])
+
+
+def test_multi_step_encoder_schedule_counts_mini_batches(kt_dir, tiny_encoder):
+    """Auto mini-batches: 7 steps in windows of 3 make 3 + 3 + 1 encoder steps (each window
+    touches more items than it has steps), as estimated, so the linear decay ends on the last
+    one; the encoder's rate at each window start is the schedule's after the steps so far."""
+    opts = options(data=str(kt_dir), encoder=str(tiny_encoder), strategy="multi", window="3",
+                   max_steps=7, lr_schedule="linear", warmup_steps=2)  # fmt: skip
+    s, seen = _lrs_per_step(opts, load_data(opts), 7)
+    assert s.runner.scheduler.last_epoch == 6  # 2 windows so far; the tail waits for finish
+    s.strategy.finish(7)
+    enc = Schedule("linear", 2, 7)
+    assert [e for e, _ in seen] == pytest.approx([1e-3 * enc(k // 3 * 3) for k in range(7)])
+    assert s.runner.scheduler.last_epoch == 7
+    assert s.runner.lr() == pytest.approx(1e-3 * enc(6))  # the last step's rate, kept
 
 
 def test_max_grad_norm_clips_both_optimizers(kt_dir, tiny_encoder):

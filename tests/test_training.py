@@ -83,7 +83,8 @@ def test_cli_help_lists_every_flag_with_default():
     r = _cli("--help")
     assert r.returncode == 0
     for flag in ("--task", "--data", "--encoder", "--strategy", "--epochs", "--batch-size",
-                 "--lr-encoder", "--lr-cf", "--seed", "--output-dir", "--config", "--window"):  # fmt: skip
+                 "--lr-encoder", "--lr-cf", "--seed", "--output-dir", "--config", "--window",
+                 "--regress-batch-size"):  # fmt: skip
         assert flag in r.stdout
     assert "(default: single)" in " ".join(r.stdout.split())
 
@@ -99,6 +100,7 @@ def test_cli_help_lists_every_flag_with_default():
         (["--config", "/nonexistent.json"], "/nonexistent.json: DeepSpeed config file not found"),
         (["--lr-schedule", "step"], "--lr-schedule: must be one of constant, linear, cosine"),
         (["--max-grad-norm", "-1"], "--max-grad-norm: must be 0 or more, got -1.0"),
+        (["--regress-batch-size", "abc"], "--regress-batch-size: expected a positive number"),
     ],
 )
 def test_cli_bad_flag_is_one_line_exit_2(args, message, tmp_path):
@@ -124,3 +126,23 @@ def test_cli_bad_data_file_names_file_and_line(kt_dir, tiny_encoder, tmp_path):
     assert len(lines) == 1, r.stderr
     assert f"{bad / 'interactions.csv'}:4:" in lines[0] and "no_such_item" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "1.5", ""])
+def test_regress_batch_size_refused(value):
+    from gram_scale.config import parse_options
+    from gram_scale.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        parse_options(["--regress-batch-size", value])
+    assert str(err.value) == (
+        f"--regress-batch-size: expected a positive number of items or auto, got {value!r}"
+    )
+
+
+def test_regress_batch_size_accepted():
+    from gram_scale.config import parse_options
+
+    assert parse_options([]).regress_batch() is None  # auto, the default
+    assert parse_options(["--regress-batch-size", "AUTO"]).regress_batch() is None
+    assert parse_options(["--regress-batch-size", "12"]).regress_batch() == 12

@@ -2,20 +2,28 @@
 
 Inside a window, item vectors come from the item table (filled lazily by no-grad encoder passes
 the first time an item is touched) and only the CF model steps; each touched row moves by plain
-SGD with the gradient the CF model sends it. At the window end every touched item is re-encoded
-with gradient in chunks of ``--encoder-batch-size`` and the encoder regresses onto the rows
-(0.5 * squared error, summed), one optimizer step per ``--encoder-epochs`` pass.
+SGD with the gradient the CF model sends it. At the window end the encoder catches up as a small
+regression job, as the authors train it: the window's touched items, shuffled by (seed, window,
+pass), are cut into mini-batches of ``--regress-batch-size`` (auto: touched items / window
+steps, so an N-step window makes about N encoder steps, as many as E2E would); each mini-batch
+is re-encoded with gradient in chunks of ``--encoder-batch-size`` (accumulated, so memory is
+bounded by the chunk) and the encoder takes one optimizer step on 0.5 * squared error to the
+rows, summed. ``--encoder-epochs`` passes. The rows (targets) stay fixed through the catch-up.
 
 The table is sharded by item owner: each rank holds, fills, updates and regresses onto the rows
 it owns; rows reach the ranks that read them, and gradients come back, through the step's item
-exchange.
+exchange. The mini-batches are global: every rank gathers the window's touched ids and draws
+the same shuffle, then encodes the items of each mini-batch it owns (padded to the same number
+of calls on every rank), so the encoder's steps do not depend on the number of ranks.
 """
 
 from __future__ import annotations
 
+import torch
+
 from gram_scale.accumulator import ItemTable
 from gram_scale.data.batches import Batch, unique_index
-from gram_scale.exchange import ItemExchange, pieces, shard_rows
+from gram_scale.exchange import ItemExchange, owned, pieces, shard_rows
 from gram_scale.strategies.base import CFUpdate, Plan, StepResult, check_counts
 
 
@@ -27,6 +35,27 @@ def window_steps(spec: tuple[str, float], steps_per_epoch: int) -> int:
     return max(1, round(value * steps_per_epoch))
 
 
+def regress_batch(touched: int, steps: int, size: int | None) -> int:
+    """Items per window-end mini-batch: ``size``, or for auto (None) the window's touched items
+    over its steps, rounded up, at least 1."""
+    if size is not None:
+        return size
+    return max(1, -(-touched // max(1, steps)))
+
+
+def regress_batches(touched: int, steps: int, size: int | None) -> int:
+    """Encoder optimizer steps of one regression pass over ``touched`` items (auto: at most
+    ``steps``)."""
+    return -(-touched // regress_batch(touched, steps, size))
+
+
+def regress_order(items: torch.Tensor, seed: int, window: int, pass_: int) -> torch.Tensor:
+    """The window's touched items (sorted, global) in the order of one regression pass: a
+    shuffle drawn from (seed, window, pass) alone, the same on every rank and every resume."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + window) * 65_537 + pass_)
+    return items[torch.randperm(len(items), generator=g)]
+
+
 class MultiStep:
     """CF steps on table rows; the encoder catches up at every window end."""
 
@@ -36,12 +65,14 @@ class MultiStep:
         self.runner, self.cf, self.comm = runner, cf, runner.comm
         self.window = window_steps(opts.window_spec(), steps_per_epoch)
         self.encoder_epochs = opts.encoder_epochs
+        self.regress_size = opts.regress_batch()
+        self.seed = opts.seed
         self.chunk = opts.encoder_batch_size
         self.table = ItemTable(
             runner.encoder.dim, lr=opts.table_lr, dtype=runner.dtype, device=runner.device
         )
         self.windows_done = 0
-        self.encoder_skips = 0  # window-end updates dropped for a non-finite encoder gradient
+        self.encoder_skips = 0  # mini-batch updates dropped for a non-finite encoder gradient
 
     def step(self, batch: Batch, step: int, stop: int = 0) -> StepResult:
         """One CF step; at a window boundary also the encoder update."""
@@ -69,7 +100,7 @@ class MultiStep:
             self.cf.step()
         skips = self.encoder_skips
         if updated:
-            self.end_window(window)
+            self.end_window(window, self.window)
         check_counts(self.runner, plan, totals, f0, b0)
         return StepResult(
             loss=totals.loss,
@@ -83,25 +114,42 @@ class MultiStep:
             totals=totals,
         )
 
-    def end_window(self, window: int) -> None:
-        """Regress the encoder onto this rank's touched rows, then clear the table."""
-        calls = pieces(self.comm, self.table.items(), self.chunk)
-        for _ in range(self.encoder_epochs if self.runner.trainable else 0):
-            for c, piece in enumerate(calls):
-                h = self.runner.encode(piece.items, salt=window, grad=True, count=piece.real)
-                g = self.table.regression_grad(piece.items[: piece.real], h[: piece.real])
-                self.runner.backward(h, piece.pad(g), last=c == len(calls) - 1, count=piece.real)
-            if not self.runner.step():  # non-finite encoder gradient: that update is dropped
-                self.encoder_skips += 1
+    def end_window(self, window: int, steps: int) -> None:
+        """Regress the encoder onto the window's touched rows (``steps``: the window's length,
+        for the auto mini-batch size), then clear the table; every rank calls it."""
+        if self.runner.trainable:
+            # Sorted: the gathered order follows the ranks, the shuffle must not.
+            touched = torch.sort(self.comm.gather_rows(self.table.items())).values
+            size = regress_batch(len(touched), steps, self.regress_size)
+            for pass_ in range(self.encoder_epochs):
+                order = regress_order(touched, self.seed, window, pass_)
+                for start in range(0, len(order), size):
+                    self.regress(owned(self.comm, order[start : start + size]), window)
         self.table.clear()
         self.windows_done += 1
+
+    def regress(self, items: torch.Tensor, window: int) -> None:
+        """One encoder optimizer step on one mini-batch: this rank's ``items`` (owned, held)
+        encoded and back-propagated in chunks, padded to the same number of calls on every
+        rank (ZeRO-3 gathers parameters collectively inside each call)."""
+        calls = pieces(self.comm, items, self.chunk)
+        for c, piece in enumerate(calls):
+            h = self.runner.encode(piece.items, salt=window, grad=True, count=piece.real)
+            g = self.table.regression_grad(piece.items[: piece.real], h[: piece.real])
+            self.runner.backward(h, piece.pad(g), last=c == len(calls) - 1, count=piece.real)
+        if not self.runner.step():  # non-finite encoder gradient: this update is dropped
+            self.encoder_skips += 1
 
     def finish(self, step: int) -> StepResult | None:
         """Close a partly filled last window so its gradients reach the encoder."""
         if self.comm.sum_int(len(self.table)) == 0:
             return None
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
-        self.end_window(step // self.window)
+        # Auto mini-batches from the steps this window really took: a short last window then
+        # makes about as many encoder steps as it took CF steps, with mini-batches the size of
+        # the full windows' (its configured length would cut its few items into as many
+        # mini-batches as a full window has).
+        self.end_window(step // self.window, step % self.window or self.window)
         return StepResult(
             0.0, 0, 0, self.runner.item_forwards - f0, self.runner.item_backwards - b0, True
         )
