@@ -45,7 +45,7 @@ part main-job 150 "$PY" -m accelerate.commands.launch --num_processes 1 --num_ma
   --mixed_precision no --dynamo_backend no launch/train.py --config ds_configs/zero2.json \
   --precision bf16 --no-progress --output-dir "$DIR/main-job" --overwrite-output-dir
 part bench 150 "$PY" -m gram_scale.bench --workload kt-small --out "$DIR/bench"
-part memory 90 env GRAM_DEVICE=cuda "$PY" -m gram_scale.bench_memory --out "$DIR/memory"
+part memory 90 env GRAM_DEVICE=cuda "$PY" -m gram_scale.bench.memory --out "$DIR/memory"
 
 "$PY" - "$DIR" "$gpu" >"$DIR/summary.md" <<'EOF'
 import json, pathlib, re, sys

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gram_scale.bench import RUNS, label, markdown, summarise, targets
+from gram_scale.bench.report import markdown, summarise, targets
+from gram_scale.bench.workloads import WORKLOADS
 from gram_scale.config import Options, parse_window
 from gram_scale.data.load import load_data
 from gram_scale.history import read_history
@@ -26,12 +27,13 @@ ROW_FIELDS = {
     "time_per_epoch_s_repeats", "speedup", "occurrences_per_epoch", "item_forwards_per_epoch",
     "item_backwards_per_epoch", "counters", "occurrence_unique_ratio", "occurrences_per_backward",
     "peak_rss_bytes", "encoder_activation_bytes", "cuda_peak_bytes", "valid", "test", "curve",
-    "runs",
+    "runs", "frozen", "seeds", "valid_per_seed", "test_per_seed",
 }  # fmt: skip
-LABELS = [label(s, w) for s, w in RUNS]
+RUNS = WORKLOADS["tiny"].runs
+LABELS = [run.label for run in RUNS]
 
 
-def _bench(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def _bench(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     # One thread per run: the test checks counts, not speed, and shares 2 cores with other tests.
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "gram_scale.bench", *args], cwd=ROOT, env=env,
@@ -61,16 +63,23 @@ def test_outputs_and_schema(tiny):
         ].keys()
         assert row["epochs_done"] == res["epochs"] == 2
         assert row["time_per_epoch_s"] > 0 and row["peak_rss_bytes"] > 0
-        assert row["encoder_activation_bytes"] > 0 and row["cuda_peak_bytes"] is None
+        # a frozen encoder keeps no graph
+        assert (row["encoder_activation_bytes"] > 0) == (not row["frozen"])
+        assert row["cuda_peak_bytes"] is None
         assert 0 <= row["valid"]["auc"] <= 1 and 0 <= row["test"]["auc"] <= 1
         assert len(row["curve"]) == 2  # one valid point per epoch
     assert res["strategies"]["e2e"]["speedup"] == 1.0
     m = res["machine"]
     assert m["cpu"] and m["cores"] >= 1 and m["date"]
     assert {"python", "torch", "transformers", "accelerate", "deepspeed"} <= m["versions"].keys()
-    assert len(res["targets"]) == 2 + 1 + 3  # single, 1E speed, 1E AUC, memory per multi
+    # single, 1E speed, 1E AUC vs e2e, e2e and 1E vs frozen, memory per multi, 1E overhead
+    assert len(res["targets"]) == 2 + 1 + 2 + 3 + 1
     assert all(t["met"] in (True, False) for t in res["targets"])
     assert res["bound"]["bound_e_over_c"] > 0
+    o = res["overhead"]  # one 1E epoch in process: its parts add up to the step time
+    assert o["window"] == "1E" and o["steps"] == res["steps_per_epoch"]
+    assert o["encoder_s"] > 0 and o["cf_s"] > 0 and 0 <= o["other_share"] < 1
+    assert o["encoder_s"] + o["cf_s"] + o["other_s"] == pytest.approx(o["step_s"])
     md = (out / "results.md").read_text()
     assert "Targets:" in md and "e / c" in md
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
@@ -114,6 +123,9 @@ def test_counters_match_definitions(tiny):
             for e in range(2):
                 assert sum(bwd[e * spe : (e + 1) * spe]) == sum(occ[e * spe : (e + 1) * spe])
             assert c["item_forwards"] == c["item_backwards"] == c["occurrences"]
+        elif row["frozen"]:  # Single-step's forwards, no backward at all
+            assert fwd == uniq and bwd == [0] * len(uniq)
+            assert c["item_backwards"] == 0 and row["occurrences_per_backward"] is None
         elif row["strategy"] == "single":  # each unique item of the step once
             assert fwd == uniq and bwd == uniq
             assert c["item_forwards"] == c["item_backwards"] == c["unique"]
@@ -150,11 +162,11 @@ def _check_multi(window: str, spe: int, steps: list, hist: list[dict], c: dict) 
 def test_windows_differ(tiny):
     _, res, _ = tiny
     spe = res["steps_per_epoch"]
-    sizes = [window_steps(parse_window(w), spe) for s, w in RUNS if s == "multi"]
+    sizes = [window_steps(parse_window(r.window), spe) for r in RUNS if r.strategy == "multi"]
     assert len(set(sizes)) == 3 and spe % 10 != 0  # 10-step windows straddle epochs
 
 
-def _fake_run(steps: int, seconds: float, auc: float) -> dict:
+def _fake_run(steps: int, seconds: float, auc: float, seed: int = 0) -> dict:
     counters = {"occurrences": 30 * steps, "unique": 10 * steps, "item_forwards": 30 * steps,
                 "item_backwards": 30 * steps}  # fmt: skip
     metrics = {"steps": steps, "train_seconds": seconds, "counters": counters,
@@ -162,7 +174,18 @@ def _fake_run(steps: int, seconds: float, auc: float) -> dict:
                "cuda_peak_bytes": None, "valid": {"auc": auc}, "test": {"auc": auc},
                "epochs": [{"train_seconds": seconds, "valid": {"auc": auc}}]}  # fmt: skip
     return {"metrics": metrics, "rss": 1 << 20, "wall": seconds + 1, "other_cores": 0.0,
-            "dir": "d", "argv": []}  # fmt: skip
+            "dir": "d", "argv": [], "seed": seed}  # fmt: skip
+
+
+def test_seeds_average_accuracy_and_time_takes_the_median():
+    runs = [_fake_run(10, 1.0, 0.70, seed=0), _fake_run(10, 3.0, 0.60, seed=0),
+            _fake_run(10, 2.0, 0.80, seed=1)]  # fmt: skip
+    row = summarise(runs, 10, extrapolated=False)
+    assert row["seeds"] == [0, 1]
+    # each seed's first repeat: (0.70 + 0.80) / 2; the second repeat of seed 0 is timing only
+    assert row["test"]["auc"] == pytest.approx(0.75) and row["valid"]["auc"] == pytest.approx(0.75)
+    assert row["test_per_seed"] == [0.70, 0.80]
+    assert row["time_per_epoch_s"] == 2.0 and len(row["runs"]) == 3
 
 
 def test_extrapolated_e2e_has_no_accuracy():
@@ -197,9 +220,56 @@ def test_extrapolated_e2e_has_no_accuracy():
     [(["--workload", "nope"], "--workload"),
      (["--workload", "tiny", "--repeats", "0"], "--repeats"),
      (["--workload", "tiny", "--e2e-steps", "-1"], "--e2e-steps"),
-     (["--workload", "tiny", "--epochs", "x"], "--epochs")],
+     (["--workload", "tiny", "--epochs", "x"], "--epochs"),
+     (["--workload", "tiny", "--seeds", "0,x"], "--seeds"),
+     (["--workload", "tiny", "--seeds", "1,1"], "--seeds"),
+     (["--workload", "tiny", "--reuse", "e2e,nope"], "--reuse")],
 )  # fmt: skip
 def test_bad_flags_exit_2(args, flag):
     r = _bench(*args, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert flag in r.stderr
+
+
+def test_bench_modules_import_no_cycle():
+    """The package's modules import each other (at the top or in functions) without a cycle."""
+    import ast
+
+    folder = ROOT / "gram_scale" / "bench"
+    names = {p.stem for p in folder.glob("*.py")}
+    graph = {}
+    for path in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "gram_scale.bench":
+                    deps |= {a.name for a in node.names if a.name in names}
+                elif node.module.startswith("gram_scale.bench."):
+                    deps.add(node.module.rsplit(".", 1)[1])
+        graph[path.stem] = deps - {path.stem}
+    assert graph["cli"] >= {"workloads", "children", "costs", "report"}  # the walk sees imports
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for dep in graph[name]:
+                visit(dep, (*path, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())
+
+
+def test_reuse_takes_only_a_run_of_the_same_flags(tmp_path):
+    from gram_scale.bench.children import RECORD, reuse_child, to_argv
+
+    opts = Options(output_dir=str(tmp_path), epochs=3)
+    assert reuse_child(opts) is None  # nothing trained there yet
+    (tmp_path / "metrics.json").write_text(json.dumps({"steps": 7}))
+    record = {"rss": 1, "wall": 2.0, "other_cores": 0.0, "dir": str(tmp_path),
+              "argv": to_argv(opts), "date": "then"}  # fmt: skip
+    (tmp_path / RECORD).write_text(json.dumps(record))
+    got = reuse_child(opts)
+    assert got["reused"] is True and got["metrics"] == {"steps": 7} and got["wall"] == 2.0
+    assert reuse_child(Options(output_dir=str(tmp_path), epochs=4)) is None  # other flags

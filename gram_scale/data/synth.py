@@ -5,6 +5,10 @@ student has a latent ability; P(correct) = sigmoid(ability - difficulty + noise)
 News: each news item has a topic spelled out by topic words in its title and abstract; each
 user prefers one or two topics and clicks candidates of those topics far more often.
 Ids are random-looking and file order is random, so only the words carry the signal.
+
+The ``*_finetune`` variants draw the level and topic words from ``HIDDEN_WORDS`` by a seeded
+random mapping ("spoon" may be hard, "horse" easy), so a pretrained encoder knows nothing of the
+signal: only fine-tuning the encoder on the data can make its vectors carry it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 import random
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -67,6 +71,29 @@ NEWS_FILLER: tuple[str, ...] = (
 )  # fmt: skip
 NEWS_CATEGORIES: tuple[str, ...] = ("news", "lifestyle", "video", "entertainment")
 
+# Ordinary nouns, one word-piece each in BERT's vocabulary, disjoint from every list above; the
+# finetune generators give them levels or topics at random.
+HIDDEN_WORDS: tuple[str, ...] = tuple(
+    """
+    lantern bread chair river stone cloud horse lamp window pencil mirror candle bottle basket
+    ladder blanket button carpet castle walnut clock coat cookie copper cotton desk door dragon
+    drum eagle engine feather fence finger flower forest fork frog glass glove goat gold grape
+    hammer hat honey penguin jacket jar jungle kettle key knife lemon letter lion marble meadow
+    milk monkey moon mountain mouse needle nest ocean onion orange owl paint paper pepper piano
+    pillow pipe planet plate pocket pond potato puppet rabbit ribbon ring rocket rope rose sail
+    salt sand scarf shell ship shoe silver sink skirt snake soap sock spider spoon star sugar sun
+    table tent thread tiger tomato tower train tree truck tunnel turtle umbrella valley wagon wall
+    whale wheel wind wire wolf wool yard zebra anchor arrow badge barrel beard bell belt bench
+    berry boat bone book boot bowl box brick bridge brush bucket cabin cable camel camera canoe
+    card carrot cart cave chain chalk cherry circle coin corn crown cup curtain daisy deer diamond
+    dish dog duck egg elbow fan fish flag flute fox frame gate ghost goose grass guitar helmet
+    hill hook horn ink iron ivy jewel kite knot lake leaf lock mint nail net nut oak oven pan
+    parrot peach pear pearl pig pin pine plum pumpkin quilt robe roof saddle seed sheep shield
+    shirt ferry squirrel stamp stove straw swan sword tail thorn toast towel toy tray vase violin
+    glacier cactus moth hive broom cord drawer barn
+""".split()
+)
+
 PREFERRED_CLICK = 0.6  # P(click) for a candidate of a preferred topic
 OTHER_CLICK = 0.04
 HISTORY_ON_TOPIC = 0.85  # share of history clicks from preferred topics
@@ -88,6 +115,14 @@ def _text(rng: random.Random, signal: list[str], filler: tuple[str, ...], n_word
     words = signal + [rng.choice(filler) for _ in range(n_words - len(signal))]
     rng.shuffle(words)
     return " ".join(words)
+
+
+def hidden_groups(n_groups: int, seed: int) -> tuple[tuple[str, ...], ...]:
+    """``HIDDEN_WORDS`` dealt at random (by ``seed``) into ``n_groups`` equal groups."""
+    words = list(HIDDEN_WORDS)
+    random.Random(f"hidden-{seed}").shuffle(words)
+    size = len(words) // n_groups
+    return tuple(tuple(words[k * size : (k + 1) * size]) for k in range(n_groups))
 
 
 def _write_atomic(path: Path, write: Callable[[TextIO], None]) -> None:
@@ -117,12 +152,16 @@ def write_kt(
     n_unused_items: int = 10,
     zipf: float = 1.0,
     seed: int = 0,
+    level_words: Sequence[Sequence[str]] = LEVEL_WORDS,
 ) -> Path:
-    """Write ``items.csv`` and ``interactions.csv`` (with timestamps) into ``folder``; return it."""
+    """Write ``items.csv`` and ``interactions.csv`` (with timestamps) into ``folder``; return it.
+
+    ``level_words``: one word list per difficulty level, easiest first (``LEVEL_WORDS``)."""
     _check(n_users >= 1, f"n_users must be at least 1, got {n_users}")
     _check(0 <= n_unused_items < n_items, "need 0 <= n_unused_items < n_items")
     _check(mean_len >= 1, f"mean_len must be at least 1, got {mean_len}")
     _check(zipf >= 0, f"zipf must be >= 0, got {zipf}")
+    _check(len(level_words) == len(LEVEL_DIFFICULTY), f"need {len(LEVEL_DIFFICULTY)} level lists")
     folder = Path(folder)
     rng = random.Random(seed)
 
@@ -130,10 +169,10 @@ def write_kt(
     texts: list[str] = []
     difficulty: list[float] = []
     for _ in range(n_items):
-        level = rng.randrange(len(LEVEL_WORDS))
+        level = rng.randrange(len(level_words))
         n_level_words = rng.randint(2, 4)
         signal = [rng.choice(KT_TOPICS)] + [
-            rng.choice(LEVEL_WORDS[level]) for _ in range(n_level_words)
+            rng.choice(level_words[level]) for _ in range(n_level_words)
         ]
         texts.append(_text(rng, signal, KT_FILLER, rng.randint(8, 20)))
         difficulty.append(LEVEL_DIFFICULTY[level] + rng.gauss(0.0, 0.3))
@@ -171,6 +210,12 @@ def write_kt(
     return folder
 
 
+def write_kt_finetune(folder: str | os.PathLike, seed: int = 0, **sizes) -> Path:
+    """``write_kt`` whose level words are ``HIDDEN_WORDS`` dealt at random by ``seed``."""
+    return write_kt(folder, seed=seed, level_words=hidden_groups(len(LEVEL_DIFFICULTY), seed),
+                    **sizes)  # fmt: skip
+
+
 def _mind_time(seconds: int) -> str:
     """MIND's time format, e.g. ``11/15/2019 9:05:58 AM``."""
     t = datetime.datetime(2019, 11, 10) + datetime.timedelta(seconds=seconds)
@@ -190,14 +235,20 @@ def write_mind(
     seed: int = 0,
     days: int = 5,
     dev_days: int = 1,
+    topic_words: Sequence[Sequence[str]] = tuple(NEWS_TOPICS.values()),
+    title_topic_words: tuple[int, int] = (3, 5),
+    topic_zipf: float = 0.0,
 ) -> Path:
     """Write MIND-style ``train/`` and ``dev/`` folders (news.tsv, behaviors.tsv); return folder.
 
     Impressions fall uniformly on ``days`` days; the last ``dev_days`` of them are dev (MIND holds
     out its last day). More dev days give a larger, less noisy valid/test split for the same
-    training set size per day.
+    training set size per day. ``topic_words``: one word list per topic; a title holds between
+    ``title_topic_words`` of its topic's words (drawn with replacement). ``topic_zipf`` > 0 makes
+    some topics popular: users pick their preferred topics with Zipf weights over the topic list
+    (0: uniformly), so a news item's topic also tells how likely anyone clicks it.
     """
-    n_topics = len(NEWS_TOPICS)
+    n_topics = len(topic_words)
     _check(n_users >= 1, f"n_users must be at least 1, got {n_users}")
     _check(impressions_per_user >= 1, "impressions_per_user must be at least 1")
     _check(n_users * impressions_per_user >= 2, "need at least 2 impressions (train and dev)")
@@ -209,10 +260,12 @@ def write_mind(
         f"need at least {max(2 * n_topics, n_candidates)} news besides the dev-only ones",
     )
     _check(zipf >= 0, f"zipf must be >= 0, got {zipf}")
+    _check(topic_zipf >= 0, f"topic_zipf must be >= 0, got {topic_zipf}")
+    lo, hi = title_topic_words
+    _check(1 <= lo <= hi, f"title_topic_words must be (lo, hi), 1 <= lo <= hi: {title_topic_words}")
     _check(1 <= dev_days < days, f"need 1 <= dev_days < days, got dev_days={dev_days}, days={days}")
     folder = Path(folder)
     rng = random.Random(seed)
-    topic_words = list(NEWS_TOPICS.values())
 
     ids = _ids(rng, "N", n_news)
     order = rng.sample(range(n_news), n_news)  # file order
@@ -226,7 +279,9 @@ def write_mind(
     lines: list[list[str]] = []
     for i in range(n_news):
         words = topic_words[topic[i]]
-        title = _text(rng, rng.choices(words, k=rng.randint(3, 5)), NEWS_FILLER, rng.randint(8, 14))
+        title = _text(
+            rng, rng.choices(words, k=rng.randint(lo, hi)), NEWS_FILLER, rng.randint(8, 14)
+        )
         abstract = _text(
             rng, rng.choices(words, k=rng.randint(3, 6)), NEWS_FILLER, rng.randint(10, 20)
         )
@@ -236,6 +291,7 @@ def write_mind(
 
     by_popularity = rng.sample(regular, len(regular))
     cum_weights = _zipf_cum_weights(len(by_popularity), zipf)
+    popular = _zipf_cum_weights(n_topics, topic_zipf)
     per_topic: list[tuple[list[int], list[float]]] = []
     for k in range(n_topics):
         ranked = [(r, i) for r, i in enumerate(by_popularity) if topic[i] == k]
@@ -265,7 +321,12 @@ def write_mind(
     # drawn: dev-only news must never reach a train impression, even in tiny data sets.
     shown: list[tuple[int, str, str, list[int]]] = []  # (time, user, history, preferred topics)
     for user in _ids(rng, "U", n_users):
-        preferred = rng.sample(range(n_topics), rng.choice((1, 2)))
+        n_preferred = rng.choice((1, 2))
+        if topic_zipf:
+            preferred = distinct(lambda: rng.choices(range(n_topics), cum_weights=popular)[0],
+                                 n_preferred)  # fmt: skip
+        else:
+            preferred = rng.sample(range(n_topics), n_preferred)
         others = [k for k in range(n_topics) if k not in preferred]
 
         def draw_history(preferred: list[int] = preferred, others: list[int] = others) -> int:
@@ -323,6 +384,13 @@ def write_mind(
             folder / split / "behaviors.tsv", lambda f, d=is_dev: f.writelines(behaviors[d])
         )
     return folder
+
+
+def write_mind_finetune(
+    folder: str | os.PathLike, seed: int = 0, n_topics: int = 8, **sizes
+) -> Path:
+    """``write_mind`` whose ``n_topics`` topics are ``HIDDEN_WORDS`` dealt at random by ``seed``."""
+    return write_mind(folder, seed=seed, topic_words=hidden_groups(n_topics, seed), **sizes)
 
 
 class _Parser(argparse.ArgumentParser):

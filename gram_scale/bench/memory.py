@@ -2,7 +2,7 @@
 without gradient checkpointing, on a workload whose CF batch holds many more unique items than a
 chunk.
 
-``python -m gram_scale.bench_memory`` trains a few Single-step steps in this process for each
+``python -m gram_scale.bench.memory`` trains a few Single-step steps in this process for each
 setting and prints a table: unique items per step, the encoder activations kept for a backward
 (bytes saved by autograd, measured by a saved-tensor hook: the same figure on every device), the
 CUDA peak where there is a GPU, and the seconds per step. The first row encodes every item of
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from gram_scale.data import synth
     from gram_scale.data.load import generate_once, load_data
 
-    p = argparse.ArgumentParser(prog="python -m gram_scale.bench_memory", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m gram_scale.bench.memory", description=__doc__)
     p.add_argument(
         "--chunks", default="16,64", help="chunk sizes (--encoder-batch-size), comma-separated"
     )

@@ -23,7 +23,7 @@ from gram_scale.config import Options
 from gram_scale.history import read_history
 
 NAME = "llm-1b"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GB = 1e9
 RSS_LIMIT = 10 * GB  # per rank
 SHAPE = dict(vocab_size=30522, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
@@ -75,7 +75,7 @@ def count_parameters(folder: Path) -> int:
 
 def run(args) -> int:
     """Build the inputs, train on 2 processes, write ``results.json`` / ``results.md``."""
-    from gram_scale.bench import machine
+    from gram_scale.bench.report import machine
     from gram_scale.data import synth
     from gram_scale.data.load import generate_once
     from gram_scale.export import write_json
@@ -130,7 +130,7 @@ def run(args) -> int:
 
 def markdown(r: dict) -> str:
     """The figures as a short Markdown report."""
-    from gram_scale.bench import machine_line
+    from gram_scale.bench.report import machine_line
 
     steps = ", ".join(f"{s:.1f}" for s in r["seconds_per_step"])
     rss = ", ".join(f"{b / GB:.2f} GB" for b in r["peak_rss_bytes_per_rank"])
