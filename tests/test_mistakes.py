@@ -327,14 +327,19 @@ def test_empty_evaluation_splits_are_said_and_recorded(capsys, kt_dir, news_dir,
 def test_stop_request_flags_first_signal_and_lets_a_later_one_through():
     from gram_scale.signals import StopRequest
 
-    with StopRequest(grace_s=0.5) as stop:
-        signal.raise_signal(signal.SIGINT)
-        assert stop.received == signal.SIGINT and stop.name == "SIGINT"
-        signal.raise_signal(signal.SIGINT)  # the launcher's echo of the same Ctrl-C: ignored
-        time.sleep(0.6)
-        with pytest.raises(KeyboardInterrupt):
+    # Python's own Ctrl-C handler before, whatever a library loaded by an earlier test installed
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopRequest(grace_s=0.5) as stop:
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert stop.received == signal.SIGINT and stop.name == "SIGINT"
+            signal.raise_signal(signal.SIGINT)  # the launcher's echo of the same Ctrl-C: ignored
+            time.sleep(0.6)
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def _own_lines(stdout: str) -> list[str]:
