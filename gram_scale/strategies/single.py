@@ -50,12 +50,10 @@ class SingleStep:
             self.cf.discard()
         else:
             own_g = ex.return_grads(g)  # every occurrence on every rank, summed per item
-            start = 0
+            parts = torch.split(own_g, [c.real for c in calls])  # each call's items, in order
             for i, c in enumerate(calls if self.runner.trainable else []):
                 h = hs[i] if one else self.runner.recompute(c.items, step, states[i], c.real)
-                part = own_g[start : start + c.real]
-                self.runner.backward(h, c.pad(part), last=i == len(calls) - 1, count=c.real)
-                start += c.real
+                self.runner.backward(h, c.pad(parts[i]), last=i == len(calls) - 1, count=c.real)
             applied = self.cf.step_with(self.runner)
         check_counts(self.runner, plan, totals, f0, b0)
         return StepResult(
