@@ -4,8 +4,10 @@ owns (the table is sharded by item owner; see ``gram_scale.exchange``).
 Each touched item keeps the encoder vector it was cached with (``base``) and the sum of the
 gradients the CF model sent it (``grads``). Its table row, the value later CF steps read, is
 ``base - lr * grads``: the cached vector moved by plain SGD. The window-end regression target is
-that row; its gradient ``h - (base - lr * grads)`` is computed as ``(h - base) + lr * grads`` so
-the small gradient is not lost in the cancellation of two nearly equal vectors. Only touched
+that row, with the loss ``0.5 / lr * ||h - row||^2``: its gradient ``(h - base) / lr + grads`` is
+exactly the accumulated CF gradient where the encoder still gives the cached vector, whatever the
+rate (so a 1-step window equals Single-step at any rate), and it is computed in that form so the
+small gradient is not lost in the cancellation of two nearly equal vectors. Only touched
 items are stored, so memory grows with this rank's share of the window's items, not the
 catalogue. The rows live on the encoder's device (the GPU when there is one, else CPU memory),
 where the CF model reads them: no host copies, so no pinned memory is involved.
@@ -97,9 +99,9 @@ class ItemTable:
         return self.base[s], self.grads[s]
 
     def regression_grad(self, items: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """d/dh of 0.5 * ||h - row||^2 for freshly encoded ``h`` of held items."""
+        """d/dh of 0.5 / lr * ||h - row||^2 for freshly encoded ``h`` of held items."""
         base, grads = self.base_and_grads(items)
-        return (h.detach() - base.to(h.device)) + self.lr * grads.to(h.device)
+        return (h.detach() - base.to(h.device)) / self.lr + grads.to(h.device)
 
     def truncate(self, n: int) -> None:
         """Forget every row inserted after the first ``n`` (undo a skipped step's inserts)."""

@@ -39,6 +39,13 @@ class EncoderRunner:
         self.peak_activation_bytes = 0  # largest encoder graph kept for a backward (activations)
 
     @property
+    def lockstep(self) -> bool:
+        """Whether every rank must make the same encoder calls, empty ones too: under ZeRO-3 on
+        several ranks each call gathers the sharded parameters collectively."""
+        return (self.engine is not None and self.comm.world > 1
+                and self.engine.zero_optimization_stage() == 3)  # fmt: skip
+
+    @property
     def module(self):
         return self.engine if self.engine is not None else self.encoder
 

@@ -56,6 +56,21 @@ def test_multi_backprops_each_touched_item_per_window(base, encoder_epochs):
         assert [r.encoder_updated for r in res] == [False, False, True]
 
 
+def test_multi_step_without_new_items_calls_no_encoder(base):
+    """A window step whose items are all in the table already makes no encoder call (one
+    process: nobody needs the padding call that keeps ZeRO-3 ranks in step)."""
+    opts, data = base
+    s = setup(replace(opts, strategy="multi", window="100"), data)
+    batch = next(s.task.train_batches(0))
+    calls = []
+    encode = s.runner.encode
+    s.runner.encode = lambda *a, **k: calls.append(len(a[0])) or encode(*a, **k)
+    s.strategy.step(batch, 0)
+    assert len(calls) == 1 and calls[0] == len(torch.unique(batch.items[batch.items >= 0]))
+    assert s.strategy.step(batch, 1).item_forwards == 0 and len(calls) == 1
+    assert not s.runner.lockstep
+
+
 def test_cf_only_step_leaves_encoder_bitwise_unchanged(base):
     opts, data = base
     s = setup(replace(opts, strategy="multi", window="3"), data)
@@ -92,6 +107,12 @@ def test_table_rows_move_by_sgd():
     assert t.missing(torch.tensor([1, 2, 7, 9])).tolist() == [1, 9]
     h = torch.tensor([[1.0, 2, 3]])
     assert torch.equal(t.regression_grad(torch.tensor([2]), h), torch.tensor([[0.0, 0, 0]]))
+    # At the cached vector the regression gradient is the summed CF gradient, at any rate.
+    cached = torch.tensor([[2.0, 2, 2]])
+    assert torch.equal(t.regression_grad(torch.tensor([2]), cached), torch.tensor([[2.0, 0, -2]]))
+    assert torch.equal(
+        t.regression_grad(torch.tensor([2]), torch.tensor([[3.0, 2, 2]])), torch.tensor([[4.0, 0, -2]])
+    )
     t.clear()
     assert len(t) == 0 and t.missing(torch.tensor([2])).tolist() == [2]
 

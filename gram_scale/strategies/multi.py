@@ -81,16 +81,20 @@ class MultiStep:
         local, index = unique_index(batch.items)
         ex = ItemExchange(self.comm, local)
         held = len(self.table)
-        (piece,) = pieces(self.comm, self.table.missing(ex.served))
-        h = self.runner.encode(piece.items, salt=window, grad=False, count=piece.real)
-        self.table.insert(piece.items[: piece.real], h[: piece.real])
+        missing = self.table.missing(ex.served)
+        # Most steps of a long window touch no new item; their padding call (a dummy row) is
+        # made only where ZeRO-3 needs every rank in every call.
+        for piece in pieces(self.comm, missing) if len(missing) or self.runner.lockstep else []:
+            h = self.runner.encode(piece.items, salt=window, grad=False, count=piece.real)
+            self.table.insert(piece.items[: piece.real], h[: piece.real])
         loss_sum, count, g = self.cf.loss_and_item_grads(
             batch, ex.fetch(self.table.rows(ex.served)), index
         )
         updated = (step + 1) % self.window == 0
         regress = self.encoder_epochs if updated and self.runner.trainable else 0
-        plan = Plan(piece.real + regress * len(self.table), regress * len(self.table),
-                    piece.real + regress * held, regress * held, ex.grad_traffic())  # fmt: skip
+        new = len(self.table) - held
+        plan = Plan(new + regress * len(self.table), regress * len(self.table),
+                    new + regress * held, regress * held, ex.grad_traffic())  # fmt: skip
         totals, g = self.cf.agree(loss_sum, count, g, plan, stop)
         if not totals.ok:  # CF optimizer and table untouched; the window schedule goes on
             self.cf.discard()
