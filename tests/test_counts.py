@@ -111,7 +111,8 @@ def test_table_rows_move_by_sgd():
     cached = torch.tensor([[2.0, 2, 2]])
     assert torch.equal(t.regression_grad(torch.tensor([2]), cached), torch.tensor([[2.0, 0, -2]]))
     assert torch.equal(
-        t.regression_grad(torch.tensor([2]), torch.tensor([[3.0, 2, 2]])), torch.tensor([[4.0, 0, -2]])
+        t.regression_grad(torch.tensor([2]), torch.tensor([[3.0, 2, 2]])),
+        torch.tensor([[4.0, 0, -2]]),
     )
     t.clear()
     assert len(t) == 0 and t.missing(torch.tensor([2])).tolist() == [2]
