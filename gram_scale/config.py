@@ -80,7 +80,11 @@ class Options:
         "single", "e2e, single (GRAM single-step) or multi", choices=tuple(STRATEGIES)
     )
     window: str = _opt("1E", "multi: encoder update latency, in steps (10) or epochs (0.5E, 1E)")
-    table_lr: float = _opt(1.0, "multi: SGD learning rate of the item table inside a window")
+    table_lr: float = _opt(
+        1.0,
+        "multi: plain-SGD rate of the item table inside a window, on the gradient of the "
+        "batch-mean CF loss",
+    )
     encoder_batch_size: int = _opt(
         64, "items per encoder call: bounds encoder memory (Single-step, window ends, evaluation)"
     )

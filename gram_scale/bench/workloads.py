@@ -186,8 +186,9 @@ WORKLOADS: dict[str, Workload] = {
         many items, each answered a few times, so the CF model cannot learn items one by one and
         must read difficulty from the text; 20% of the users each for valid and test (about
         1,200 interactions each). Batch 8 x seq 20: 30 steps per epoch. 2 epochs, lr encoder
-        2e-4, lr CF 1e-3, encoder chunks of 16, 32 max tokens. Measures the fine-tuning gain
-        (e2e against the frozen encoder) and how much of it Multi-step keeps.""",
+        2e-4, lr CF 1e-3, encoder chunks of 16, 32 max tokens, Multi-step table rate 500 (at
+        the default 1 Multi-step keeps none of the gain here; see the README). Measures the
+        fine-tuning gain (e2e against the frozen encoder) and how much of it Multi-step keeps.""",
         task="kt",
         writer="write_kt_finetune",
         generator=dict(n_users=300, n_items=800, mean_len=20, n_unused_items=10, zipf=0.5, seed=0),
@@ -202,6 +203,7 @@ WORKLOADS: dict[str, Workload] = {
             encoder_batch_size=16,
             valid_frac=0.2,
             test_frac=0.2,
+            table_lr=500.0,
         ),
         runs=(E2E, FROZEN, SINGLE, MULTI_10, MULTI_HALF, MULTI_1E),
     ),
@@ -212,7 +214,7 @@ WORKLOADS: dict[str, Workload] = {
         share a word and the pretrained vectors do not group them. Topics differ in popularity
         (users pick their preferred topics with Zipf weights 1.5), so a title's topic also says
         how likely anyone clicks it. write_mind_finetune(n_topics=8, topic_zipf=1.5,
-        n_users=450, n_news=500, impressions_per_user=2, n_candidates=5, history_len=8,
+        n_users=900, n_news=500, impressions_per_user=2, n_candidates=5, history_len=8,
         n_dev_only_news=25, days=3, dev_days=2, title_topic_words=(2, 3), seed=0): about 300
         training impressions, 45 steps and 4,360 item occurrences over 425 distinct news per
         epoch (R_epoch 10); about 300 valid and 300 test impressions. Histories of 8, 4
@@ -222,13 +224,13 @@ WORKLOADS: dict[str, Workload] = {
         generator=dict(
             n_topics=8,
             topic_zipf=1.5,
-            n_users=450,
+            n_users=900,
             n_news=500,
             impressions_per_user=2,
             n_candidates=5,
             history_len=8,
             n_dev_only_news=25,
-            days=3,
+            days=4,
             dev_days=2,
             title_topic_words=(2, 3),
             seed=0,
@@ -239,8 +241,8 @@ WORKLOADS: dict[str, Workload] = {
             batch_size=8,
             history_len=8,
             negatives=4,
-            epochs=3,
-            lr_encoder=2e-4,
+            epochs=2,
+            lr_encoder=5e-5,
             lr_cf=1e-3,
             encoder_batch_size=16,
         ),

@@ -2,13 +2,15 @@
 
 Inside a window, item vectors come from the item table (filled lazily by no-grad encoder passes
 the first time an item is touched) and only the CF model steps; each touched row moves by plain
-SGD with the gradient the CF model sends it. At the window end the encoder catches up as a small
-regression job, as the authors train it: the window's touched items, shuffled by (seed, window,
-pass), are cut into mini-batches of ``--regress-batch-size`` (auto: touched items / window
-steps, so an N-step window makes about N encoder steps, as many as E2E would); each mini-batch
-is re-encoded with gradient in chunks of ``--encoder-batch-size`` (accumulated, so memory is
-bounded by the chunk) and the encoder takes one optimizer step on 0.5 * squared error to the
-rows, summed. ``--encoder-epochs`` passes. The rows (targets) stay fixed through the catch-up.
+SGD, at ``--table-lr``, with the gradient the CF model sends it (of the batch-mean loss). At the
+window end the encoder catches up as a small regression job, as the authors train it: the
+window's touched items, shuffled by (seed, window, pass), are cut into mini-batches of
+``--regress-batch-size`` (auto: touched items / window steps, so an N-step window makes about N
+encoder steps, as many as E2E would); each mini-batch is re-encoded with gradient in chunks of
+``--encoder-batch-size`` (accumulated, so memory is bounded by the chunk) and the encoder takes
+one optimizer step on 0.5 / table_lr x squared error to the rows, summed: at the cached vectors
+its gradient is the accumulated CF gradient, so a 1-step window equals Single-step at any rate.
+``--encoder-epochs`` passes. The rows (targets) stay fixed through the catch-up.
 
 The table is sharded by item owner: each rank holds, fills, updates and regresses onto the rows
 it owns; rows reach the ranks that read them, and gradients come back, through the step's item
