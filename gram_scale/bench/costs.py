@@ -17,6 +17,23 @@ import time
 from gram_scale.config import Options
 
 
+def _plain_setup(opts: Options, **changes):
+    """A trainer setup in this process for timing: plain torch (no DeepSpeed engine, no
+    tracker), on the accelerator the runs use; ``(setup, device, sync)``, where ``sync`` waits
+    for queued accelerator work (a no-op on CPU)."""
+    import torch
+
+    from gram_scale.data.load import load_data
+    from gram_scale.engine import make_accelerator
+    from gram_scale.trainer import setup
+
+    plain = dataclasses.replace(opts, config="none", report_to="none", **changes)
+    s = setup(plain, load_data(plain), make_accelerator(plain, None), None)  # GPU when present
+    device = s.runner.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return s, device, sync
+
+
 def _timed(fn, repeats: int, sync) -> float:
     fn()  # warm-up: first calls allocate and build caches
     times = []
@@ -40,14 +57,8 @@ def measure_costs(opts: Options, repeats: int = 3, cf_batches: int = 8) -> dict:
     import torch
 
     from gram_scale.data.batches import unique_index
-    from gram_scale.data.load import load_data
-    from gram_scale.engine import make_accelerator
-    from gram_scale.trainer import setup
 
-    plain = dataclasses.replace(opts, config="none", report_to="none")
-    s = setup(plain, load_data(plain), make_accelerator(plain, None), None)  # GPU when present
-    device = s.runner.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    s, device, sync = _plain_setup(opts)
     chunk = torch.arange(min(len(s.data.catalogue), opts.encoder_batch_size))
 
     def fwd_bwd() -> None:
@@ -125,15 +136,8 @@ def measure_overhead(opts: Options, window: str = "1E") -> dict:
     import torch
 
     from gram_scale.data.batches import unique_index
-    from gram_scale.data.load import load_data
-    from gram_scale.engine import make_accelerator
-    from gram_scale.trainer import setup
 
-    plain = dataclasses.replace(opts, config="none", report_to="none", strategy="multi",
-                                window=window, freeze_encoder=False)  # fmt: skip
-    s = setup(plain, load_data(plain), make_accelerator(plain, None), None)
-    device = s.runner.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    s, device, sync = _plain_setup(opts, strategy="multi", window=window, freeze_encoder=False)
     batches = list(s.task.train_batches(0))
     # warm-up outside the timed epoch: first calls allocate and build caches
     s.runner.encode(torch.arange(min(len(s.data.catalogue), opts.encoder_batch_size)), 0, False)
