@@ -61,8 +61,7 @@ def main() -> int:
               "--epochs", "3", "--max-steps", str(total), "--batch-size", "8", "--seq-len", "20",
               "--strategy", "multi", "--window", "3", "--save-every", "2", "--cf-dropout", "0.1",
               "--config", "ds_configs/zero2.json", "--precision", "fp64", "--no-progress"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
-               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     t = time.perf_counter()
     r = launch([*common, "--output-dir", str(work / "full")], env, 0)
     if r.returncode:
