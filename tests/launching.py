@@ -22,8 +22,13 @@ TRAIN_MANY = ROOT / "tests" / "train_many.py"
 def env() -> dict:
     """Environment for child runs: offline, one thread per rank."""
     e = dict(os.environ)
-    e.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-             PYTHONPATH=str(ROOT), WANDB_MODE=e.get("WANDB_MODE", "offline"))
+    e.update(
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(ROOT),
+        WANDB_MODE=e.get("WANDB_MODE", "offline"),
+    )
     return e
 
 
