@@ -273,3 +273,21 @@ def test_reuse_takes_only_a_run_of_the_same_flags(tmp_path):
     got = reuse_child(opts)
     assert got["reused"] is True and got["metrics"] == {"steps": 7} and got["wall"] == 2.0
     assert reuse_child(Options(output_dir=str(tmp_path), epochs=4)) is None  # other flags
+
+
+def test_every_workload_validates_and_exports_only_under_save_best(tiny_encoder, tmp_path):
+    """Each workload's shared options pass the trainer's checks (a --save-best workload must
+    export its runs: --save-best with --no-export is refused) and its runs' flags carry them."""
+    from gram_scale.bench.children import run_options, to_argv
+    from gram_scale.bench.cli import shared_options
+    from gram_scale.config import validate
+
+    assert any(w.options.get("save_best") for w in WORKLOADS.values())
+    for name, workload in WORKLOADS.items():
+        options = shared_options(workload, "none", str(tmp_path))
+        base = validate(Options(**options, data=str(tmp_path), encoder=str(tiny_encoder)))
+        assert base.export == bool(workload.options.get("save_best")), name
+        for run in workload.runs:
+            argv = to_argv(validate(run_options(base, run, tmp_path / "run", 1)))
+            assert ("--save-best" in argv) == base.save_best, (name, run)
+            assert ("--no-export" in argv) != base.save_best, (name, run)

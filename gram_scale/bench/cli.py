@@ -102,6 +102,13 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def shared_options(workload, config: str, cache_dir: str) -> dict:
+    """The Options fields every run of ``workload`` shares. No run exports, except under
+    --save-best, whose metrics are those of the best valid model it exports."""
+    return dict(workload.options, task=workload.task, config=config, progress=False,
+                export=bool(workload.options.get("save_best")), cache_dir=cache_dir)  # fmt: skip
+
+
 def bench(args: argparse.Namespace) -> dict:
     """Train the workload's runs (alternating, per seed and repeat) and write the outputs."""
     import torch
@@ -113,8 +120,7 @@ def bench(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     workload = WORKLOADS[args.workload]
     info = report.machine()
-    options = dict(workload.options, task=workload.task, config=args.config, progress=False,
-                   export=False, cache_dir=args.cache_dir)  # fmt: skip
+    options = shared_options(workload, args.config, args.cache_dir)
     if args.epochs is not None:
         options["epochs"] = args.epochs
     cache = Options(**options).resolved_cache_dir()
