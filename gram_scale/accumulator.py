@@ -25,6 +25,7 @@ class ItemTable:
         self,
         dim: int,
         lr: float = 1.0,
+        target_lr: float | None = None,
         capacity: int = 1024,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
@@ -32,6 +33,7 @@ class ItemTable:
         self.dim = dim
         self.dtype = dtype
         self.lr = lr
+        self.target_lr = target_lr or lr
         self.device = torch.device(device)
         self._keys = torch.empty(0, dtype=torch.long)  # sorted item rows
         self._slots = torch.empty(0, dtype=torch.long)  # slot of each sorted key
@@ -99,9 +101,11 @@ class ItemTable:
         return self.base[s], self.grads[s]
 
     def regression_grad(self, items: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """d/dh of 0.5 / lr * ||h - row||^2 for freshly encoded ``h`` of held items."""
+        """d/dh of 0.5 / target_lr * ||h - target||^2 for freshly encoded ``h`` of held items,
+        where target = cached - target_lr * summed gradient (the row itself when target_lr is
+        lr). At the cached vector it is the summed gradient, whatever the rate."""
         base, grads = self.base_and_grads(items)
-        return (h.detach() - base.to(h.device)) / self.lr + grads.to(h.device)
+        return (h.detach() - base.to(h.device)) / self.target_lr + grads.to(h.device)
 
     def truncate(self, n: int) -> None:
         """Forget every row inserted after the first ``n`` (undo a skipped step's inserts)."""

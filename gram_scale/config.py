@@ -85,6 +85,11 @@ class Options:
         "multi: plain-SGD rate of the item table inside a window, on the gradient of the "
         "batch-mean CF loss",
     )
+    target_lr: float = _opt(
+        0.0,
+        "multi: the window-end regression targets are the cached vectors moved by this rate x "
+        "the accumulated gradient (0 = --table-lr: the rows the CF model read)",
+    )
     encoder_batch_size: int = _opt(
         64, "items per encoder call: bounds encoder memory (Single-step, window ends, evaluation)"
     )
@@ -287,6 +292,8 @@ def validate(opts: Options) -> Options:
     for name in ("lr_encoder", "lr_cf", "table_lr"):
         if not getattr(opts, name) > 0:
             raise InputError(_flag(name), None, f"must be positive, got {getattr(opts, name)}")
+    if not opts.target_lr >= 0:
+        raise InputError("--target-lr", None, f"must be 0 or more, got {opts.target_lr}")
     if opts.weight_decay < 0:
         raise InputError("--weight-decay", None, f"must be 0 or more, got {opts.weight_decay}")
     if opts.warmup_steps < 0:

@@ -118,6 +118,21 @@ def test_table_rows_move_by_sgd():
     assert len(t) == 0 and t.missing(torch.tensor([2])).tolist() == [2]
 
 
+def test_regression_targets_move_at_their_own_rate():
+    t = ItemTable(dim=2, lr=0.5, target_lr=4.0)
+    t.insert(torch.tensor([3]), torch.tensor([[1.0, 2]]))
+    t.apply(torch.tensor([3]), torch.tensor([[1.0, -1]]))
+    # The CF model reads the row at 0.5; the regression pulls towards the target at 4.
+    assert torch.equal(t.rows(torch.tensor([3])), torch.tensor([[0.5, 2.5]]))
+    target = torch.tensor([[-3.0, 6]])
+    assert torch.equal(t.regression_grad(torch.tensor([3]), target), torch.zeros(1, 2))
+    cached = torch.tensor([[1.0, 2]])
+    assert torch.equal(t.regression_grad(torch.tensor([3]), cached), torch.tensor([[1.0, -1]]))
+    assert torch.equal(
+        t.regression_grad(torch.tensor([3]), torch.tensor([[5.0, 2]])), torch.tensor([[2.0, -1]])
+    )
+
+
 def _touched(batches) -> torch.Tensor:
     return torch.unique(torch.cat([b.items[b.items >= 0] for b in batches]))
 

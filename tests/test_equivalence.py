@@ -124,10 +124,10 @@ def multi_vs_single(opts, data, scale_one_item: float | None = None) -> float:
     """Largest parameter difference between Single-step and 1-step-window Multi-step."""
     # 16-item chunks, fewer than a step's unique items: the window end's chunking is exercised;
     # the auto regress batch of a 1-step window is all its items, one mini-batch; a table rate
-    # far from 1: the regression loss is scaled by 1 / rate, so equality holds at any rate
-    opts = replace(
-        opts, table_lr=1000.0, window="1", encoder_batch_size=16, regress_batch_size="auto"
-    )
+    # far from 1, and targets at yet another: the regression loss is scaled by 1 / target
+    # rate, so equality holds at any rates
+    opts = replace(opts, table_lr=1000.0, target_lr=37.0, window="1", encoder_batch_size=16,
+                   regress_batch_size="auto")  # fmt: skip
     single, _ = run_steps(replace(opts, strategy="single"), data, 3, scale_one_item)
     multi, res = run_steps(replace(opts, strategy="multi"), data, 3)
     assert all(r.unique > 16 and r.encoder_updated for r in res)

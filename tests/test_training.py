@@ -100,6 +100,7 @@ def test_cli_help_lists_every_flag_with_default():
         (["--config", "/nonexistent.json"], "/nonexistent.json: DeepSpeed config file not found"),
         (["--lr-schedule", "step"], "--lr-schedule: must be one of constant, linear, cosine"),
         (["--max-grad-norm", "-1"], "--max-grad-norm: must be 0 or more, got -1.0"),
+        (["--target-lr", "-2"], "--target-lr: must be 0 or more, got -2.0"),
         (["--regress-batch-size", "abc"], "--regress-batch-size: expected a positive number"),
         (["--eval-every", "-1"], "--eval-every: must be 0 or more, got -1"),
         (["--eval-every", "abc"], "--eval-every: invalid int value: 'abc'"),

@@ -8,9 +8,11 @@ window's touched items, shuffled by (seed, window, pass), are cut into mini-batc
 ``--regress-batch-size`` (auto: touched items / window steps, so an N-step window makes about N
 encoder steps, as many as E2E would); each mini-batch is re-encoded with gradient in chunks of
 ``--encoder-batch-size`` (accumulated, so memory is bounded by the chunk) and the encoder takes
-one optimizer step on 0.5 / table_lr x squared error to the rows, summed: at the cached vectors
-its gradient is the accumulated CF gradient, so a 1-step window equals Single-step at any rate.
-``--encoder-epochs`` passes. The rows (targets) stay fixed through the catch-up.
+one optimizer step on 0.5 / r x squared error to the targets, summed, a target being the cached
+vector moved by r x its accumulated gradient (r: ``--target-lr``, by default ``--table-lr``, so
+the targets are the rows): at the cached vectors its gradient is the accumulated CF gradient, so
+a 1-step window equals Single-step at any rates. ``--encoder-epochs`` passes. The targets stay
+fixed through the catch-up.
 
 The table is sharded by item owner: each rank holds, fills, updates and regresses onto the rows
 it owns; rows reach the ranks that read them, and gradients come back, through the step's item
@@ -71,7 +73,11 @@ class MultiStep:
         self.seed = opts.seed
         self.chunk = opts.encoder_batch_size
         self.table = ItemTable(
-            runner.encoder.dim, lr=opts.table_lr, dtype=runner.dtype, device=runner.device
+            runner.encoder.dim,
+            lr=opts.table_lr,
+            target_lr=opts.target_lr,
+            dtype=runner.dtype,
+            device=runner.device,
         )
         self.windows_done = 0
         self.encoder_skips = 0  # mini-batch updates dropped for a non-finite encoder gradient
