@@ -85,6 +85,39 @@ class Options:
         "multi: plain-SGD rate of the item table inside a window, on the gradient of the "
         "batch-mean CF loss",
     )
+    table_optimizer: str = _opt(
+        "sgd",
+        "multi: how table rows move inside a window: sgd (the paper's rule, rate --table-lr) or "
+        "adam (per-row Adam at --table-lr, state for touched rows only)",
+        choices=("sgd", "adam"),
+    )
+    target_distance: float = _opt(
+        4.0,
+        "multi: the window-end targets lie along each item's accumulated gradient, this many "
+        "mean vector norms from the cached vectors on average (the rate is set at each window "
+        "end from the window's mean |vector| / mean |gradient|); 0 = a fixed rate, --target-lr",
+    )
+    regress_weights: str = _opt(
+        "none",
+        "multi: per-item weight of the window-end regression: none or sqrt-count (sqrt of the "
+        "steps that touched the item over the window's largest)",
+        choices=("none", "sqrt-count"),
+    )
+    cf_refresh: str = _opt(
+        "auto",
+        "multi: after each encoder update, the CF model replays the window's last N batches on "
+        "the updated encoder's vectors (CF-only steps), so it meets the vectors it is evaluated "
+        "on (N, 0 = off, or auto: a quarter of the window, at most 10)",
+        metavar="N|auto",
+    )
+    regress_lr: str = _opt(
+        "same",
+        "multi: the window-end regression's learning rate: same (--lr-encoder) or sqrt "
+        "(--lr-encoder x sqrt(window steps / regression steps), at least 1x: each regression "
+        "step carries that many CF steps' gradients, and Adam's rate scales with the square "
+        "root of the batch)",
+        choices=("same", "sqrt"),
+    )
     target_lr: float = _opt(
         0.0,
         "multi: the window-end regression targets are the cached vectors moved by this rate x "
@@ -197,6 +230,11 @@ class Options:
         """('steps', n) or ('epochs', fraction)."""
         return parse_window(self.window)
 
+    def refresh_steps(self, window: int) -> int:
+        """``--cf-refresh`` as a number of batches, for a window of ``window`` steps."""
+        n = parse_count("--cf-refresh", self.cf_refresh, minimum=0)
+        return min(10, -(-window // 4)) if n is None else n
+
     def regress_batch(self) -> int | None:
         """``--regress-batch-size`` as a number of items, None for auto."""
         return parse_regress_batch(self.regress_batch_size)
@@ -244,6 +282,16 @@ def parse_window(text: str) -> tuple[str, float]:
     if frac <= 0:
         raise InputError("--window", None, f"must be a positive fraction of an epoch, got {text!r}")
     return "epochs", frac
+
+
+def parse_count(flag: str, text: str, minimum: int = 1) -> int | None:
+    """Parse a count flag that also takes ``auto`` (None)."""
+    text = str(text).strip()
+    if text.lower() == "auto":
+        return None
+    if not re.fullmatch(r"\d+", text) or int(text) < minimum:
+        raise InputError(flag, None, f"expected a number >= {minimum} or auto, got {text!r}")
+    return int(text)
 
 
 def parse_regress_batch(text: str) -> int | None:
@@ -294,6 +342,9 @@ def validate(opts: Options) -> Options:
             raise InputError(_flag(name), None, f"must be positive, got {getattr(opts, name)}")
     if not opts.target_lr >= 0:
         raise InputError("--target-lr", None, f"must be 0 or more, got {opts.target_lr}")
+    if not 0 <= opts.target_distance < float("inf"):
+        why = f"must be 0 or more (and finite), got {opts.target_distance}"
+        raise InputError("--target-distance", None, why)
     if opts.weight_decay < 0:
         raise InputError("--weight-decay", None, f"must be 0 or more, got {opts.weight_decay}")
     if opts.warmup_steps < 0:
@@ -315,6 +366,7 @@ def validate(opts: Options) -> Options:
         raise InputError("--valid-frac", None, "valid and test fractions leave no training users")
     parse_window(opts.window)
     parse_regress_batch(opts.regress_batch_size)
+    parse_count("--cf-refresh", opts.cf_refresh, minimum=0)
     if opts.data and not Path(opts.data).is_dir():
         raise InputError(opts.data, None, "data folder not found")
     if opts.encoder and not (Path(opts.encoder) / "config.json").is_file():

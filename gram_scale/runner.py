@@ -144,11 +144,29 @@ class EncoderRunner:
             surrogate.backward()
         self._pending_backward = True
 
-    def step(self) -> bool:
-        """One optimizer step from the gradients back-propagated since the last step. False when
+    def _groups(self) -> list[dict]:
+        opt = self.engine.basic_optimizer if self.engine is not None else self.optimizer
+        return opt.param_groups
+
+    def step(self, lr_scale: float = 1.0) -> bool:
+        """One optimizer step from the gradients back-propagated since the last step, at
+        ``lr_scale`` times the scheduled rate (the schedule itself is not changed). False when
         the gradient is not finite (on any rank): the update is dropped with its gradients."""
         if not self.trainable or not self._pending_backward:
             return True
+        if lr_scale == 1.0:
+            return self._step()
+        rates = [g["lr"] for g in self._groups()]
+        for g, lr in zip(self._groups(), rates):
+            g["lr"] = lr * lr_scale
+        try:
+            return self._step()
+        finally:  # a scheduler has set the next step's rate by now; without one, restore it
+            for g, lr in zip(self._groups(), rates):
+                if g["lr"] == lr * lr_scale:
+                    g["lr"] = lr
+
+    def _step(self) -> bool:
         self._pending_backward = False
         if self.engine is not None:
             # ZeRO takes the global gradient norm before it steps and skips (counting it) a step

@@ -362,7 +362,8 @@ def train(opts: Options) -> dict:
                                 "comm_bytes_sent": totals.bytes_sent, "comm_bytes_received": totals.bytes_received,
                                 "encoder_updated": res.encoder_updated, "skipped": res.skipped,
                                 "encoder_skipped": res.encoder_skipped,
-                                "seconds": seconds, **lrs, "rss_bytes": resident_bytes(), **evaluated})  # fmt: skip
+                                "seconds": seconds, **lrs, "rss_bytes": resident_bytes(), **evaluated,
+                                **({"window": res.window_stats} if res.window_stats else {})})  # fmt: skip
                 if res.skipped or res.encoder_skipped:
                     state.skipped_steps += 1
                     state.bad_in_a_row += 1

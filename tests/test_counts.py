@@ -42,9 +42,9 @@ def test_single_backprops_each_unique_item_once(base):
 @pytest.mark.parametrize("encoder_epochs", [1, 2])
 def test_multi_backprops_each_touched_item_per_window(base, encoder_epochs):
     opts, data = base
-    opts = replace(
-        opts, strategy="multi", window="3", encoder_epochs=encoder_epochs, encoder_batch_size=7
-    )
+    # no CF refresh: it would fill the next window's cache at this window's end
+    opts = replace(opts, strategy="multi", window="3", encoder_epochs=encoder_epochs,
+                   encoder_batch_size=7, cf_refresh="0")  # fmt: skip
     s, results = run_steps(opts, data, 6)
     batches = list(s.task.train_batches(0))[:6]
     for w in range(2):
@@ -56,18 +56,22 @@ def test_multi_backprops_each_touched_item_per_window(base, encoder_epochs):
         assert [r.encoder_updated for r in res] == [False, False, True]
 
 
-def test_multi_step_without_new_items_calls_no_encoder(base):
-    """A window step whose items are all in the table already makes no encoder call (one
-    process: nobody needs the padding call that keeps ZeRO-3 ranks in step)."""
+def test_multi_window_items_are_encoded_at_its_start_in_full_chunks(base):
+    """The first step of a window encodes every item the window's batches hold, in chunks of
+    --encoder-batch-size (all full but the last); its other steps make no encoder call."""
     opts, data = base
-    s = setup(replace(opts, strategy="multi", window="100"), data)
-    batch = next(s.task.train_batches(0))
+    s = setup(replace(opts, strategy="multi", window="5", encoder_batch_size=16), data)
+    batches = list(s.task.train_batches(0))
     calls = []
     encode = s.runner.encode
     s.runner.encode = lambda *a, **k: calls.append(len(a[0])) or encode(*a, **k)
-    s.strategy.step(batch, 0)
-    assert len(calls) == 1 and calls[0] == len(torch.unique(batch.items[batch.items >= 0]))
-    assert s.strategy.step(batch, 1).item_forwards == 0 and len(calls) == 1
+    first = s.strategy.step(batches[0], 0)
+    window = torch.unique(torch.cat([b.items[b.items >= 0] for b in batches[:5]]))
+    assert first.item_forwards == sum(calls) == len(window) > 16
+    assert all(c == 16 for c in calls[:-1]) and 0 < calls[-1] <= 16
+    for step in range(1, 4):
+        assert s.strategy.step(batches[step], step).item_forwards == 0
+    assert sum(calls) == len(window)
     assert not s.runner.lockstep
 
 
@@ -154,19 +158,30 @@ def _encoder_steps_per_window(opts, data, window: int, windows: int) -> list[int
 @pytest.mark.parametrize("encoder_epochs", [1, 2])
 def test_multi_auto_regress_batch_makes_about_n_encoder_steps(base, encoder_epochs):
     """An N-step window makes ceil(T / ceil(T / N)) encoder steps per pass (T touched items):
-    here N or one fewer, since every window touches far more items than it has steps."""
-    from gram_scale.strategies.multi import regress_batches
+    here N or one fewer, since every window touches at least 16 items per step."""
+    from gram_scale.strategies.multi import MIN_REGRESS_BATCH, regress_batches
 
     opts, data = base
-    opts = replace(opts, encoder_epochs=encoder_epochs, encoder_batch_size=7)
-    n = 4
+    opts = replace(opts, encoder_epochs=encoder_epochs, encoder_batch_size=7, batch_size=16)
+    n = 2
     got = _encoder_steps_per_window(opts, data, n, 2)
     s = setup(opts, data)
     batches = list(s.task.train_batches(0))[: 2 * n]
     touched = [len(_touched(batches[w * n : (w + 1) * n])) for w in range(2)]
-    assert min(touched) > 4 * n
+    assert min(touched) > MIN_REGRESS_BATCH * n
     assert got == [regress_batches(t, n, None) * encoder_epochs for t in touched]
     assert all((n - 1) * encoder_epochs <= g <= n * encoder_epochs for g in got), got
+
+
+def test_multi_auto_regress_batch_holds_at_least_16_items():
+    """A window touching few items per step makes fewer, fuller encoder steps: mini-batches of
+    at least 16 items (or all the window's items when it touches fewer)."""
+    from gram_scale.strategies.multi import regress_batch
+
+    assert regress_batch(68, 30, None) == 16  # kt-small's 1E window: not 3 items a step
+    assert regress_batch(700, 40, None) == 18  # many items a step: touched / steps
+    assert regress_batch(10, 30, None) == 10  # fewer than 16 items: one mini-batch of all
+    assert regress_batch(68, 30, 5) == 5  # a set size is kept
 
 
 def test_multi_regress_batch_covering_the_window_steps_once_per_pass(base):
@@ -199,9 +214,9 @@ def test_multi_window_end_mini_batches(base):
         calls.append(("backward", last))
         return backward(vectors, grads, last=last, count=count)
 
-    def spy_step():
+    def spy_step(*args):
         calls.append(("step",))
-        return step_()
+        return step_(*args)
 
     runner.encode, runner.backward, runner.step = spy_encode, spy_backward, spy_step
     batches = list(s.task.train_batches(0))[:3]
@@ -229,3 +244,89 @@ def test_multi_window_end_mini_batches(base):
     assert mini_batches[0] != mini_batches[per_pass]  # each pass draws its own shuffle
     assert sorted(sum(mini_batches[:per_pass], [])) == touched.tolist()
     assert regress_order(touched, opts.seed, 1, 0).tolist() != sum(mini_batches[:per_pass], [])
+
+
+def test_adam_rows_equal_torch_adam_per_row():
+    """Per-row Adam: over 20 steps with repeated and untouched rows, each row equals a dense
+    ``torch.optim.Adam`` on that one row, stepped only at the steps that touch it."""
+    g = torch.Generator().manual_seed(0)
+    items = torch.tensor([5, 1, 9, 3])
+    start = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    t = ItemTable(dim=6, lr=0.05, optimizer="adam", capacity=2, dtype=torch.float64)
+    t.insert(items[:2], start[:2])
+    t.insert(items[2:], start[2:])
+    ref = [torch.nn.Parameter(start[i].clone()) for i in range(4)]
+    opts = [torch.optim.Adam([p], lr=0.05) for p in ref]
+    for step in range(20):
+        touched = torch.randperm(4, generator=g)[: 1 + step % 3]  # row 3 waits 5 steps
+        if step < 5:
+            touched = touched[touched != 3]
+        grads = torch.randn(len(touched), 6, generator=g, dtype=torch.float64) * 10 ** (step % 4)
+        t.apply(items[touched], grads)
+        for k, i in enumerate(touched.tolist()):
+            ref[i].grad = grads[k].clone()
+            opts[i].step()
+    want = torch.stack([p.detach() for p in ref])
+    assert torch.allclose(t.rows(items), want, atol=1e-6, rtol=0)
+    assert t.step_counts(items).tolist() == [opts[i].state[ref[i]]["step"] for i in range(4)]
+    assert not torch.equal(t.rows(items), start)  # the rows did move
+    # checkpointed and restored mid-window, the rows move on as before
+    copy = ItemTable(dim=6, lr=0.05, optimizer="adam", dtype=torch.float64)
+    copy.load_state_dict(t.state_dict())
+    more = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    t.apply(items[:2], more)
+    copy.apply(items[:2], more)
+    assert torch.equal(copy.rows(items), t.rows(items))
+
+
+def test_cf_refresh_replays_the_window_end_on_fresh_vectors(base):
+    """--cf-refresh N: after the window's encoder update the CF model takes N more steps, on
+    the updated encoder's vectors of the window's last N batches. The next window's cache is
+    filled then (those vectors serve both), only replayed items it lacks are encoded besides,
+    and every encode is counted; the encoder itself does not move in the replay."""
+    opts, data = base
+    s = setup(replace(opts, strategy="multi", window="3", cf_refresh=2), data)
+    batches = list(s.task.train_batches(0))
+    for step in range(2):
+        s.strategy.step(batches[step], step)
+    seen = []
+    step_cf = s.cf.step
+    s.cf.step = lambda: seen.append(1) or step_cf()
+    encoder_steps = []
+    runner_step = s.runner.step
+    s.runner.step = lambda *a: encoder_steps.append(len(seen)) or runner_step(*a)
+    res = s.strategy.step(batches[2], 2)
+
+    def items(bs):
+        return set(torch.cat([b.items[b.items >= 0] for b in bs]).tolist())
+
+    replayed, following = items(batches[1:3]), items(batches[3:6])
+    assert replayed - following  # some replayed items are not in the next window
+    assert len(seen) == 1 + 2  # the window's own step, then the two replayed batches
+    assert encoder_steps and max(encoder_steps) == 1  # every encoder step came before them
+    table_rows = len(items(batches[:3]))
+    assert res.item_forwards == table_rows + len(following) + len(replayed - following)
+    assert s.strategy.step(batches[3], 3).item_forwards == 0  # the next window is filled
+
+
+def test_target_distance_sets_the_window_end_rate(base):
+    """--target-distance K: at each window end the targets' rate is K x the mean |cached
+    vector| / the mean |accumulated gradient| of the window's items, so the targets lie K mean
+    vector norms away on average, whatever the loss's scale; the history records it."""
+    opts, data = base
+    s = setup(replace(opts, strategy="multi", window="3", target_distance=2.0, cf_refresh="0"),
+              data)  # fmt: skip
+    batches = s.task.train_batches(0)
+    for step in range(2):
+        s.strategy.step(next(batches), step)
+    table = s.strategy.table
+    base_vecs, grads = table.base_and_grads(table.items())
+    res = s.strategy.step(next(batches), 2)  # window end: the rate is set from all 3 steps
+    stats = res.window_stats
+    assert stats["window_items"] > len(base_vecs)  # the third step touched new items
+    want = 2.0 * stats["mean_vector_norm"] / stats["mean_grad_norm"]
+    assert stats["target_lr"] == pytest.approx(want, rel=1e-12)
+    assert s.strategy.table.target_lr == stats["target_lr"] > 1.0
+    assert stats["mean_vector_norm"] == pytest.approx(
+        float(s.strategy.cached(s.strategy.window_items(0)).norm(dim=1).mean()), rel=1e-6
+    )

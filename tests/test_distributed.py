@@ -20,9 +20,12 @@ from gram_scale.tasks import make_task
 # each rank's share of a mini-batch in chunks of 4 (several, and padding calls where a rank owns
 # fewer), and a 1-step last window closed by ``finish``: the mini-batch sequence must not depend
 # on the number of ranks.
+# multi-adam: the same with table rows moved by per-row Adam (its state sharded with the rows).
 STRATEGY_ARGS = {"e2e": ["--strategy", "e2e"], "single": ["--strategy", "single"],
                  "multi": ["--strategy", "multi", "--window", "2", "--encoder-epochs", "2",
                            "--encoder-batch-size", "4"]}  # fmt: skip
+STRATEGY_ARGS["multi-adam"] = [*STRATEGY_ARGS["multi"], "--table-optimizer", "adam",
+                               "--table-lr", "0.05"]  # fmt: skip
 # Under ZeRO-3 one mini-batch a window, one pass (the older form; the chunks of 4 stay). ZeRO-3
 # adds each chunk's gradient partition into a float32 buffer, so a rank's chunking (which follows
 # the world size) rounds each update differently, and a window end's consecutive regression
@@ -167,6 +170,7 @@ def launch_runs(config: str, processes: int, kt_dir, kt4_dir, news_dir, tiny_enc
     runs = {s: [*shared, *a] for s, a in STRATEGY_ARGS.items()}
     if config == "zero3":
         runs["multi"] += ZERO3_MULTI_ARGS  # the last of a repeated flag wins
+        runs["multi-adam"] += ZERO3_MULTI_ARGS
     if (config, processes) == ("zero3", 4):
         runs["news"] = news_args(news_dir, tiny_encoder)
     if (config, processes) == ("zero2", 2):
@@ -194,7 +198,7 @@ def launched(kt_dir, kt4_dir, news_dir, tiny_encoder, tmp_path_factory):
 
 @pytest.mark.parametrize("processes", [2, 4])
 @pytest.mark.parametrize("config", ["none", "zero2", "zero3"])
-@pytest.mark.parametrize("strategy", ["e2e", "single", "multi"])
+@pytest.mark.parametrize("strategy", list(STRATEGY_ARGS))
 def test_processes_equal_one(
     strategy, config, processes, launched, baseline, kt_dir, kt4_dir, tiny_encoder
 ):

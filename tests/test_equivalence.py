@@ -120,14 +120,20 @@ def test_dropout_masks_matter(task_opts):
     assert single_vs_e2e(replace(opts, keyed_dropout=False, cf_dropout=0.0), data, 1) > 100 * TOL
 
 
-def multi_vs_single(opts, data, scale_one_item: float | None = None) -> float:
+# The targets' rate: fixed (rows at 1000, targets at 37: the regression loss is scaled by 1 /
+# the target rate, so equality holds at any rates), or set at each window end from the vectors'
+# and gradients' scale (--target-distance). No CF refresh: its replayed steps are extra CF steps.
+RULES = {"fixed-rates": dict(table_lr=1000.0, target_lr=37.0, target_distance=0.0),
+         "target-distance": dict(target_distance=4.0)}  # fmt: skip
+
+
+def multi_vs_single(opts, data, scale_one_item: float | None = None,
+                    rule: str = "fixed-rates") -> float:  # fmt: skip
     """Largest parameter difference between Single-step and 1-step-window Multi-step."""
     # 16-item chunks, fewer than a step's unique items: the window end's chunking is exercised;
-    # the auto regress batch of a 1-step window is all its items, one mini-batch; a table rate
-    # far from 1, and targets at yet another: the regression loss is scaled by 1 / target
-    # rate, so equality holds at any rates
-    opts = replace(opts, table_lr=1000.0, target_lr=37.0, window="1", encoder_batch_size=16,
-                   regress_batch_size="auto")  # fmt: skip
+    # the auto regress batch of a 1-step window is all its items, one mini-batch
+    opts = replace(opts, window="1", encoder_batch_size=16, regress_batch_size="auto",
+                   cf_refresh=0, **RULES[rule])  # fmt: skip
     single, _ = run_steps(replace(opts, strategy="single"), data, 3, scale_one_item)
     multi, res = run_steps(replace(opts, strategy="multi"), data, 3)
     assert all(r.unique > 16 and r.encoder_updated for r in res)
@@ -135,10 +141,11 @@ def multi_vs_single(opts, data, scale_one_item: float | None = None) -> float:
     return max_diff(params(single), params(multi))
 
 
+@pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("dropout", [True, False], ids=["dropout", "no-dropout"])
-def test_multi_window_1_equals_single(task_opts, dropout):
+def test_multi_window_1_equals_single(task_opts, dropout, rule):
     opts, data, nodrop = task_opts
-    assert multi_vs_single(with_dropout(opts, nodrop, dropout), data) < TOL
+    assert multi_vs_single(with_dropout(opts, nodrop, dropout), data, rule=rule) < TOL
 
 
 def test_multi_guard_scaled_item_gradient_is_caught(task_opts):

@@ -47,10 +47,17 @@ def test_train_state_round_trip_restores_every_field():
     }  # fmt: skip
 
 
+# run name -> strategy flags; multi-adam: table rows moved by per-row Adam, whose state a
+# checkpoint mid-window must carry
+STRATEGIES = {"single": ["--strategy", "single"], "multi": ["--strategy", "multi"],
+              "multi-adam": ["--strategy", "multi", "--table-optimizer", "adam",
+                             "--table-lr", "0.05"]}  # fmt: skip
+
+
 def args(kt_dir, tiny_encoder, strategy: str, out) -> list[str]:
     return ["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
             "--epochs", "2", "--max-steps", "9", "--batch-size", "8", "--seq-len", "20",
-            "--strategy", strategy, "--window", "3", "--save-every", "2", "--cf-dropout", "0.1",
+            *STRATEGIES[strategy], "--window", "3", "--save-every", "2", "--cf-dropout", "0.1",
             # warmup then cosine decay: the resumed run must go on from the saved LR position
             "--lr-schedule", "cosine", "--warmup-steps", "3", "--max-grad-norm", "1.0",
             "--config", "ds_configs/zero2.json", "--precision", "fp64", "--no-progress",
@@ -61,7 +68,7 @@ def args(kt_dir, tiny_encoder, strategy: str, out) -> list[str]:
 def uninterrupted(kt_dir, tiny_encoder, tmp_path_factory):
     """Uninterrupted 2-process runs of each strategy, the reference for every resumed run:
     ``{strategy: (output folder, failure or None)}``, both trained in one launch."""
-    out = {s: tmp_path_factory.mktemp(f"full-{s}") for s in ("single", "multi")}
+    out = {s: tmp_path_factory.mktemp(f"full-{s}") for s in STRATEGIES}
     failures = run_many([args(kt_dir, tiny_encoder, s, folder) for s, folder in out.items()], 2)
     return {s: (folder, failure) for (s, folder), failure in zip(out.items(), failures)}
 
@@ -91,7 +98,7 @@ def assert_same_run(a_dir, b_dir):
     assert len(set(lrs)) > 2  # the schedule really moved the rates
 
 
-@pytest.mark.parametrize("strategy", ["single", "multi"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_elastic_restart_after_sigkill_equals_uninterrupted(
     strategy, uninterrupted, kt_dir, tiny_encoder, tmp_path
 ):

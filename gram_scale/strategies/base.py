@@ -38,6 +38,7 @@ class StepResult:
     skipped: bool = False  # non-finite loss or gradient: nothing was updated
     encoder_skipped: bool = False  # non-finite encoder gradient: the encoder update was dropped
     totals: Totals | None = None  # the step's agreed sums (None after ``finish``)
+    window_stats: dict | None = None  # Multi-step: figures of a window end in this step
 
 
 @dataclass

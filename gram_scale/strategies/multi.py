@@ -28,6 +28,7 @@ import torch
 from gram_scale.accumulator import ItemTable
 from gram_scale.data.batches import Batch, unique_index
 from gram_scale.exchange import ItemExchange, owned, pieces, shard_rows
+from gram_scale.schedule import run_steps
 from gram_scale.strategies.base import CFUpdate, Plan, StepResult, check_counts
 
 
@@ -39,12 +40,19 @@ def window_steps(spec: tuple[str, float], steps_per_epoch: int) -> int:
     return max(1, round(value * steps_per_epoch))
 
 
+# auto mini-batches hold at least this many items (all of them when a window touches fewer)
+MIN_REGRESS_BATCH = 16
+
+
 def regress_batch(touched: int, steps: int, size: int | None) -> int:
     """Items per window-end mini-batch: ``size``, or for auto (None) the window's touched items
-    over its steps, rounded up, at least 1."""
+    over its steps, rounded up (as many encoder steps as the window took CF steps), but at least
+    ``MIN_REGRESS_BATCH``: a window that touches few items per step (a small catalogue, a long
+    window) then makes fewer, fuller encoder steps instead of one optimizer step per item or
+    two."""
     if size is not None:
         return size
-    return max(1, -(-touched // max(1, steps)))
+    return max(1, min(touched, max(MIN_REGRESS_BATCH, -(-touched // max(1, steps)))))
 
 
 def regress_batches(touched: int, steps: int, size: int | None) -> int:
@@ -58,6 +66,12 @@ def regress_order(items: torch.Tensor, seed: int, window: int, pass_: int) -> to
     shuffle drawn from (seed, window, pass) alone, the same on every rank and every resume."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + window) * 65_537 + pass_)
     return items[torch.randperm(len(items), generator=g)]
+
+
+def _items_of(batches: list[Batch]) -> torch.Tensor:
+    """The catalogue rows of the batches (sorted, unique)."""
+    found = [b.items[b.items >= 0] for b in batches]
+    return torch.unique(torch.cat([torch.zeros(0, dtype=torch.long), *found]))
 
 
 class MultiStep:
@@ -78,9 +92,105 @@ class MultiStep:
             target_lr=opts.target_lr,
             dtype=runner.dtype,
             device=runner.device,
+            optimizer=opts.table_optimizer,
         )
+        self.target_distance = opts.target_distance
+        self.weights = opts.regress_weights
+        self.cf_refresh = opts.refresh_steps(self.window)
+        self.lr_rule = opts.regress_lr
+        self.lr_scale = 1.0
+        self.window_stats: dict | None = None  # the last window end's figures, for the history
         self.windows_done = 0
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = run_steps(opts, steps_per_epoch)
+        self.windows_total = -(-self.total_steps // self.window)
+        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None  # the window's (items, vectors)
+        self.cache_window: int | None = None
         self.encoder_skips = 0  # mini-batch updates dropped for a non-finite encoder gradient
+
+    def window_batches(self, window: int) -> list[Batch]:
+        """The global batches of a window: batches are fixed by (seed, epoch), so a window's
+        batches are known at its start."""
+        spe, start = self.steps_per_epoch, window * self.window
+        stop = min(start + self.window, self.total_steps)
+        found = []
+        for epoch in range(start // spe, (stop - 1) // spe + 1):
+            for i, batch in enumerate(self.cf.task.train_batches(epoch)):
+                if start <= epoch * spe + i < stop:
+                    found.append(batch)
+        return found
+
+    def window_items(self, window: int) -> torch.Tensor:
+        """The catalogue rows of every global batch of a window (sorted, unique)."""
+        return _items_of(self.window_batches(window))
+
+    def refresh_cf(self, batches: list[Batch], extra: torch.Tensor, window: int) -> None:
+        """CF-only steps on ``batches`` (global) with the updated encoder's vectors, so the CF
+        model meets the vectors it will be evaluated on: the next window's cache, filled now,
+        and ``extra`` (this rank's owned items of the batches that the next window does not
+        hold), encoded here. Every rank calls it."""
+        rank, world = self.comm.rank, self.comm.world
+        if window + 1 < self.windows_total:
+            self.prefill(window + 1)
+            keys, vecs = self.cache
+        else:
+            keys, vecs = torch.zeros(0, dtype=torch.long), self._empty()
+        keys, order = torch.sort(torch.cat([keys, extra]))
+        vecs = torch.cat([vecs, self._encode(extra, window + 1)])[order.to(vecs.device)]
+        for batch in batches:
+            mine = batch.slice(rank, world)
+            local, index = unique_index(mine.items)
+            ex = ItemExchange(self.comm, local)
+            rows = ex.fetch(vecs[torch.searchsorted(keys, ex.served).to(vecs.device)])
+            loss_sum, count, g = self.cf.loss_and_item_grads(mine, rows, index)
+            totals, _ = self.cf.agree(loss_sum, count, g, Plan(0, 0, 0), 0)
+            if totals.ok:
+                self.cf.step()
+            else:
+                self.cf.discard()
+
+    def refresh_plan(self, window: int) -> tuple[list[Batch], torch.Tensor, int]:
+        """What the CF refresh after this window's update replays: its batches, this rank's
+        owned items of them that the next window's cache will not hold, and the rows encoded
+        for it (the next window's, filled early, and those)."""
+        if not self.cf_refresh or not self.runner.trainable:
+            return [], torch.zeros(0, dtype=torch.long), 0
+        batches = self.window_batches(window)[-self.cf_refresh :]
+        mine = owned(self.comm, _items_of(batches))
+        if window + 1 >= self.windows_total:
+            return batches, mine, len(mine)
+        following = owned(self.comm, self.window_items(window + 1))
+        extra = mine[~torch.isin(mine, following)]
+        return batches, extra, len(following) + len(extra)
+
+    def _encode(self, items: torch.Tensor, salt: int) -> torch.Tensor:
+        """Vectors (no gradient) of this rank's ``items`` in chunks; every rank makes the same
+        number of calls."""
+        vecs = [self._empty()]
+        for piece in pieces(self.comm, items, self.chunk):
+            h = self.runner.encode(piece.items, salt=salt, grad=False, count=piece.real)
+            vecs.append(h[: piece.real])
+        return torch.cat(vecs)
+
+    def _empty(self) -> torch.Tensor:
+        return torch.zeros(0, self.runner.encoder.dim, dtype=self.runner.dtype,
+                           device=self.runner.device)  # fmt: skip
+
+    def prefill(self, window: int) -> int:
+        """Encode (no gradient) the items of the window this rank owns, in full chunks, into the
+        window's cache; every rank makes the same number of calls. The rows encoded."""
+        mine = owned(self.comm, self.window_items(window))
+        self.cache = (mine, self._encode(mine, window))
+        self.cache_window = window
+        return len(mine)
+
+    def cached(self, items: torch.Tensor) -> torch.Tensor:
+        """The window's cached vectors of ``items`` (sorted cache, every item present)."""
+        keys, vecs = self.cache
+        pos = torch.searchsorted(keys, items).clamp(max=max(len(keys) - 1, 0))
+        if len(items) and not bool((keys[pos] == items).all()):
+            raise RuntimeError("an item of the window is missing from its prefilled cache")
+        return vecs[pos.to(vecs.device)]
 
     def step(self, batch: Batch, step: int, stop: int = 0) -> StepResult:
         """One CF step; at a window boundary also the encoder update."""
@@ -89,20 +199,18 @@ class MultiStep:
         local, index = unique_index(batch.items)
         ex = ItemExchange(self.comm, local)
         held = len(self.table)
+        filled = self.prefill(window) if self.cache_window != window else 0
         missing = self.table.missing(ex.served)
-        # Most steps of a long window touch no new item; their padding call (a dummy row) is
-        # made only where ZeRO-3 needs every rank in every call.
-        for piece in pieces(self.comm, missing) if len(missing) or self.runner.lockstep else []:
-            h = self.runner.encode(piece.items, salt=window, grad=False, count=piece.real)
-            self.table.insert(piece.items[: piece.real], h[: piece.real])
+        self.table.insert(missing, self.cached(missing))
         loss_sum, count, g = self.cf.loss_and_item_grads(
             batch, ex.fetch(self.table.rows(ex.served)), index
         )
         updated = (step + 1) % self.window == 0
         regress = self.encoder_epochs if updated and self.runner.trainable else 0
-        new = len(self.table) - held
-        plan = Plan(new + regress * len(self.table), regress * len(self.table),
-                    new + regress * held, regress * held, ex.grad_traffic())  # fmt: skip
+        replay, extra, refilled = self.refresh_plan(window) if updated else ([], None, 0)
+        filled += refilled
+        plan = Plan(filled + regress * len(self.table), regress * len(self.table),
+                    filled + regress * held, regress * held, ex.grad_traffic())  # fmt: skip
         totals, g = self.cf.agree(loss_sum, count, g, plan, stop)
         if not totals.ok:  # CF optimizer and table untouched; the window schedule goes on
             self.cf.discard()
@@ -111,8 +219,11 @@ class MultiStep:
             self.table.apply(ex.served, ex.return_grads(g))
             self.cf.step()
         skips = self.encoder_skips
+        self.window_stats = None
         if updated:
             self.end_window(window, self.window)
+            if replay:
+                self.refresh_cf(replay, extra, window)
         check_counts(self.runner, plan, totals, f0, b0)
         return StepResult(
             loss=totals.loss,
@@ -124,6 +235,7 @@ class MultiStep:
             skipped=not totals.ok,
             encoder_skipped=self.encoder_skips > skips,
             totals=totals,
+            window_stats=self.window_stats,
         )
 
     def end_window(self, window: int, steps: int) -> None:
@@ -134,10 +246,27 @@ class MultiStep:
             # bytes a touched item once a window, are not in the item-traffic counters.)
             touched = torch.sort(self.comm.gather_rows(self.table.items())).values
             size = regress_batch(len(touched), steps, self.regress_size)
+            # each encoder step of the regression carries the gradients of steps / (its steps)
+            # CF steps: Adam's square-root rule for a batch that much larger
+            updates = -(-len(touched) // size) * self.encoder_epochs
+            self.lr_scale = max(1.0, steps / updates) ** 0.5 if self.lr_rule == "sqrt" else 1.0
+            sum_base, sum_grad = self.comm.sum_floats(list(self.table.norms()))
+            if self.target_distance > 0 and sum_grad > 0:
+                self.table.target_lr = self.target_distance * sum_base / sum_grad
+            self.max_steps = self.comm.max_int(int(self.table.steps[: len(self.table)].max())
+                                               if len(self.table) else 0)  # fmt: skip
+            self.window_stats = {"window_items": len(touched), "regress_batch": size,
+                                 "target_lr": self.table.target_lr, "lr_scale": self.lr_scale,
+                                 "mean_vector_norm": sum_base / max(len(touched), 1),
+                                 "mean_grad_norm": sum_grad / max(len(touched), 1)}  # fmt: skip
+            self.moved = 0.0
             for pass_ in range(self.encoder_epochs):
                 order = regress_order(touched, self.seed, window, pass_)
                 for start in range(0, len(order), size):
                     self.regress(owned(self.comm, order[start : start + size]), window)
+            # how far the encoder had moved each item's vector when the regression reached it
+            moved = self.comm.sum_floats([self.moved])[0]
+            self.window_stats["encoder_move"] = moved / max(len(touched) * self.encoder_epochs, 1)
         self.table.clear()
         self.windows_done += 1
 
@@ -148,9 +277,15 @@ class MultiStep:
         calls = pieces(self.comm, items, self.chunk)
         for c, piece in enumerate(calls):
             h = self.runner.encode(piece.items, salt=window, grad=True, count=piece.real)
-            g = self.table.regression_grad(piece.items[: piece.real], h[: piece.real])
+            real = piece.items[: piece.real]
+            w = None
+            if self.weights == "sqrt-count":
+                w = (self.table.step_counts(real).double() / self.max_steps).sqrt()
+            g = self.table.regression_grad(real, h[: piece.real], w)
+            base, _ = self.table.base_and_grads(real)
+            self.moved += float((h[: piece.real].detach() - base).norm(dim=1).sum())
             self.runner.backward(h, piece.pad(g), last=c == len(calls) - 1, count=piece.real)
-        if not self.runner.step():  # non-finite encoder gradient: this update is dropped
+        if not self.runner.step(self.lr_scale):  # non-finite gradient: this update is dropped
             self.encoder_skips += 1
 
     def finish(self, step: int) -> StepResult | None:
@@ -171,9 +306,16 @@ class MultiStep:
         """The whole item table (every rank's rows, gathered: checkpoints are written by the
         main process) and the window count; every rank calls it."""
         mine = self.table.state_dict()
+        keys, vecs = self.cache if self.cache is not None else (torch.zeros(0).long(), None)
+        vecs = vecs if vecs is not None else torch.zeros(0, self.runner.encoder.dim)
         return {
             "table": {k: self.comm.gather_rows(v) for k, v in mine.items()},
             "windows_done": self.windows_done,
+            "cache": {
+                "window": -1 if self.cache_window is None else self.cache_window,
+                "items": self.comm.gather_rows(keys),
+                "vectors": self.comm.gather_rows(vecs.cpu()),
+            },  # fmt: skip
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -182,3 +324,10 @@ class MultiStep:
         keep = shard_rows(self.comm, table["items"])
         self.table.load_state_dict({k: v[keep] for k, v in table.items()})
         self.windows_done = state["windows_done"]
+        cache = state.get("cache")
+        if cache is not None and cache["window"] >= 0:
+            items = cache["items"]
+            keep = shard_rows(self.comm, items)
+            order = torch.argsort(items[keep])
+            vecs = cache["vectors"][keep][order].to(self.runner.device, self.runner.dtype)
+            self.cache, self.cache_window = (items[keep][order], vecs), cache["window"]
