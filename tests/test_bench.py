@@ -223,7 +223,9 @@ def test_extrapolated_e2e_has_no_accuracy():
      (["--workload", "tiny", "--epochs", "x"], "--epochs"),
      (["--workload", "tiny", "--seeds", "0,x"], "--seeds"),
      (["--workload", "tiny", "--seeds", "1,1"], "--seeds"),
-     (["--workload", "tiny", "--reuse", "e2e,nope"], "--reuse")],
+     (["--workload", "tiny", "--reuse", "e2e,nope"], "--reuse"),
+     (["--workload", "tiny", "--jobs", "0"], "--jobs"),
+     (["--workload", "tiny", "--data-seed", "-1"], "--data-seed")],
 )  # fmt: skip
 def test_bad_flags_exit_2(args, flag):
     r = _bench(*args, timeout=60)

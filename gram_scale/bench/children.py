@@ -64,11 +64,20 @@ def _busy_cpu_seconds() -> float | None:
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def run_child(opts: Options, log: Path) -> dict:
+_LIVE: set[subprocess.Popen] = set()  # children being waited on, by any thread
+
+
+def kill_children() -> None:
+    """Kill every training child still running (the benchmark is being stopped)."""
+    for proc in list(_LIVE):
+        proc.kill()
+
+
+def run_child(opts: Options, log: Path, env_extra: dict | None = None) -> dict:
     """Train in a child process: its metrics, peak RSS, wall time, and the CPU other processes
     took meanwhile (``other_cores``: their average busy cores; timings are unreliable above 0)."""
     cmd = [sys.executable, str(TRAIN_SCRIPT), *to_argv(opts)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
     Path(opts.output_dir).mkdir(parents=True, exist_ok=True)
     busy = _busy_cpu_seconds()
     t = time.perf_counter()
@@ -76,6 +85,7 @@ def run_child(opts: Options, log: Path) -> dict:
         out.write(" ".join(cmd) + "\n")
         out.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _LIVE.add(proc)
         try:
             # wait4, not Popen.wait: its rusage is this child's own peak RSS
             _, status, usage = os.wait4(proc.pid, 0)
@@ -83,6 +93,8 @@ def run_child(opts: Options, log: Path) -> dict:
             proc.kill()
             proc.wait()
             raise
+        finally:
+            _LIVE.discard(proc)
     proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it was reaped
     wall = time.perf_counter() - t
     other = None

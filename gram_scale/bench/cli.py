@@ -18,7 +18,13 @@ import time
 from pathlib import Path
 
 from gram_scale.bench import costs, report
-from gram_scale.bench.children import RunFailed, reuse_child, run_child, run_options
+from gram_scale.bench.children import (
+    RunFailed,
+    kill_children,
+    reuse_child,
+    run_child,
+    run_options,
+)
 from gram_scale.bench.workloads import WORKLOADS, prepare_data, prepare_encoder
 from gram_scale.config import Options, validate
 from gram_scale.errors import EXIT_INPUT_ERROR, InputError
@@ -62,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-dir", default="", help="generated data; empty = $GRAM_CACHE or ~/.cache"
     )
+    p.add_argument("--data-seed", type=int, default=None, metavar="N",
+                   help="seed of the workload's data generator instead of its own (a second "
+                        "generated data set of the same shape, e.g. to choose settings on)")  # fmt: skip
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once, one thread each (for accuracy studies: the runs "
+                        "then share the CPU, so their timings are not comparable)")  # fmt: skip
     return p
 
 
@@ -91,7 +103,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise InputError("--e2e-steps", None, f"must be 0 or more, got {args.e2e_steps}")
     if args.epochs is not None and args.epochs < 1:
         raise InputError("--epochs", None, f"must be at least 1, got {args.epochs}")
-    out = Path(args.out or Path("outputs") / "bench" / args.workload)
+    if args.jobs < 1:
+        raise InputError("--jobs", None, f"must be at least 1, got {args.jobs}")
+    if args.data_seed is not None and args.data_seed < 0:
+        raise InputError("--data-seed", None, f"must be 0 or more, got {args.data_seed}")
+    name = args.workload + ("" if args.data_seed is None else f"-data{args.data_seed}")
+    out = Path(args.out or Path("outputs") / "bench" / name)
     if out.exists() and not out.is_dir():
         raise InputError(out, None, "--out exists and is not a folder")
     args.out = out
@@ -119,6 +136,10 @@ def bench(args: argparse.Namespace) -> dict:
     report.check_plot()  # fail before minutes of training, not after
     start = time.perf_counter()
     workload = WORKLOADS[args.workload]
+    if args.data_seed is not None and "seed" in workload.generator:
+        workload = dataclasses.replace(
+            workload, generator=dict(workload.generator, seed=args.data_seed)
+        )
     info = report.machine()
     options = shared_options(workload, args.config, args.cache_dir)
     if args.epochs is not None:
@@ -143,37 +164,47 @@ def bench(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     runs = workload.runs
     collected: dict[str, list[dict]] = {run.label: [] for run in runs}
-    n_runs = len(runs) * len(args.seeds) * args.repeats
-    for seed in args.seeds:
-        for rep in range(args.repeats):
-            for run in runs:
-                name = run.label
-                run_dir = out / "runs" / f"{name.replace(' ', '-')}-s{seed}-r{rep + 1}"
-                steps = k if name in capped else 0
-                opts = validate(run_options(base, run, run_dir, seed, steps))
-                done = sum(len(v) for v in collected.values())
-                _say(f"[{done + 1}/{n_runs}] {name} (seed {seed}, repeat {rep + 1}/"
-                     f"{args.repeats}) ...")  # fmt: skip
-                earlier = reuse_child(opts) if name in args.reuse else None
-                if name in args.reuse and earlier is None:
-                    _say(f"    no earlier run of {name} with these flags in {run_dir}: training it")
-                record = earlier or run_child(opts, run_dir / "train.log")
-                record["seed"] = seed
-                other = (
-                    ""
-                    if record["other_cores"] is None
-                    else f", other processes {record['other_cores']:.2f} cores"
-                )
-                m = record["metrics"]
-                auc = (
-                    ""
-                    if name in capped
-                    else f", test AUC {m['test'].get(report.METRIC, float('nan')):.4f}"
-                )
-                when = f" (reused: trained {record['date']})" if record.get("reused") else ""
-                _say(f"    {m['train_seconds']:.1f} s training, {record['wall']:.1f} s wall, "
-                     f"peak RSS {record['rss'] / report.MiB:,.0f} MiB{other}{auc}{when}")  # fmt: skip
-                collected[name].append(record)
+    jobs = [(seed, rep, run) for seed in args.seeds for rep in range(args.repeats) for run in runs]
+    started = [0]
+
+    def train_one(seed: int, rep: int, run) -> dict:
+        name = run.label
+        run_dir = out / "runs" / f"{name.replace(' ', '-')}-s{seed}-r{rep + 1}"
+        steps = k if name in capped else 0
+        opts = validate(run_options(base, run, run_dir, seed, steps))
+        started[0] += 1
+        _say(f"[{started[0]}/{len(jobs)}] {name} (seed {seed}, repeat {rep + 1}/"
+             f"{args.repeats}) ...")  # fmt: skip
+        earlier = reuse_child(opts) if name in args.reuse else None
+        if name in args.reuse and earlier is None:
+            _say(f"    no earlier run of {name} with these flags in {run_dir}: training it")
+        threads = {"OMP_NUM_THREADS": "1"} if args.jobs > 1 else {}
+        record = earlier or run_child(opts, run_dir / "train.log", threads)
+        record["seed"] = seed
+        other = (
+            ""
+            if record["other_cores"] is None
+            else f", other processes {record['other_cores']:.2f} cores"
+        )
+        m = record["metrics"]
+        auc = (
+            "" if name in capped else f", test AUC {m['test'].get(report.METRIC, float('nan')):.4f}"
+        )
+        when = f" (reused: trained {record['date']})" if record.get("reused") else ""
+        _say(f"    {name} (seed {seed}): {m['train_seconds']:.1f} s training, "
+             f"{record['wall']:.1f} s wall, peak RSS {record['rss'] / report.MiB:,.0f} MiB"
+             f"{other}{auc}{when}")  # fmt: skip
+        return record
+
+    if args.jobs == 1:
+        records = [train_one(*job) for job in jobs]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            records = list(pool.map(lambda job: train_one(*job), jobs))
+    for (_, _, run), record in zip(jobs, records):
+        collected[run.label].append(record)
 
     rows = {name: report.summarise(records, spe, name in capped)
             for name, records in collected.items()}  # fmt: skip
@@ -196,6 +227,8 @@ def bench(args: argparse.Namespace) -> dict:
     stats["tokens_per_item"] = bound.get("tokens_per_item")
     result = {
         "workload": args.workload,
+        "data_seed": args.data_seed,
+        "jobs": args.jobs,
         "description": " ".join(workload.doc.split()),
         "command": ["python", "-m", "gram_scale.bench", *sys.argv[1:]],
         "machine": info,
@@ -225,7 +258,9 @@ def bench(args: argparse.Namespace) -> dict:
 
 
 def _terminate(signum, frame) -> None:
-    # An exception, unlike the default action, lets run_child kill the run it is waiting on.
+    # An exception, unlike the default action, lets run_child kill the run it is waiting on;
+    # runs waited on by other threads (--jobs) are killed here.
+    kill_children()
     raise SystemExit(128 + signum)
 
 

@@ -181,17 +181,18 @@ WORKLOADS: dict[str, Workload] = {
         doc="""Knowledge tracing where fine-tuning the encoder matters: write_kt_finetune, whose
         difficulty levels are spelled by ordinary nouns dealt to the levels at random ("spoon"
         hard, "horse" easy), so all-MiniLM-L6-v2's pretrained vectors know nothing of them.
-        write_kt_finetune(n_users=300, n_items=800, mean_len=20, n_unused_items=10, zipf=0.5,
-        seed=0): 3,115 training interactions over 683 distinct items per epoch (R_epoch 4.6):
-        many items, each answered a few times, so the CF model cannot learn items one by one and
-        must read difficulty from the text; 20% of the users each for valid and test (about
-        1,200 interactions each). Batch 8 x seq 20: 30 steps per epoch. 2 epochs, lr encoder
-        2e-4, lr CF 1e-3, encoder chunks of 16, 32 max tokens, Multi-step table rate 500 (at
-        the default 1 Multi-step keeps none of the gain here; see the README). Measures the
-        fine-tuning gain (e2e against the frozen encoder) and how much of it Multi-step keeps.""",
+        write_kt_finetune(n_users=400, n_items=800, mean_len=25, n_unused_items=10, zipf=0.5,
+        seed=0): about 4,600 training interactions over about 700 distinct items per epoch
+        (R_epoch about 6.5): many items, each answered a few times, so the CF model cannot learn
+        items one by one and must read difficulty from the text; 25% of the users each for
+        valid and test (about 2,400 interactions each). Batch 8 x seq 20, 2 epochs, lr encoder
+        2e-4, lr CF 1e-3, encoder chunks of 16, 32 max tokens. Every run evaluates valid every
+        10 steps and reports its best valid model (--save-best). Measures the fine-tuning gain
+        (e2e against the frozen encoder) and how much of it Multi-step keeps, on the trainer's
+        Multi-step defaults.""",
         task="kt",
         writer="write_kt_finetune",
-        generator=dict(n_users=300, n_items=800, mean_len=20, n_unused_items=10, zipf=0.5, seed=0),
+        generator=dict(n_users=400, n_items=800, mean_len=25, n_unused_items=10, zipf=0.5, seed=0),
         encoder="minilm",
         options=dict(
             max_tokens=32,
@@ -201,9 +202,38 @@ WORKLOADS: dict[str, Workload] = {
             lr_encoder=2e-4,
             lr_cf=1e-3,
             encoder_batch_size=16,
-            valid_frac=0.2,
-            test_frac=0.2,
-            table_lr=500.0,
+            valid_frac=0.25,
+            test_frac=0.25,
+            eval_every=10,
+            save_best=True,
+        ),
+        runs=(E2E, FROZEN, SINGLE, MULTI_10, MULTI_HALF, MULTI_1E),
+    ),
+    "kt-often": Workload(
+        doc="""Fine-tuning on a catalogue answered often, over more epochs: write_kt_finetune
+        (hidden level words, as kt-finetune) with 120 items, so each training item is answered
+        about 40 times an epoch (R_epoch about 40, where kt-finetune has 6.5) and a one-epoch
+        window touches every row many times. write_kt_finetune(n_users=400, n_items=120,
+        mean_len=30, n_unused_items=4, zipf=0.5, seed=0), 25% of the users each for valid and
+        test (about 3,000 interactions each), batch 8 x seq 20, 3 epochs, lr encoder 2e-4, lr
+        CF 1e-3, encoder chunks of 16, 32 max tokens, best valid model of evaluations every 15
+        steps.""",
+        task="kt",
+        writer="write_kt_finetune",
+        generator=dict(n_users=400, n_items=300, mean_len=30, n_unused_items=4, zipf=1.0, seed=0),
+        encoder="minilm",
+        options=dict(
+            max_tokens=32,
+            batch_size=8,
+            seq_len=20,
+            epochs=3,
+            lr_encoder=2e-4,
+            lr_cf=1e-3,
+            encoder_batch_size=16,
+            valid_frac=0.25,
+            test_frac=0.25,
+            eval_every=15,
+            save_best=True,
         ),
         runs=(E2E, FROZEN, SINGLE, MULTI_10, MULTI_HALF, MULTI_1E),
     ),
@@ -230,14 +260,14 @@ WORKLOADS: dict[str, Workload] = {
         generator=dict(
             n_topics=8,
             topic_zipf=1.5,
-            n_users=900,
+            n_users=1350,
             n_news=500,
             impressions_per_user=2,
             n_candidates=5,
             history_len=8,
             n_dev_only_news=25,
-            days=4,
-            dev_days=2,
+            days=6,
+            dev_days=4,
             title_topic_words=(2, 3),
             seed=0,
         ),
@@ -253,8 +283,6 @@ WORKLOADS: dict[str, Workload] = {
             encoder_batch_size=16,
             eval_every=25,
             save_best=True,
-            target_lr=100.0,
-            regress_batch_size="16",
         ),
         runs=(E2E, FROZEN, SINGLE, MULTI_10, MULTI_HALF, MULTI_1E),
     ),
