@@ -111,12 +111,12 @@ class Options:
         metavar="N|auto",
     )
     regress_lr: str = _opt(
-        "same",
-        "multi: the window-end regression's learning rate: same (--lr-encoder) or sqrt "
-        "(--lr-encoder x sqrt(window steps / regression steps), at least 1x: each regression "
-        "step carries that many CF steps' gradients, and Adam's rate scales with the square "
-        "root of the batch)",
-        choices=("same", "sqrt"),
+        "sqrt",
+        "multi: the window-end regression's learning rate: sqrt (--lr-encoder x sqrt(window "
+        "steps / regression steps), at least 1x: each regression step carries the gradients "
+        "of that many CF steps, and Adam's rate scales with the square root of the batch) or "
+        "same (--lr-encoder)",
+        choices=("sqrt", "same"),
     )
     target_lr: float = _opt(
         0.0,
