@@ -107,15 +107,15 @@ class Options:
         "auto",
         "multi: after each encoder update, the CF model replays the window's last N batches on "
         "the updated encoder's vectors (CF-only steps), so it meets the vectors it is evaluated "
-        "on (N, 0 = off, or auto: a quarter of the window, at most 10)",
+        "on (N, 0 = off, or auto: half the window, at most 20)",
         metavar="N|auto",
     )
     regress_lr: str = _opt(
         "sqrt",
         "multi: the window-end regression's learning rate: sqrt (--lr-encoder x sqrt(window "
-        "steps / regression steps), at least 1x: each regression step carries the gradients "
-        "of that many CF steps, and Adam's rate scales with the square root of the batch) or "
-        "same (--lr-encoder)",
+        "steps / regression steps), between 1x and 2x: each regression step carries the "
+        "gradients of that many CF steps, and Adam's rate scales with the square root of the "
+        "batch) or same (--lr-encoder)",
         choices=("sqrt", "same"),
     )
     target_lr: float = _opt(
@@ -233,7 +233,7 @@ class Options:
     def refresh_steps(self, window: int) -> int:
         """``--cf-refresh`` as a number of batches, for a window of ``window`` steps."""
         n = parse_count("--cf-refresh", self.cf_refresh, minimum=0)
-        return min(10, -(-window // 4)) if n is None else n
+        return min(20, -(-window // 2)) if n is None else n
 
     def regress_batch(self) -> int | None:
         """``--regress-batch-size`` as a number of items, None for auto."""

@@ -40,6 +40,8 @@ def window_steps(spec: tuple[str, float], steps_per_epoch: int) -> int:
     return max(1, round(value * steps_per_epoch))
 
 
+# --regress-lr sqrt scales the encoder's rate at window ends by at most this
+MAX_REGRESS_LR_SCALE = 2.0
 # auto mini-batches hold at least this many items (all of them when a window touches fewer)
 MIN_REGRESS_BATCH = 16
 
@@ -247,9 +249,11 @@ class MultiStep:
             touched = torch.sort(self.comm.gather_rows(self.table.items())).values
             size = regress_batch(len(touched), steps, self.regress_size)
             # each encoder step of the regression carries the gradients of steps / (its steps)
-            # CF steps: Adam's square-root rule for a batch that much larger
+            # CF steps: Adam's square-root rule for a batch that much larger, capped (a
+            # catalogue of 63 items over 431 steps would get 10x, and the encoder collapses)
             updates = -(-len(touched) // size) * self.encoder_epochs
-            self.lr_scale = max(1.0, steps / updates) ** 0.5 if self.lr_rule == "sqrt" else 1.0
+            ratio = max(1.0, steps / updates) ** 0.5
+            self.lr_scale = min(MAX_REGRESS_LR_SCALE, ratio) if self.lr_rule == "sqrt" else 1.0
             sum_base, sum_grad = self.comm.sum_floats(list(self.table.norms()))
             if self.target_distance > 0 and sum_grad > 0:
                 self.table.target_lr = self.target_distance * sum_base / sum_grad
