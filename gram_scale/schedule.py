@@ -53,8 +53,8 @@ def encoder_steps(opts, steps_per_epoch: int, n_items: int, step_items: int) -> 
     A window of w steps touches T items, known only once it has run: here T is taken as at
     most the catalogue (``n_items``) and at most w times one step's unique items
     (``step_items``, e.g. the first batch's). It makes ceil(T / batch) mini-batches: with auto
-    at most min(w, T), so about the run's steps when a window's items outnumber its steps, and
-    the touched items when they do not (a long window over a small catalogue). The last
+    at most min(w, ceil(T / 16)), so about the run's steps when a window's items outnumber its
+    steps 16 to 1, and fewer when they do not (a long window over a small catalogue). The last
     partial window counts with the steps it takes. A short estimate is harmless (later steps
     keep the last rate), a long one leaves the decay unfinished."""
     from gram_scale.strategies.multi import regress_batches, window_steps  # they import this

@@ -36,12 +36,13 @@ def test_total_steps_per_optimizer():
     opts = options(epochs=3, strategy="multi", window="4", encoder_epochs=2)
     assert run_steps(opts, 10) == 30
     assert encoder_steps(replace(opts, strategy="single"), 10, 60, 50) == 30
-    # auto: a window's items outnumber its steps, so one encoder step per CF step
+    # auto: 60 items in mini-batches of max(16, 60 / 4): 4 per window, 2 in the 2-step tail
     assert encoder_steps(opts, 10, 60, 50) == 30 * 2
     assert encoder_steps(replace(opts, max_steps=8), 10, 60, 50) == 8 * 2
-    assert encoder_steps(replace(opts, window="0.5E"), 10, 60, 50) == 30 * 2
-    # a 3-item catalogue: 3 mini-batches of 1 per window, the tail's 3 items in 2 of 2 and 1
-    assert encoder_steps(opts, 10, 3, 50) == (7 * 3 + 2) * 2
+    # 5-step windows: 60 items / 5 steps = 12 a mini-batch, raised to 16: 4 per window
+    assert encoder_steps(replace(opts, window="0.5E"), 10, 60, 50) == 6 * 4 * 2
+    # a 3-item catalogue: one mini-batch per window (auto holds at least 16 items)
+    assert encoder_steps(opts, 10, 3, 50) == (7 + 1) * 2
     # 25 items a mini-batch: a window touches at most 4 x 50 items (8 mini-batches), the tail 100
     assert encoder_steps(replace(opts, regress_batch_size="25"), 10, 1000, 50) == (7 * 8 + 4) * 2
     # a mini-batch that holds every touched item: one step per window and pass

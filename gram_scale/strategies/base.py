@@ -159,8 +159,9 @@ class CFUpdate:
         self.step()
         return True
 
-    def step(self) -> None:
-        """Sum CF gradients over ranks, clip, step (identical replicas on every rank)."""
+    def step(self, schedule: bool = True) -> None:
+        """Sum CF gradients over ranks, clip, step (identical replicas on every rank); the
+        rate's schedule advances unless ``schedule`` is False (steps outside the run's count)."""
         params = list(self.model.parameters())
         for p in params:
             if p.grad is None:  # same collective sequence on every rank
@@ -169,7 +170,7 @@ class CFUpdate:
         if self.max_grad_norm > 0:  # after the sum: the norm of the global batch's gradient
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
-        if self.scheduler is not None:
+        if schedule and self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 

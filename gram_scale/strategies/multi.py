@@ -146,8 +146,8 @@ class MultiStep:
             rows = ex.fetch(vecs[torch.searchsorted(keys, ex.served).to(vecs.device)])
             loss_sum, count, g = self.cf.loss_and_item_grads(mine, rows, index)
             totals, _ = self.cf.agree(loss_sum, count, g, Plan(0, 0, 0), 0)
-            if totals.ok:
-                self.cf.step()
+            if totals.ok:  # at the current rate: the schedule counts training steps only
+                self.cf.step(schedule=False)
             else:
                 self.cf.discard()
 
