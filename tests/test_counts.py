@@ -291,7 +291,7 @@ def test_cf_refresh_replays_the_window_end_on_fresh_vectors(base):
         s.strategy.step(batches[step], step)
     seen = []
     step_cf = s.cf.step
-    s.cf.step = lambda: seen.append(1) or step_cf()
+    s.cf.step = lambda **k: seen.append(1) or step_cf(**k)
     encoder_steps = []
     runner_step = s.runner.step
     s.runner.step = lambda *a: encoder_steps.append(len(seen)) or runner_step(*a)
