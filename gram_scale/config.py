@@ -404,14 +404,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, instead of argparse's usage dump
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose mistakes are InputErrors: one line and exit 2, no usage dump."""
+
+    def error(self, message: str):
         raise InputError(None, None, f"{self.prog}: {message}")
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     """An argparse parser with one flag per Options field."""
-    parser = _Parser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Options):
         kw = {"default": f.default, "help": f.metadata["help"], "dest": f.name}
         if f.type in ("bool", bool):

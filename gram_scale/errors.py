@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 
 class InputError(Exception):
@@ -49,3 +50,16 @@ class Interrupted(Exception):
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
 EXIT_TERMINATED = 143  # SIGTERM
 EXIT_SIGUSR1 = 138
+
+
+def run_command(body: Callable[[], object]) -> int:
+    """Run the body of a small command (predict, embed, plot): exit code 0, or 2 with
+    ``error: <one line>`` on stderr when it raises an InputError."""
+    import sys
+
+    try:
+        body()
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_INPUT_ERROR
+    return 0

@@ -6,7 +6,7 @@ import math
 import os
 import random
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,18 @@ class KTData:
     valid: list[Sequence]
     test: list[Sequence]
     cold_items: torch.Tensor  # bool [n_items]: True where the item has no interaction in `train`
+    # load_kt(keep_ids=True): per evaluation split, each user's id and file lines (as sequences)
+    users: dict[str, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
+
+
+@dataclass
+class InteractionLog:
+    """An interactions file read for prediction: per user (first-appearance order) the id, the
+    sequence in time order and the file line of each of its interactions."""
+
+    users: list[str]
+    sequences: list[Sequence]
+    lines: list[torch.Tensor]
 
 
 def read_items(path: str | os.PathLike) -> Catalogue:
@@ -70,8 +82,17 @@ def _timestamp(path: Path, line: int, value: str) -> float:
     return number
 
 
-def _read_sequences(path: str | os.PathLike, catalogue: Catalogue) -> list[Sequence]:
-    """Per user (first-appearance order): item rows and correctness, sorted by time."""
+def read_interactions(path: str | os.PathLike, catalogue: Catalogue) -> InteractionLog:
+    """Read an interactions file against a catalogue, keeping user ids and file lines."""
+    users, sequences, lines = _read_sequences(path, catalogue, keep_lines=True)
+    return InteractionLog(users, sequences, lines)
+
+
+def _read_sequences(
+    path: str | os.PathLike, catalogue: Catalogue, keep_lines: bool = False
+) -> tuple[list[str], list[Sequence], list[torch.Tensor] | None]:
+    """Per user (first-appearance order): user id, item rows and correctness sorted by time,
+    and (``keep_lines``) the file line of each interaction in the same order."""
     table = CsvTable(path, ("user_id", "item_id", "correct"), ("timestamp",))
     user_col, item_col = table.columns["user_id"], table.columns["item_id"]
     correct_col = table.columns["correct"]
@@ -81,6 +102,7 @@ def _read_sequences(path: str | os.PathLike, catalogue: Catalogue) -> list[Seque
     items: list[array] = []
     correct: list[array] = []
     times: list[list[float]] = []
+    lines: list[array] = []
     index = catalogue.index
     for line, row in table:
         user = row[user_col].strip()
@@ -100,19 +122,26 @@ def _read_sequences(path: str | os.PathLike, catalogue: Catalogue) -> list[Seque
             items.append(array("q"))
             correct.append(array("b"))
             times.append([])
+            lines.append(array("q"))
+        if keep_lines:
+            lines[u].append(line)
         items[u].append(item)
         correct[u].append(flag)
         if time_col is not None:
             times[u].append(_timestamp(table.path, line, row[time_col]))
-    sequences = []
+    sequences, user_lines = [], []
     for u in range(len(users)):
         item_rows, flags = long_tensor(items[u]), long_tensor(correct[u])
+        at = long_tensor(lines[u]) if keep_lines else None
         if time_col is not None:
             # sorted() is stable, so equal timestamps keep their file order.
             order = torch.tensor(sorted(range(len(times[u])), key=times[u].__getitem__))
             item_rows, flags = item_rows[order], flags[order]
+            at = at[order] if keep_lines else None
         sequences.append((item_rows, flags))
-    return sequences
+        if keep_lines:
+            user_lines.append(at)
+    return list(users), sequences, (user_lines if keep_lines else None)
 
 
 def _fraction(name: str, value: float) -> float:
@@ -141,23 +170,34 @@ def load_kt(
     valid_frac: float = 0.1,
     test_frac: float = 0.1,
     cold_frac: float = 0.1,
+    keep_ids: bool = False,
 ) -> KTData:
-    """Load ``folder/items.csv`` and ``folder/interactions.csv``, split users, hold out cold items."""
+    """Load ``folder/items.csv`` and ``folder/interactions.csv``, split users, hold out cold items.
+    ``keep_ids``: also keep the valid and test users' ids and file lines (``users``)."""
     _fraction("valid_frac", valid_frac)
     _fraction("test_frac", test_frac)
     _fraction("cold_frac", cold_frac)
     folder = Path(folder)
     catalogue = read_items(folder / "items.csv")
     interactions = folder / "interactions.csv"
-    sequences = _read_sequences(interactions, catalogue)
+    user_ids, sequences, lines = _read_sequences(interactions, catalogue, keep_lines=keep_ids)
 
     rng = random.Random(seed)
     order = list(range(len(sequences)))
     rng.shuffle(order)
     n_valid, n_test = split_sizes(len(sequences), valid_frac, test_frac)
-    valid = [sequences[u] for u in sorted(order[:n_valid])]
-    test = [sequences[u] for u in sorted(order[n_valid : n_valid + n_test])]
+    split_users = {
+        "valid": sorted(order[:n_valid]),
+        "test": sorted(order[n_valid : n_valid + n_test]),
+    }
+    valid = [sequences[u] for u in split_users["valid"]]
+    test = [sequences[u] for u in split_users["test"]]
     train_users = sorted(order[n_valid + n_test :])
+    users = {}
+    if keep_ids:
+        users = {
+            split: [(user_ids[u], lines[u]) for u in rows] for split, rows in split_users.items()
+        }
 
     n_items = len(catalogue)
     seen = torch.zeros(n_items, dtype=torch.bool)
@@ -181,4 +221,4 @@ def load_kt(
         )
     cold_items = torch.ones(n_items, dtype=torch.bool)
     cold_items[torch.cat([item_rows for item_rows, _ in train])] = False
-    return KTData(catalogue, train, valid, test, cold_items)
+    return KTData(catalogue, train, valid, test, cold_items, users)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,18 @@ class NewsData:
     valid: list[Impression]
     test: list[Impression]
     cold_items: torch.Tensor  # bool [n_items]: item appears nowhere in train behaviors
+    # load_mind(keep_ids=True): per evaluation split, each impression's (impression id, user id)
+    keys: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+
+@dataclass
+class NewsSplit:
+    """One MIND split folder read for prediction: its news, impressions and their ids."""
+
+    catalogue: Catalogue
+    impressions: list[Impression]
+    keys: list[tuple[str, str]]  # each impression's (impression id, user id)
+    labeled: bool  # False: the test layout, candidates without -0/-1 click labels
 
 
 def _read_news(
@@ -75,6 +87,15 @@ def _read_news(
         raise InputError(path, 1, "empty file (no news rows)")
 
 
+def read_news(path: str | os.PathLike, use_abstract: bool = False) -> Catalogue:
+    """Read one ``news.tsv`` into a catalogue in file order (title, or title + abstract)."""
+    ids: list[str] = []
+    texts: list[str] = []
+    index: dict[str, int] = {}
+    _read_news(Path(path), use_abstract, ids, texts, index)
+    return Catalogue(ids, texts, index)
+
+
 def _impression_problem(path: Path, line: int, tokens: list[str], index: dict[str, int]) -> None:
     """Raise for the first bad ``newsid-label`` token (the fast path only knows one is bad)."""
     for token in tokens:
@@ -86,8 +107,16 @@ def _impression_problem(path: Path, line: int, tokens: list[str], index: dict[st
         zero_one(path, line, "label", label)
 
 
-def _read_behaviors(path: Path, index: dict[str, int]) -> tuple[list[Impression], torch.Tensor]:
-    """Read one behaviors.tsv; also return every item row it mentions (for cold-start marks)."""
+def _read_behaviors(
+    path: Path,
+    index: dict[str, int],
+    keys: list[tuple[str, str]] | None = None,
+    unlabeled_ok: bool = False,
+) -> tuple[list[Impression], torch.Tensor, bool]:
+    """Read one behaviors.tsv; also return every item row it mentions (for cold-start marks) and
+    whether its candidates carry click labels. ``keys``: filled with each impression's
+    (impression id, user id). ``unlabeled_ok``: a file whose candidates are bare news ids (the
+    MIND test layout) is read with every label 0; the first row decides for the whole file."""
     # Rows go to flat arrays, made into one tensor per kind at the end and split into views:
     # two torch.tensor calls per impression cost more than all the parsing.
     candidates, labels, sizes = array("q"), array("q"), []
@@ -96,6 +125,7 @@ def _read_behaviors(path: Path, index: dict[str, int]) -> tuple[list[Impression]
     # (user, history), keyed by hash and length rather than by the text to keep memory low.
     histories: dict[tuple[str, int, int], int] = {}
     get = index.get
+    labeled, first = None, 0
     for line, fields in iter_tsv(path, BEHAVIOR_FIELDS):
         raw_history = fields[3]
         key = (fields[1], hash(raw_history), len(raw_history))
@@ -114,14 +144,25 @@ def _read_behaviors(path: Path, index: dict[str, int]) -> tuple[list[Impression]
         tokens = fields[4].split()
         if not tokens:
             raise InputError(path, line, "no impressions (expected newsid-label tokens)")
-        parts = [token.rpartition("-") for token in tokens]
-        rows = [get(news_id) for news_id, _, _ in parts]
-        flags = [label for _, _, label in parts]
-        if None in rows or not _LABELS.issuperset(flags):
-            _impression_problem(path, line, tokens, index)
+        if labeled is None:
+            labeled = not unlabeled_ok or _has_label(tokens[0], index)
+            first = line
+        if labeled:
+            parts = [token.rpartition("-") for token in tokens]
+            rows = [get(news_id) for news_id, _, _ in parts]
+            flags = [label for _, _, label in parts]
+            if None in rows or not _LABELS.issuperset(flags):
+                _impression_problem(path, line, tokens, index)
+            labels.extend(flag == "1" for flag in flags)
+        else:
+            rows = [get(token) for token in tokens]
+            if None in rows:
+                _unlabeled_problem(path, line, tokens[rows.index(None)], index, first)
+            labels.extend(0 for _ in rows)
         candidates.extend(rows)
-        labels.extend(flag == "1" for flag in flags)
         sizes.append(len(rows))
+        if keys is not None:
+            keys.append((fields[0].strip(), fields[1].strip()))
     if not sizes:
         raise InputError(path, 1, "empty file (no behavior rows)")
 
@@ -133,11 +174,28 @@ def _read_behaviors(path: Path, index: dict[str, int]) -> tuple[list[Impression]
             history_of, all_candidates.split(sizes), long_tensor(labels).split(sizes), strict=True
         )
     ]
-    return impressions, torch.cat([all_candidates, all_histories])
+    return impressions, torch.cat([all_candidates, all_histories]), bool(labeled)
 
 
-def load_mind(folder: str | os.PathLike, use_abstract: bool = False, seed: int = 0) -> NewsData:
-    """Load a MIND folder (train/, dev/, optional test/); without test/, dev is split in half."""
+def _has_label(token: str, index: dict[str, int]) -> bool:
+    """Whether an impression token is ``newsid-0``/``newsid-1`` rather than a bare news id."""
+    news_id, dash, label = token.rpartition("-")
+    return token not in index and bool(dash) and bool(news_id) and label in _LABELS
+
+
+def _unlabeled_problem(path: Path, line: int, token: str, index: dict, first: int) -> None:
+    """Raise for a candidate of an unlabeled file that is no known news id."""
+    if _has_label(token, index):
+        raise InputError(path, line, f"impression {quote(token)} has a click label but those on "
+                         f"line {first} have none (label every candidate or none)")  # fmt: skip
+    raise InputError(path, line, f"unknown news id {quote(token)} in impressions")
+
+
+def load_mind(
+    folder: str | os.PathLike, use_abstract: bool = False, seed: int = 0, keep_ids: bool = False
+) -> NewsData:
+    """Load a MIND folder (train/, dev/, optional test/); without test/, dev is split in half.
+    ``keep_ids``: also keep the valid and test impressions' ids and user ids (``keys``)."""
     folder = Path(folder)
     ids: list[str] = []
     texts: list[str] = []
@@ -150,16 +208,36 @@ def load_mind(folder: str | os.PathLike, use_abstract: bool = False, seed: int =
         _read_news(folder / "test" / "news.tsv", use_abstract, ids, texts, index)
     catalogue = Catalogue(ids, texts, index)
 
-    train, train_rows = _read_behaviors(folder / "train" / "behaviors.tsv", index)
-    dev, _ = _read_behaviors(folder / "dev" / "behaviors.tsv", index)
+    train, train_rows, _ = _read_behaviors(folder / "train" / "behaviors.tsv", index)
+    dev_keys = [] if keep_ids else None
+    dev, _, _ = _read_behaviors(folder / "dev" / "behaviors.tsv", index, dev_keys)
+    keys = {}
     if has_test:
-        valid, test = dev, _read_behaviors(test_behaviors, index)[0]
+        test_keys = [] if keep_ids else None
+        valid, test = dev, _read_behaviors(test_behaviors, index, test_keys)[0]
+        if keep_ids:
+            keys = {"valid": dev_keys, "test": test_keys}
     else:
         order = list(range(len(dev)))
         random.Random(seed).shuffle(order)
         n_valid = (len(dev) + 1) // 2
-        valid = [dev[i] for i in sorted(order[:n_valid])]
-        test = [dev[i] for i in sorted(order[n_valid:])]
+        halves = {"valid": sorted(order[:n_valid]), "test": sorted(order[n_valid:])}
+        valid = [dev[i] for i in halves["valid"]]
+        test = [dev[i] for i in halves["test"]]
+        if keep_ids:
+            keys = {split: [dev_keys[i] for i in rows] for split, rows in halves.items()}
     cold_items = torch.ones(len(catalogue), dtype=torch.bool)
     cold_items[train_rows] = False
-    return NewsData(catalogue, train, valid, test, cold_items)
+    return NewsData(catalogue, train, valid, test, cold_items, keys)
+
+
+def read_split(folder: str | os.PathLike, use_abstract: bool = False) -> NewsSplit:
+    """Read one MIND split folder (``news.tsv``, ``behaviors.tsv``) to score it: every news its
+    behaviors mention must be in its news.tsv; candidates may lack labels (the test layout)."""
+    folder = Path(folder)
+    catalogue = read_news(folder / "news.tsv", use_abstract)
+    keys: list[tuple[str, str]] = []
+    impressions, _, labeled = _read_behaviors(
+        folder / "behaviors.tsv", catalogue.index, keys, unlabeled_ok=True
+    )
+    return NewsSplit(catalogue, impressions, keys, labeled)

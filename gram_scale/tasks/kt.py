@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from gram_scale.data.batches import Batch, epoch_order, gather
+from gram_scale.data.kt import Sequence
 from gram_scale.exchange import Comm, my_share
 from gram_scale.metrics import accuracy, auc
 from gram_scale.tasks.base import Lookup
@@ -128,29 +129,46 @@ class KTTask:
             return f"every answer in the {split} split is {'correct' if answers[0] else 'wrong'}"
         return None
 
-    def evaluate(self, split: str, lookup: Lookup, comm: Comm) -> dict[str, float]:
-        """AUC, accuracy and cold-start AUC on a split. Each rank scores its share of the
-        sequences with the item vectors ``lookup`` fetches; the metrics come from every rank's
-        (label, probability) pairs gathered, so they equal one process's."""
+    @torch.no_grad()
+    def predict(self, windows: list[Sequence], lookup: Lookup) -> list[torch.Tensor]:
+        """P(correct) at each position of each window (float64), in evaluation batches, from
+        the item vectors ``lookup`` fetches (a collective: every rank calls it, with or without
+        windows). A position's probability depends on the window's earlier positions only."""
         was_training = self.model.training
         self.model.eval()
-        windows = self.split_windows[split]
-        share = my_share(comm, len(windows))
-        mine = windows[share.start : share.stop]
-        items = torch.unique(torch.cat([w[0] for w in mine])) if mine else torch.zeros(0).long()
-        rows = lookup(items)  # every rank calls it, with or without sequences to score
-        pairs = []
-        cold_items = self.data.cold_items
-        for start in range(0, len(mine), self.opts.eval_batch_size):
-            batch = _collate(mine[start : start + self.opts.eval_batch_size])
+        items = (
+            torch.unique(torch.cat([w[0] for w in windows])) if windows else torch.zeros(0).long()
+        )
+        rows = lookup(items)
+        out = []
+        for start in range(0, len(windows), self.opts.eval_batch_size):
+            chunk = windows[start : start + self.opts.eval_batch_size]
+            batch = _collate(chunk)
             mask = batch.items >= 0
             index = torch.where(mask, torch.searchsorted(items, batch.items), len(items))
             vecs = gather(rows, index)
             correct = batch.fields["correct"].to(vecs.device)
             p = torch.sigmoid(self.model(vecs, correct)).double().cpu()
-            y, c = batch.fields["correct"][mask], cold_items[batch.items[mask]]
-            pairs.append(torch.stack([y.double(), p[mask], c.double()], 1))
+            out.extend(p[i, : len(w[0])] for i, w in enumerate(chunk))
         self.model.train(was_training)
+        return out
+
+    def evaluate(self, split: str, lookup: Lookup, comm: Comm) -> dict[str, float]:
+        """AUC, accuracy and cold-start AUC on a split. Each rank scores its share of the
+        sequences with the item vectors ``lookup`` fetches; the metrics come from every rank's
+        (label, probability) pairs gathered, so they equal one process's."""
+        windows = self.split_windows[split]
+        share = my_share(comm, len(windows))
+        mine = windows[share.start : share.stop]
+        return self.metrics(mine, self.predict(mine, lookup), comm)
+
+    def metrics(self, windows: list[Sequence], probs: list[torch.Tensor], comm: Comm) -> dict:
+        """The metrics of ``evaluate`` from each rank's windows and their ``predict`` output."""
+        cold_items = self.data.cold_items
+        pairs = [
+            torch.stack([correct.double(), p, cold_items[items].double()], 1)
+            for (items, correct), p in zip(windows, probs)
+        ]
         local = torch.cat(pairs) if pairs else torch.zeros(0, 3, dtype=torch.double)
         every = comm.gather_rows(local)
         if not len(every):

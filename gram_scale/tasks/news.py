@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from gram_scale.data.batches import Batch, gather
+from gram_scale.data.mind import Impression
 from gram_scale.errors import InputError
 from gram_scale.exchange import Comm, my_share
 from gram_scale.metrics import impression_rows, mean_rows
@@ -145,36 +146,60 @@ class NewsTask:
             return f"no impressions with both a click and a non-click in the {split} split"
         return None
 
+    def histories(self, imps: list[Impression]) -> torch.Tensor:
+        """Each impression's latest ``--history-len`` clicks as item rows [N, H], -1 = padding."""
+        h = self.opts.history_len
+        if not imps:
+            return torch.zeros(0, h, dtype=torch.long)
+        return torch.stack([_history(imp.history, h) for imp in imps])
+
     @torch.no_grad()
+    def user_vectors(self, hist: torch.Tensor, items: torch.Tensor, rows: torch.Tensor):
+        """User vectors [N, d] of histories [N, H] (item rows, -1 = padding) in evaluation
+        batches, given the vectors ``rows`` of the sorted unique item rows ``items``."""
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        for start in range(0, len(hist), self.opts.eval_batch_size):
+            part = hist[start : start + self.opts.eval_batch_size]
+            index = torch.where(part >= 0, torch.searchsorted(items, part), len(items))
+            out.append(self.model(gather(rows, index), (part >= 0).to(rows.device)))
+        self.model.train(was_training)
+        return torch.cat(out) if out else rows.new_zeros(0, rows.shape[1])
+
+    @torch.no_grad()
+    def predict(self, imps: list[Impression], lookup: Lookup) -> list[torch.Tensor]:
+        """Each impression's candidate scores (float32, candidate order), the user vector of its
+        history dotted with each candidate's vector, from the item vectors ``lookup`` fetches
+        (a collective: every rank calls it, with or without impressions)."""
+        hists = self.histories(imps)
+        used = [x for imp, hist in zip(imps, hists) for x in (hist[hist >= 0], imp.candidates)]
+        items = torch.unique(torch.cat(used)) if used else torch.zeros(0, dtype=torch.long)
+        rows = lookup(items)
+        users = self.user_vectors(hists, items, rows)
+        return [
+            (rows[torch.searchsorted(items, imp.candidates).to(rows.device)] @ u).float().cpu()
+            for imp, u in zip(imps, users)
+        ]
+
     def evaluate(self, split: str, lookup: Lookup, comm: Comm) -> dict[str, float]:
         """AUC, MRR, nDCG@5 and nDCG@10 per impression, averaged. Each rank scores its share of
         the impressions with the item vectors ``lookup`` fetches; the per-impression values of
         every rank are gathered and averaged, so the metrics equal one process's."""
-        was_training = self.model.training
-        self.model.eval()
         imps = getattr(self.data, split)
         share = my_share(comm, len(imps))
         mine = imps[share.start : share.stop]
-        h = self.opts.history_len
-        hists = [_history(imp.history, h) for imp in mine]
-        used = [x for imp, hist in zip(mine, hists) for x in (hist[hist >= 0], imp.candidates)]
-        items = torch.unique(torch.cat(used)) if used else torch.zeros(0, dtype=torch.long)
-        rows = lookup(items)  # every rank calls it, with or without impressions to score
+        return self.metrics(mine, self.predict(mine, lookup), comm)
+
+    def metrics(self, imps: list[Impression], scores: list[torch.Tensor], comm: Comm) -> dict:
+        """The metrics of ``evaluate`` from each rank's impressions and their ``predict`` scores."""
         scored, cold = [], []
         cold_items = self.data.cold_items
-        for start in range(0, len(mine), self.opts.eval_batch_size):
-            chunk = mine[start : start + self.opts.eval_batch_size]
-            hist = torch.stack(hists[start : start + len(chunk)])
-            index = torch.where(hist >= 0, torch.searchsorted(items, hist), len(items))
-            user = self.model(gather(rows, index), (hist >= 0).to(rows.device))
-            for imp, u in zip(chunk, user):
-                at = torch.searchsorted(items, imp.candidates).to(rows.device)
-                s = (rows[at] @ u).float().cpu()
-                scored.append((imp.labels, s))
-                c = cold_items[imp.candidates]
-                if c.any():
-                    cold.append((imp.labels[c], s[c]))
-        self.model.train(was_training)
+        for imp, s in zip(imps, scores):
+            scored.append((imp.labels, s))
+            c = cold_items[imp.candidates]
+            if c.any():
+                cold.append((imp.labels[c], s[c]))
         out = mean_rows(comm.gather_rows(impression_rows(scored)))
         out["cold_auc"] = mean_rows(comm.gather_rows(impression_rows(cold)))["auc"]
         return out
