@@ -1,0 +1,346 @@
+"""Score data with a finished run: ``python -m gram_scale.predict --run RUN --data DATA --out OUT``.
+
+The run's exported encoder encodes every item of the data once; its CF model then scores with
+the trainer's own evaluation code (``Task.predict`` and ``Task.metrics``), so a run's own valid
+or test split (``--split``) gives back the metrics the run wrote.
+
+- news: a MIND split folder (``behaviors.tsv``, ``news.tsv``), labelled or in the test layout
+  (bare candidate ids) -> ``prediction.txt`` in the leaderboard format and ``prediction.zip``;
+  with labels also ``metrics.json``. ``--topk K`` adds each user's top K news of the catalogue.
+- kt: a folder with ``items.csv`` and ``interactions.csv`` (or an interactions file and
+  ``--items``) -> ``predictions.csv``, one probability per interaction, and ``metrics.json``.
+
+One process: no sharding over ranks.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+from gram_scale.config import OneLineParser
+from gram_scale.errors import InputError, run_command
+
+PREDICTION_FILE = "prediction.txt"
+PREDICTION_ZIP = "prediction.zip"
+PREDICTIONS_CSV = "predictions.csv"
+TOPK_FILE = "topk.tsv"
+METRICS_FILE = "metrics.json"
+SPLITS = ("valid", "test")
+
+
+def _layout(path: Path) -> str | None:
+    """What a data path holds: ``kt`` (items.csv / interactions.csv, or a CSV file),
+    ``mind`` (a training folder: train/, dev/), ``mind-split`` (behaviors.tsv, or that file)."""
+    if path.is_file():
+        return {".csv": "kt", ".tsv": "mind-split"}.get(path.suffix.lower())
+    if (path / "behaviors.tsv").exists():
+        return "mind-split"
+    if (path / "train" / "behaviors.tsv").exists() or (path / "dev").is_dir():
+        return "mind"
+    if (path / "interactions.csv").exists() or (path / "items.csv").exists():
+        return "kt"
+    return None
+
+
+_KINDS = {"kt": "knowledge-tracing data", "mind": "MIND news data", "mind-split": "MIND news data"}
+_WANTED = {
+    "kt": "a folder with items.csv and interactions.csv, or an interactions CSV file",
+    "news": "a MIND split folder with behaviors.tsv and news.tsv (or a MIND data folder with "
+    "train/ and dev/ and --split valid|test)",
+}
+
+
+def _data_path(run, data: str | None, split: str | None) -> tuple[Path, str]:
+    """The data path to score and its layout, checked against the run's task."""
+    if data is None:
+        if split is None:
+            raise InputError("--data", None, "missing: give the data to score, or --split "
+                             "valid|test to score the run's own split")  # fmt: skip
+        from gram_scale.data.load import default_data_dir
+
+        path = Path(run.opts.data) if run.opts.data else default_data_dir(run.opts)
+    else:
+        path = Path(data)
+    if not path.exists():
+        raise InputError(path, None, "data not found")
+    layout = _layout(path)
+    task = run.task
+    if layout is None:
+        raise InputError(path, None, f"no data of a {task} run here (expected {_WANTED[task]})")
+    if (task == "kt") != (layout == "kt"):
+        raise InputError(path, None, f"is {_KINDS[layout]}, but {run.folder} is a {task} run "
+                         f"(it scores {_WANTED[task]})")  # fmt: skip
+    if split is not None and (layout == "mind-split" or path.is_file()):
+        raise InputError("--split", None, f"picks a split of the run's training data folder; "
+                         f"{path} is already the data to score (drop --split)")  # fmt: skip
+    if split is None and layout == "mind":
+        raise InputError(path, None, "is a MIND training data folder (train/, dev/): add --split "
+                         "valid|test, or give a split folder with behaviors.tsv and news.tsv")  # fmt: skip
+    return path, layout
+
+
+def _fmt(metrics: dict) -> str:
+    if "skipped" in metrics:
+        return f"skipped: {metrics['skipped']}"
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in metrics.items())  # fmt: skip
+
+
+def _measured(task, split: str, samples: list, predictions: list, standalone: bool, comm):
+    """The trainer's metrics of a split, or ``{"skipped": why}``; without the run's training
+    data no item counts as cold, so the cold-start AUC is left out."""
+    reason = task.unscorable(split)
+    if reason is not None:
+        return {"skipped": reason}
+    metrics = task.metrics(samples, predictions, comm)
+    if standalone:
+        metrics.pop("cold_auc", None)
+    return metrics
+
+
+def ranks(scores: torch.Tensor) -> list[int]:
+    """Each candidate's rank by score, 1 = highest (ties: the earlier candidate first)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    out = torch.empty_like(order)
+    out[order] = torch.arange(1, len(order) + 1)
+    return out.tolist()
+
+
+def top_k(users: torch.Tensor, vectors: torch.Tensor, exclude: torch.Tensor, k: int,
+          chunk: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Each user's ``k`` best catalogue rows by ``users @ vectors.T``, best first, leaving out
+    the rows in ``exclude`` [U, H] (-1 = none); streamed over ``chunk`` catalogue rows at a time,
+    so memory holds U x (k + chunk) scores, never U x catalogue. ``(scores, rows)``, [U, k'] with
+    k' = min(k, catalogue); a score of -inf marks a slot with no item left to fill it."""
+    n_users = len(users)
+    best = users.new_zeros(n_users, 0)
+    best_rows = torch.zeros(n_users, 0, dtype=torch.long, device=users.device)
+    exclude = exclude.to(users.device)
+    for start in range(0, len(vectors), chunk):
+        part = vectors[start : start + chunk]
+        s = users @ part.T
+        hit = (exclude >= start) & (exclude < start + len(part))
+        who, which = hit.nonzero(as_tuple=True)
+        s[who, exclude[who, which] - start] = -math.inf
+        rows = torch.arange(start, start + len(part), device=users.device).expand(n_users, -1)
+        s, rows = torch.cat([best, s], 1), torch.cat([best_rows, rows], 1)
+        best, at = s.topk(min(k, s.shape[1]), dim=1)
+        best_rows = rows.gather(1, at)
+    return best, best_rows
+
+
+def _user_topk(task, impressions: list, keys: list, vectors: torch.Tensor, k: int, chunk: int):
+    """(user id, rows, scores) per user, first-seen order, from the user's last impression's
+    history; users go through the CF model ``--eval-batch-size`` at a time."""
+    last = {user: i for i, (_, user) in enumerate(keys)}
+    users = list(last)
+    items = torch.arange(len(vectors))
+    step = task.opts.eval_batch_size
+    for start in range(0, len(users), step):
+        names = users[start : start + step]
+        hist = task.histories([impressions[last[u]] for u in names])
+        s, rows = top_k(task.user_vectors(hist, items, vectors), vectors, hist, k, chunk)
+        for name, row_s, row_i in zip(names, s.cpu(), rows.cpu()):
+            keep = torch.isfinite(row_s)
+            yield name, row_i[keep].tolist(), row_s[keep].tolist()
+
+
+def _write_news(folder: Path, data, split: str, scores: list, keys: list, topk, task, vectors,
+                chunk: int, metrics: dict | None) -> None:  # fmt: skip
+    from gram_scale.export import write_json
+
+    text = folder / PREDICTION_FILE
+    with open(text, "w", encoding="utf-8") as f:
+        for (impression, _), s in zip(keys, scores):
+            f.write(f"{impression} [{','.join(map(str, ranks(s)))}]\n")
+    with zipfile.ZipFile(folder / PREDICTION_ZIP, "w", zipfile.ZIP_DEFLATED) as z:
+        z.write(text, PREDICTION_FILE)
+    if topk:
+        ids = data.catalogue.ids
+        with open(folder / TOPK_FILE, "w", encoding="utf-8") as f:
+            imps = getattr(data, split)
+            for user, rows, s in _user_topk(task, imps, keys, vectors, topk, chunk):
+                f.write(f"{user}\t{' '.join(ids[r] for r in rows)}\t"
+                        f"{' '.join(f'{v:.6g}' for v in s)}\n")  # fmt: skip
+    if metrics is not None:
+        write_json(folder / METRICS_FILE, metrics)
+
+
+def _news(run, path: Path, split: str | None, topk: int, chunk: int):
+    """(files writer, metrics record or None) for a news run."""
+    from gram_scale.exchange import Comm
+    from gram_scale.inference import empty_data
+
+    if split is not None:
+        from gram_scale.data.mind import load_mind
+
+        data = load_mind(path, use_abstract=run.opts.use_abstract, seed=run.opts.seed,
+                         keep_ids=True)  # fmt: skip
+        keys, labeled, name = data.keys[split], True, split
+    else:
+        from gram_scale.data.mind import read_split
+
+        folder = path.parent if path.is_file() else path
+        if path.is_file() and path.name != "behaviors.tsv":
+            raise InputError(path, None, "expected a MIND behaviors.tsv (with news.tsv beside it)")
+        part = read_split(folder, use_abstract=run.opts.use_abstract)
+        data = empty_data("news", part.catalogue, part.impressions)
+        keys, labeled, split, name = part.keys, part.labeled, "test", "data"
+    task = run.task_for(data)
+    vectors = run.catalogue_vectors(data.catalogue.texts)
+    impressions = getattr(data, split)
+    scores = task.predict(impressions, vectors.lookup)
+    metrics = None
+    if labeled:
+        comm = Comm(device=run.device)
+        metrics = _measured(task, split, impressions, scores, name == "data", comm)
+    record = None if metrics is None else _record(run, path, name, metrics)
+
+    def write(folder: Path) -> None:
+        _write_news(folder, data, split, scores, keys, topk, task, vectors.vectors, chunk, record)
+
+    return write, name, metrics
+
+
+def _kt(run, path: Path, split: str | None, items: str | None):
+    """(files writer, metrics record) for a KT run."""
+    from gram_scale.exchange import Comm
+    from gram_scale.inference import empty_data
+
+    if split is not None:
+        from gram_scale.data.kt import load_kt
+
+        o = run.opts
+        data = load_kt(path, seed=o.seed, valid_frac=o.valid_frac, test_frac=o.test_frac,
+                       cold_frac=o.cold_frac, keep_ids=True)  # fmt: skip
+        users, name = data.users[split], split
+    else:
+        from gram_scale.data.kt import read_interactions, read_items
+
+        interactions = path if path.is_file() else path / "interactions.csv"
+        items_file = Path(items) if items else interactions.parent / "items.csv"
+        catalogue = read_items(items_file)
+        log = read_interactions(interactions, catalogue)
+        data = empty_data("kt", catalogue, log.sequences)
+        users, split, name = list(zip(log.users, log.lines)), "test", "data"
+    task = run.task_for(data)
+    vectors = run.catalogue_vectors(data.catalogue.texts)
+    windows = task.split_windows[split]
+    probs = task.predict(windows, vectors.lookup)
+    comm = Comm(device=run.device)
+    metrics = _measured(task, split, windows, probs, name == "data", comm)
+    record = _record(run, path, name, metrics)
+    sequences = getattr(data, split)
+
+    def write(folder: Path) -> None:
+        from gram_scale.export import write_json
+
+        # windows cut each user's sequence in order, users one after another
+        p = torch.cat(probs).tolist() if probs else []
+        lines = torch.cat([at for _, at in users]) if users else torch.zeros(0, dtype=torch.long)
+        rows, at = [], 0
+        ids = data.catalogue.ids
+        for (user, _), (item_rows, correct) in zip(users, sequences):
+            for item, answer in zip(item_rows.tolist(), correct.tolist()):
+                rows.append((user, ids[item], answer, p[at]))
+                at += 1
+        with open(folder / PREDICTIONS_CSV, "w", encoding="utf-8", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["line", "user_id", "item_id", "correct", "probability"])
+            for i in torch.argsort(lines, stable=True).tolist():  # the input file's order
+                user, item, answer, prob = rows[i]
+                out.writerow([int(lines[i]), user, item, answer, f"{prob:.8g}"])
+        write_json(folder / METRICS_FILE, record)
+
+    return write, name, metrics
+
+
+def _record(run, path: Path, name: str, metrics: dict) -> dict:
+    """metrics.json of a prediction: the metrics and what they are of."""
+    return {"run": str(run.folder), "data": str(path), "split": name,
+            "best_step": run.metrics.get("best_step"), "metrics": metrics}  # fmt: skip
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output folder the predictions could not be written to; creates nothing (it is
+    made once everything has been read and scored)."""
+    if out.exists() and not out.is_dir():
+        raise InputError("--out", None, f"{out} is a file, not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError("--out", None, f"{out} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise InputError("--out", None, f"{out} is not writable ({existing})")
+
+
+def predict(run_dir: str | os.PathLike, out: str | os.PathLike, data: str | None = None,
+            split: str | None = None, topk: int = 0, chunk: int = 16384,
+            items: str | None = None, device: str | None = None) -> dict | None:  # fmt: skip
+    """Score ``data`` (or the run's own ``split``) with the run in ``run_dir``, write the
+    predictions into ``out``; returns the metrics (None for unlabelled news)."""
+    from gram_scale.export import publish
+    from gram_scale.inference import check_run_folder, load_run
+
+    check_run_folder(Path(run_dir))
+    if split is not None and split not in SPLITS:
+        raise InputError("--split", None, f"must be one of {', '.join(SPLITS)}, got {split!r}")
+    if topk < 0 or chunk < 1:
+        raise InputError("--topk" if topk < 0 else "--chunk", None, "must be positive")
+    out = Path(out)
+    _check_out(out)
+    run = load_run(run_dir, device)
+    if topk and run.task != "news":
+        raise InputError("--topk", None, f"ranks news; {run.folder} is a {run.task} run")
+    if items and run.task != "kt":
+        raise InputError("--items", None, f"is for kt runs; {run.folder} is a {run.task} run")
+    path, _ = _data_path(run, data, split)
+    if run.task == "news":
+        write, name, metrics = _news(run, path, split, topk, chunk)
+    else:
+        write, name, metrics = _kt(run, path, split, items)
+    publish(out, write)
+    if metrics is not None:
+        print(f"{name} " + _fmt(metrics), flush=True)
+    print(f"wrote {out}", flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m gram_scale.predict`` and ``gram-predict``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = OneLineParser(prog="gram-predict", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a finished run's output folder")
+    parser.add_argument("--data", help="what to score: news, a MIND split folder (behaviors.tsv, "
+                        "news.tsv); kt, a folder with items.csv and interactions.csv or an "
+                        "interactions CSV (default with --split: the run's data)")  # fmt: skip
+    parser.add_argument("--out", required=True, help="folder for the predictions")
+    parser.add_argument("--split", choices=SPLITS, help="score the run's own valid or test split "
+                        "of its training data folder (the run's seed and fractions)")  # fmt: skip
+    parser.add_argument("--items", help="kt: the items.csv of an interactions file (default: "
+                        "items.csv beside it)")  # fmt: skip
+    parser.add_argument("--topk", type=int, default=0, help="news: also write each user's K best "
+                        "news of the catalogue, clicked ones left out (topk.tsv)")  # fmt: skip
+    parser.add_argument("--chunk", type=int, default=16384, help="--topk: catalogue items per "
+                        "matrix product (bounds its memory)")  # fmt: skip
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU when there is "
+                        "one)")  # fmt: skip
+
+    def body() -> None:
+        a = parser.parse_args(argv)
+        predict(a.run, a.out, a.data, a.split, a.topk, a.chunk, a.items, a.device)
+
+    return run_command(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
