@@ -64,6 +64,20 @@ def check_output_dir(opts) -> None:
                          f"{out} holds an earlier run ({', '.join(earlier)}); add {how}")  # fmt: skip
 
 
+def check_writable(folder: str | Path, flag: str) -> None:
+    """Refuse a folder that is a file or could not be created or written; creates nothing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(flag, None, f"{folder} is a file, not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(flag, None, f"{folder} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise InputError(flag, None, f"{folder} is not writable ({existing})")
+
+
 def clear_output_dir(output_dir: str | Path) -> None:
     """Remove an earlier run's outputs (``RUN_ENTRIES`` and unfinished exports)."""
     out = Path(output_dir)

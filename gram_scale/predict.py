@@ -268,26 +268,12 @@ def _record(run, path: Path, name: str, metrics: dict) -> dict:
             "best_step": run.metrics.get("best_step"), "metrics": metrics}  # fmt: skip
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an output folder the predictions could not be written to; creates nothing (it is
-    made once everything has been read and scored)."""
-    if out.exists() and not out.is_dir():
-        raise InputError("--out", None, f"{out} is a file, not a folder")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError("--out", None, f"{out} cannot be created: {existing} is a file")
-    if not os.access(existing, os.W_OK):
-        raise InputError("--out", None, f"{out} is not writable ({existing})")
-
-
 def predict(run_dir: str | os.PathLike, out: str | os.PathLike, data: str | None = None,
             split: str | None = None, topk: int = 0, chunk: int = 16384,
             items: str | None = None, device: str | None = None) -> dict | None:  # fmt: skip
     """Score ``data`` (or the run's own ``split``) with the run in ``run_dir``, write the
     predictions into ``out``; returns the metrics (None for unlabelled news)."""
-    from gram_scale.export import publish
+    from gram_scale.export import check_writable, publish
     from gram_scale.inference import check_run_folder, load_run
 
     check_run_folder(Path(run_dir))
@@ -296,7 +282,7 @@ def predict(run_dir: str | os.PathLike, out: str | os.PathLike, data: str | None
     if topk < 0 or chunk < 1:
         raise InputError("--topk" if topk < 0 else "--chunk", None, "must be positive")
     out = Path(out)
-    _check_out(out)
+    check_writable(out, "--out")
     run = load_run(run_dir, device)
     if topk and run.task != "news":
         raise InputError("--topk", None, f"ranks news; {run.folder} is a {run.task} run")

@@ -368,3 +368,64 @@ def test_command_line_exit_code(tmp_path):
         f"error: {tmp_path}: not a finished gram-scale run (no options.json; a run writes it "
         "with its exports when it ends)"
     ]
+
+
+# ---- embed -----------------------------------------------------------------------------------
+def read_vectors(path: Path) -> tuple[list[str], torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["ids"]), f.get_tensor("vectors")
+
+
+def test_embed_training_items_equals_exported_vectors(kt_run, news_run, kt_dir, news_dir,
+                                                      tmp_path):  # fmt: skip
+    """The export's item-vector format, and the vectors the run exported (the best model's for
+    the --save-best KT run), from an items.csv and from a news.tsv."""
+    from gram_scale.embed import main as embed_main
+
+    out = tmp_path / "new" / "kt.safetensors"
+    assert embed_main(["--run", str(kt_run), "--items", str(kt_dir / "items.csv"),
+                       "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    ids, vectors = read_vectors(out)
+    want_ids, want = read_vectors(kt_run / "item_vectors.safetensors")
+    assert ids == want_ids and vectors.dtype == want.dtype
+    assert float((vectors - want).abs().max()) < 1e-5
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+    out = tmp_path / "news.safetensors"
+    assert embed_main(["--run", str(news_run), "--items", str(news_dir / "train" / "news.tsv"),
+                       "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    ids, vectors = read_vectors(out)
+    all_ids, exported = read_vectors(news_run / "item_vectors.safetensors")
+    at = {item: i for i, item in enumerate(all_ids)}
+    assert len(ids) < len(all_ids)  # dev-only news are in the export, not in train/news.tsv
+    assert float((vectors - exported[[at[i] for i in ids]]).abs().max()) < 1e-5
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_embed_mistakes(capsys, kt_run, kt_dir, tmp_path):
+    from gram_scale.embed import main as embed_main
+
+    def one_line(*argv) -> str:
+        assert embed_main(list(map(str, argv))) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        return err[0]
+
+    (tmp_path / "empty.csv").write_text("")
+    line = one_line("--run", kt_run, "--items", tmp_path / "empty.csv", "--out", tmp_path / "v")
+    assert f"{tmp_path / 'empty.csv'}:1: empty file (no header)" in line
+    (tmp_path / "items.txt").write_text("a,b\n")
+    line = one_line("--run", kt_run, "--items", tmp_path / "items.txt", "--out", tmp_path / "v")
+    assert "expected a KT items.csv (item_id,text) or a MIND news.tsv" in line
+    line = one_line("--run", kt_dir, "--items", kt_dir / "items.csv", "--out", tmp_path / "v")
+    assert "not a finished gram-scale run" in line
+    line = one_line("--run", kt_run, "--items", kt_dir / "items.csv", "--out", tmp_path)
+    assert "is a folder; name the file to write" in line
+    assert not (tmp_path / "v").exists()
