@@ -429,3 +429,52 @@ def test_embed_mistakes(capsys, kt_run, kt_dir, tmp_path):
     line = one_line("--run", kt_run, "--items", kt_dir / "items.csv", "--out", tmp_path)
     assert "is a folder; name the file to write" in line
     assert not (tmp_path / "v").exists()
+
+
+# ---- plot ------------------------------------------------------------------------------------
+def test_plot_draws_a_run(kt_run, tmp_path):
+    """A real run: the PNG, its valid points (--eval-every's and the final one) and the
+    exported best's step."""
+    from gram_scale.plot import main as plot_main
+    from gram_scale.plot import series
+
+    out = tmp_path / "plots" / "kt.png"
+    assert plot_main([str(kt_run), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    s = series(kt_run)
+    assert [x for x, _ in s["valid"]["auc"]] == [2, 4] and s["valid"]["auc"][0][1] == BEST_AUC
+    assert s["best_step"] == 2 and s["updates"] == [1, 2, 3, 4] and len(s["loss"]) == 4
+
+
+def test_plot_marks_window_ends(tmp_path):
+    """A Multi-step history written by hand: the encoder moved at the window ends only; a torn
+    last line (a killed run) is skipped; the default PNG lands in the run folder."""
+    from gram_scale.plot import main as plot_main
+    from gram_scale.plot import series
+
+    lines = [json.dumps({"step": i, "loss": 1.0 / (i + 1), "encoder_updated": i in (2, 5),
+                         "lr_encoder": 1e-4, "lr_cf": 1e-3,
+                         **({"valid": {"auc": 0.6, "interactions": 9}} if i == 3 else {})})
+             for i in range(7)]  # fmt: skip
+    (tmp_path / "history.jsonl").write_text("\n".join(lines) + '\n{"step": 7, "lo')
+    (tmp_path / "options.json").write_text(json.dumps({"strategy": "multi", "task": "kt"}))
+    s = series(tmp_path)
+    assert s["updates"] == [3, 6] and s["steps"] == 7 and s["valid"] == {"auc": [(4, 0.6)]}
+    assert plot_main([str(tmp_path)]) == 0
+    assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_mistakes(capsys, monkeypatch, tmp_path):
+    from gram_scale.plot import main as plot_main
+
+    def one_line(*argv) -> str:
+        assert plot_main(list(map(str, argv))) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        return err[0]
+
+    assert "no history.jsonl" in one_line(tmp_path)
+    (tmp_path / "history.jsonl").write_text("")
+    assert "no step records" in one_line(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert "gram_scale.plot needs matplotlib: pip install matplotlib" in one_line(tmp_path)
