@@ -209,8 +209,30 @@ def _news(run, path: Path, split: str | None, topk: int, chunk: int):
     return write, name, metrics
 
 
+def unknown_windows(sequences: list, seq_len: int) -> tuple[list, list[tuple[int, int]]]:
+    """For each interaction whose answer is unknown (-1): a window of the user's known answers
+    before it, cut where the trainer's windows of ``seq_len`` would cut them, then the
+    interaction itself, whose probability is that window's last. Unknown answers are never read
+    as input, so each is scored as the next question after the known ones before it.
+    ``(windows, (user, position) of each)``."""
+    windows, where = [], []
+    for u, (items, correct) in enumerate(sequences):
+        known = correct >= 0
+        if bool(known.all()):
+            continue
+        known_items, known_correct = items[known], correct[known]
+        before = torch.cumsum(known.long(), 0) - known.long()  # known answers before each
+        for t in (~known).nonzero().flatten().tolist():
+            k = int(before[t])
+            start = k - k % seq_len
+            windows.append((torch.cat([known_items[start:k], items[t : t + 1]]),
+                            torch.cat([known_correct[start:k], torch.zeros(1, dtype=torch.long)])))  # fmt: skip
+            where.append((u, t))
+    return windows, where
+
+
 def _kt(run, path: Path, split: str | None, items: str | None):
-    """(files writer, metrics record) for a KT run."""
+    """(files writer, split name, metrics or None) for a KT run."""
     from gram_scale.exchange import Comm
     from gram_scale.inference import empty_data
 
@@ -220,7 +242,7 @@ def _kt(run, path: Path, split: str | None, items: str | None):
         o = run.opts
         data = load_kt(path, seed=o.seed, valid_frac=o.valid_frac, test_frac=o.test_frac,
                        cold_frac=o.cold_frac, keep_ids=True)  # fmt: skip
-        users, name = data.users[split], split
+        users, sequences, name = data.users[split], getattr(data, split), split
     else:
         from gram_scale.data.kt import read_interactions, read_items
 
@@ -228,36 +250,51 @@ def _kt(run, path: Path, split: str | None, items: str | None):
         items_file = Path(items) if items else interactions.parent / "items.csv"
         catalogue = read_items(items_file)
         log = read_interactions(interactions, catalogue)
-        data = empty_data("kt", catalogue, log.sequences)
-        users, split, name = list(zip(log.users, log.lines)), "test", "data"
+        known = [(i[c >= 0], c[c >= 0]) for i, c in log.sequences]  # what the metrics can use
+        data = empty_data("kt", catalogue, known)
+        users, sequences = list(zip(log.users, log.lines)), log.sequences
+        split, name = "test", "data"
     task = run.task_for(data)
     vectors = run.catalogue_vectors(data.catalogue.texts)
-    windows = task.split_windows[split]
+    windows = task.split_windows[split]  # the known answers, cut as the trainer cuts them
     probs = task.predict(windows, vectors.lookup)
-    comm = Comm(device=run.device)
-    metrics = _measured(task, split, windows, probs, name == "data", comm)
-    record = _record(run, path, name, metrics)
-    sequences = getattr(data, split)
+    asks, where = unknown_windows(sequences, run.opts.seq_len)
+    asked = task.predict(asks, vectors.lookup) if asks else []
+    metrics = None
+    if windows:  # some answers are known
+        comm = Comm(device=run.device)
+        metrics = _measured(task, split, windows, probs, name == "data", comm)
+
+    # each user's probabilities in time order: windows cut the known answers of each user in
+    # order, users one after another; an unknown answer's comes from its own window
+    counts = [int((c >= 0).sum()) for _, c in sequences]
+    flat = torch.cat(probs) if probs else torch.zeros(0, dtype=torch.double)
+    per_user = []
+    for (_, correct), p in zip(sequences, flat.split(counts)):
+        full = torch.full((len(correct),), math.nan, dtype=torch.double)
+        full[correct >= 0] = p
+        per_user.append(full)
+    for (u, t), p in zip(where, asked):
+        per_user[u][t] = p[-1]
+    record = None if metrics is None else _record(run, path, name, metrics)
 
     def write(folder: Path) -> None:
         from gram_scale.export import write_json
 
-        # windows cut each user's sequence in order, users one after another
-        p = torch.cat(probs).tolist() if probs else []
-        lines = torch.cat([at for _, at in users]) if users else torch.zeros(0, dtype=torch.long)
-        rows, at = [], 0
+        lines = torch.cat([at for _, at in users])
+        p = torch.cat(per_user).tolist()
+        rows = []
         ids = data.catalogue.ids
         for (user, _), (item_rows, correct) in zip(users, sequences):
             for item, answer in zip(item_rows.tolist(), correct.tolist()):
-                rows.append((user, ids[item], answer, p[at]))
-                at += 1
+                rows.append((user, ids[item], "" if answer < 0 else answer))
         with open(folder / PREDICTIONS_CSV, "w", encoding="utf-8", newline="") as f:
             out = csv.writer(f)
             out.writerow(["line", "user_id", "item_id", "correct", "probability"])
             for i in torch.argsort(lines, stable=True).tolist():  # the input file's order
-                user, item, answer, prob = rows[i]
-                out.writerow([int(lines[i]), user, item, answer, f"{prob:.8g}"])
-        write_json(folder / METRICS_FILE, record)
+                out.writerow([int(lines[i]), *rows[i], f"{p[i]:.8g}"])
+        if record is not None:
+            write_json(folder / METRICS_FILE, record)
 
     return write, name, metrics
 

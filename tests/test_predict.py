@@ -141,6 +141,66 @@ def test_kt_predictions_csv_follows_the_input_file(kt_run, kt_dir, tmp_path):
     assert "cold_auc" not in got and 0 <= got["auc"] <= 1
 
 
+def read_probabilities(path: Path) -> dict[int, float]:
+    with open(path) as f:
+        return {int(r["line"]): float(r["probability"]) for r in csv.DictReader(f)}
+
+
+def test_kt_unknown_answers(kt_run, kt_dir, tmp_path):
+    """An empty ``correct`` is an answer not known yet: the interaction is scored as the next
+    question after the user's known answers before it (here the 25th of a user's, in the second
+    window of 20: the same probability as with its answer, which it never reads), the later
+    ones as if it were not in the file, and the metrics count only known answers."""
+    from gram_scale.data.kt import read_interactions, read_items
+
+    log = read_interactions(kt_dir / "interactions.csv", read_items(kt_dir / "items.csv"))
+    user = next(u for u, at in enumerate(log.lines) if len(at) >= 30)
+    blank, after = int(log.lines[user][24]), log.lines[user][25:].tolist()
+    rows = (kt_dir / "interactions.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    at = header.index("correct")
+    fields = rows[blank - 1].split(",")
+    fields[at] = ""
+    blanked = rows[: blank - 1] + [",".join(fields)] + rows[blank:]
+    dropped = rows[: blank - 1] + rows[blank:]
+    for name, text in (("blanked", blanked), ("dropped", dropped)):
+        (tmp_path / name).mkdir()
+        shutil.copy(kt_dir / "items.csv", tmp_path / name / "items.csv")
+        (tmp_path / name / "interactions.csv").write_text("\n".join(text) + "\n")
+
+    full = predict(kt_run, tmp_path / "p-full", data=str(kt_dir), device="cpu")
+    got = predict(kt_run, tmp_path / "p-blanked", data=str(tmp_path / "blanked"), device="cpu")
+    without = predict(kt_run, tmp_path / "p-dropped", data=str(tmp_path / "dropped"),
+                      device="cpu")  # fmt: skip
+    assert got == without and got["interactions"] == full["interactions"] - 1
+    p_full = read_probabilities(tmp_path / "p-full" / "predictions.csv")
+    p_blank = read_probabilities(tmp_path / "p-blanked" / "predictions.csv")
+    p_drop = read_probabilities(tmp_path / "p-dropped" / "predictions.csv")
+    assert len(p_blank) == len(p_full)
+    assert p_blank[blank] == pytest.approx(p_full[blank], abs=1e-6)
+    for line in after:  # read without the unknown answer, as if the row were not there
+        assert p_blank[line] == pytest.approx(p_drop[line - 1], abs=1e-6)
+    # and that differs from reading its answer
+    assert any(p_blank[line] != pytest.approx(p_full[line], abs=1e-4) for line in after)
+    with open(tmp_path / "p-blanked" / "predictions.csv") as f:
+        assert next(r for r in csv.DictReader(f) if int(r["line"]) == blank)["correct"] == ""
+
+    # no correct column at all: every interaction is a first question, no metrics
+    (tmp_path / "none").mkdir()
+    shutil.copy(kt_dir / "items.csv", tmp_path / "none" / "items.csv")
+    keep = [i for i, h in enumerate(header) if h != "correct"]
+    text = [",".join(r.split(",")[i] for i in keep) for r in rows]
+    (tmp_path / "none" / "interactions.csv").write_text("\n".join(text) + "\n")
+    assert predict(kt_run, tmp_path / "p-none", data=str(tmp_path / "none"), device="cpu") is None
+    assert not (tmp_path / "p-none" / "metrics.json").exists()
+    with open(tmp_path / "p-none" / "predictions.csv") as f:
+        by_item = {}
+        for r in csv.DictReader(f):
+            assert r["correct"] == ""
+            by_item.setdefault(r["item_id"], set()).add(r["probability"])
+    assert all(len(p) == 1 for p in by_item.values())  # no history: the item alone decides
+
+
 # ---- the MIND leaderboard file ----------------------------------------------------------------
 def test_prediction_txt_ranks_follow_scores(news_run, news_dir, tmp_path):
     """The test layout (no labels): prediction.txt and prediction.zip, no metrics; each

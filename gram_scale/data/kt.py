@@ -83,19 +83,27 @@ def _timestamp(path: Path, line: int, value: str) -> float:
 
 
 def read_interactions(path: str | os.PathLike, catalogue: Catalogue) -> InteractionLog:
-    """Read an interactions file against a catalogue, keeping user ids and file lines."""
-    users, sequences, lines = _read_sequences(path, catalogue, keep_lines=True)
+    """Read an interactions file to score it, keeping user ids and file lines; an empty
+    ``correct`` (or no such column) is an answer not known yet, read as -1."""
+    users, sequences, lines = _read_sequences(path, catalogue, keep_lines=True, unknown_ok=True)
     return InteractionLog(users, sequences, lines)
 
 
 def _read_sequences(
-    path: str | os.PathLike, catalogue: Catalogue, keep_lines: bool = False
+    path: str | os.PathLike,
+    catalogue: Catalogue,
+    keep_lines: bool = False,
+    unknown_ok: bool = False,
 ) -> tuple[list[str], list[Sequence], list[torch.Tensor] | None]:
     """Per user (first-appearance order): user id, item rows and correctness sorted by time,
-    and (``keep_lines``) the file line of each interaction in the same order."""
-    table = CsvTable(path, ("user_id", "item_id", "correct"), ("timestamp",))
+    and (``keep_lines``) the file line of each interaction in the same order. ``unknown_ok``:
+    ``correct`` may be empty or absent, read as -1."""
+    required, optional = ("user_id", "item_id", "correct"), ("timestamp",)
+    if unknown_ok:
+        required, optional = required[:2], (*optional, "correct")
+    table = CsvTable(path, required, optional)
     user_col, item_col = table.columns["user_id"], table.columns["item_id"]
-    correct_col = table.columns["correct"]
+    correct_col = table.columns.get("correct")
     time_col = table.columns.get("timestamp")
     users: dict[str, int] = {}
     # Compact arrays, not lists of tuples: interaction logs can hold tens of millions of rows.
@@ -112,10 +120,13 @@ def _read_sequences(
         item = index.get(item_id)
         if item is None:
             raise InputError(table.path, line, f"unknown item id {quote(item_id)}")
-        raw = row[correct_col]
+        raw = row[correct_col] if correct_col is not None else ""
         flag = _ZERO_ONE.get(raw)  # fast path; zero_one strips spaces and reports bad values
         if flag is None:
-            flag = zero_one(table.path, line, "correct", raw)
+            if unknown_ok and not raw.strip():
+                flag = -1
+            else:
+                flag = zero_one(table.path, line, "correct", raw)
         u = users.get(user)
         if u is None:
             u = users[user] = len(users)
