@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m gram_scale.embed``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = OneLineParser(prog="python -m gram_scale.embed", description=__doc__.splitlines()[0])
+    parser = OneLineParser(
+        prog="python -m gram_scale.embed",
+        description="Vectors of new items from a run's fine-tuned encoder.",
+    )
     parser.add_argument("--run", required=True, help="a finished run's output folder")
     parser.add_argument("--items", required=True, help="items.csv (item_id,text) or news.tsv")
     parser.add_argument("--out", required=True, help="the .safetensors file to write")

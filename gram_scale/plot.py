@@ -166,7 +166,9 @@ def plot(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m gram_scale.plot``."""
-    parser = OneLineParser(prog="python -m gram_scale.plot", description=__doc__.splitlines()[0])
+    parser = OneLineParser(
+        prog="python -m gram_scale.plot", description="Draw a run's history.jsonl as one PNG."
+    )
     parser.add_argument("run", metavar="RUN_DIR", help="a run's output folder")
     parser.add_argument("--out", help=f"the PNG to write (default: RUN_DIR/{PLOT_FILE})")
 

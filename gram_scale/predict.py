@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m gram_scale.predict`` and ``gram-predict``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = OneLineParser(prog="gram-predict", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="gram-predict", description="Score data with a finished run.")
     parser.add_argument("--run", required=True, help="a finished run's output folder")
     parser.add_argument("--data", help="what to score: news, a MIND split folder (behaviors.tsv, "
                         "news.tsv); kt, a folder with items.csv and interactions.csv or an "
