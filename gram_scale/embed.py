@@ -13,12 +13,16 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gram_scale.config import OneLineParser
 from gram_scale.errors import InputError, run_command
 
+if TYPE_CHECKING:  # the readers import torch: only when a file is read
+    from gram_scale.data.items import Catalogue
 
-def read_catalogue(path: Path, use_abstract: bool):
+
+def read_catalogue(path: Path, use_abstract: bool) -> Catalogue:
     """The items of a KT items.csv or a MIND news.tsv, by the file's extension."""
     suffix = path.suffix.lower()
     if suffix == ".csv":

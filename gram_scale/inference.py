@@ -63,7 +63,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def empty_data(task: str, catalogue: Catalogue | None = None, test: list | None = None):
+def empty_data(task: str, catalogue: Catalogue | None = None, test: list | None = None) -> object:
     """A task's data object with nothing to train on: ``test`` holds the samples to score, and
     no item counts as cold (that needs the run's training data)."""
     catalogue = catalogue if catalogue is not None else Catalogue([], [])
@@ -127,7 +127,14 @@ class Run:
             return json.loads(f.metadata()["ids"]), f.get_tensor("vectors")
 
     @torch.no_grad()
-    def score(self, *, items=None, correct=None, history=None, candidates=None) -> torch.Tensor:
+    def score(
+        self,
+        *,
+        items: torch.Tensor | None = None,
+        correct: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Score item vectors with the CF model (one user, or a batch along a first dimension).
 
         KT run: ``score(items=[T, d], correct=[T])`` -> P(correct) at each of the T positions;

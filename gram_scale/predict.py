@@ -174,7 +174,7 @@ def _write_news(folder: Path, data, split: str, scores: list, keys: list, topk, 
 
 
 def _news(run, path: Path, split: str | None, topk: int, chunk: int):
-    """(files writer, metrics record or None) for a news run."""
+    """(files writer, split name, metrics or None when unlabelled) for a news run."""
     from gram_scale.exchange import Comm
     from gram_scale.inference import empty_data
 
