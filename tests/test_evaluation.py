@@ -9,9 +9,9 @@ import signal
 
 import pytest
 from launching import max_diff, metrics, outputs
+from tiny import fake_valid_auc as fake_auc
 from tiny import options
 
-from gram_scale import trainer
 from gram_scale.errors import Interrupted
 from gram_scale.history import read_history
 from gram_scale.trainer import train
@@ -54,28 +54,7 @@ FAKE_AUC = {2: 0.6, 4: 0.9, 6: 0.7}
 @pytest.fixture
 def fake_valid_auc(monkeypatch):
     """Valid AUC replaced by ``FAKE_AUC`` of the steps trained so far (test metrics stay real)."""
-    done = [0]
-    make_strategy = trainer.make_strategy
-
-    def counting(*args, **kw):
-        strategy = make_strategy(*args, **kw)
-        step = strategy.step
-
-        def counted(batch, i, *rest):
-            done[0] = i + 1
-            return step(batch, i, *rest)
-
-        strategy.step = counted
-        return strategy
-
-    evaluate = trainer.evaluate
-
-    def faked(task, vectors, split):
-        out = evaluate(task, vectors, split)
-        return out | {"auc": FAKE_AUC[done[0]]} if split == "valid" else out
-
-    monkeypatch.setattr(trainer, "make_strategy", counting)
-    monkeypatch.setattr(trainer, "evaluate", faked)
+    fake_auc(monkeypatch, FAKE_AUC)
 
 
 def test_save_best_exports_the_best_step(fake_valid_auc, kt_dir, tiny_encoder, tmp_path):

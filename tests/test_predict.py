@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import options
+from tiny import fake_valid_auc, options
 
-from gram_scale import trainer
 from gram_scale.errors import InputError
 from gram_scale.predict import main, predict, ranks, top_k
 from gram_scale.trainer import train
@@ -31,27 +30,8 @@ def kt_run(kt_dir, tiny_encoder, tmp_path_factory) -> Path:
     """A KT run of 4 steps with --save-best, evaluated after steps 2 and 4, whose valid AUC after
     step 2 is faked to be the best: its export is step 2's model, not the last one."""
     out = tmp_path_factory.mktemp("kt-run") / "run"
-    done = [0]
-    make_strategy, evaluate = trainer.make_strategy, trainer.evaluate
-
-    def counting(*args, **kw):
-        strategy = make_strategy(*args, **kw)
-        step = strategy.step
-
-        def counted(batch, i, *rest):
-            done[0] = i + 1
-            return step(batch, i, *rest)
-
-        strategy.step = counted
-        return strategy
-
-    def faked(task, vectors, split):
-        got = evaluate(task, vectors, split)
-        return got | {"auc": BEST_AUC} if split == "valid" and done[0] == 2 else got
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer, "make_strategy", counting)
-        mp.setattr(trainer, "evaluate", faked)
+        fake_valid_auc(mp, {2: BEST_AUC})
         train(options(data=str(kt_dir), encoder=str(tiny_encoder), export=True, max_steps=4,
                       eval_every=2, save_best=True, output_dir=str(out)))  # fmt: skip
     return out

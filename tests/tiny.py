@@ -40,3 +40,30 @@ def max_diff(a: dict, b: dict) -> float:
     """Largest absolute difference between two parameter dicts with the same keys."""
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def fake_valid_auc(mp, aucs: dict[int, float]) -> None:
+    """Through ``mp`` (a pytest MonkeyPatch), the trainer's valid AUC after ``k`` steps trained
+    becomes ``aucs[k]`` where ``k`` is a key; other evaluations and test metrics stay real."""
+    from gram_scale import trainer
+
+    done = [0]
+    make_strategy, evaluate = trainer.make_strategy, trainer.evaluate
+
+    def counting(*args, **kw):
+        strategy = make_strategy(*args, **kw)
+        step = strategy.step
+
+        def counted(batch, i, *rest):
+            done[0] = i + 1
+            return step(batch, i, *rest)
+
+        strategy.step = counted
+        return strategy
+
+    def faked(task, vectors, split):
+        got = evaluate(task, vectors, split)
+        return got | {"auc": aucs[done[0]]} if split == "valid" and done[0] in aucs else got
+
+    mp.setattr(trainer, "make_strategy", counting)
+    mp.setattr(trainer, "evaluate", faked)
