@@ -124,13 +124,31 @@ class Comm:
             return None
         return torch.cat([o[:c] for o, c in zip(out, counts)]).to(rows.device)
 
+    def gather_ragged_to_main(self, parts: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Every rank's list of 1-D tensors (any lengths), concatenated in rank order on rank 0
+        as float64; None elsewhere."""
+        lengths = torch.tensor([len(p) for p in parts], dtype=torch.long)
+        flat = torch.cat([p.double().cpu() for p in parts]) if parts else torch.zeros(0).double()
+        if self.world == 1:
+            return list(flat.split(lengths.tolist()))
+        every_length = self.gather_to_main(lengths)
+        every_flat = self.gather_to_main(flat)
+        if every_length is None or every_flat is None:
+            return None
+        return list(every_flat.cpu().split(every_length.tolist()))
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self.world > 1:
+            dist.barrier()
+
     def _padded(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """This rank's rows padded to the longest rank's count (collectives need equal
         shapes), and every rank's count."""
         count = torch.tensor([len(rows)], dtype=torch.long, device=self.device)
         counts = [torch.zeros_like(count) for _ in range(self.world)]
         dist.all_gather(counts, count)
-        n = max(int(c) for c in counts)
+        n = max(1, *(int(c) for c in counts))  # never a 0-row collective
         padded = rows.new_zeros((n, *rows.shape[1:])).to(self.device)
         padded[: len(rows)] = rows.to(self.device)
         return padded, [int(c) for c in counts]

@@ -4,8 +4,9 @@ pieces (token cache, encoder runner, task) doing the encoding and the scoring.
 ``load_run(folder)`` returns a ``Run``; ``run.encode_items(texts)`` gives item vectors as the
 run's evaluation made them, ``run.score(...)`` scores vectors with the CF model, and
 ``run.task_for(data)`` is the run's task over another data set (its CF model shared), so that
-``gram_scale.predict`` scores and measures with exactly the trainer's evaluation code. One
-process: the catalogue is encoded by this process alone.
+``gram_scale.predict`` scores and measures with exactly the trainer's evaluation code. With a
+``comm`` over several ranks (``predict`` launched on several processes) each rank encodes only
+the catalogue items it owns, as the trainer's evaluation does; alone, one process encodes all.
 """
 
 from __future__ import annotations
@@ -63,6 +64,27 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def ranks_comm(device: str | torch.device | None = None) -> Comm:
+    """This process's ranks: launched on several processes (``WORLD_SIZE`` > 1, as
+    ``accelerate launch`` and torchrun set it), the process group is joined (gloo on CPU, NCCL
+    with each rank on GPU ``LOCAL_RANK``) and the Comm spans every rank; otherwise this process
+    alone, on ``device`` (default: ``default_device()``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Comm(device=torch.device(device) if device is not None else default_device())
+    import datetime
+
+    import torch.distributed as dist
+
+    from gram_scale.engine import _init_process_group
+
+    _init_process_group(datetime.timedelta(seconds=1800))
+    if device is None:
+        gpu = dist.get_backend() == "nccl"
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if gpu else "cpu"
+    return Comm(dist.get_rank(), dist.get_world_size(), torch.device(device))
+
+
 def empty_data(task: str, catalogue: Catalogue | None = None, test: list | None = None) -> object:
     """A task's data object with nothing to train on: ``test`` holds the samples to score, and
     no item counts as cold (that needs the run's training data)."""
@@ -88,6 +110,11 @@ class Run:
     tokenizer: object
     cf_model: nn.Module
     device: torch.device
+    comm: Comm | None = None  # the ranks that share the encoding; None: this process alone
+
+    def __post_init__(self):
+        if self.comm is None:
+            self.comm = Comm(device=self.device)
 
     @property
     def task(self) -> str:
@@ -101,17 +128,22 @@ class Run:
 
     def catalogue_vectors(self, texts: list[str]) -> OwnedVectors:
         """Vectors of ``texts`` (one item each) as the run's evaluation encodes its catalogue:
-        eval mode, the run's ``--max-tokens`` and ``--encoder-batch-size`` chunks."""
+        eval mode, the run's ``--max-tokens`` and ``--encoder-batch-size`` chunks; each rank of
+        ``comm`` encodes the items it owns (every rank calls this together)."""
         tokens = TokenCache.build(self.tokenizer, list(texts), self.opts.max_tokens)
-        runner = EncoderRunner(self.encoder, tokens, Comm(device=self.device), self.opts)
+        runner = EncoderRunner(self.encoder, tokens, self.comm, self.opts)
         try:
             return runner.owned_vectors(len(texts))
         finally:
             self.encoder.eval()  # the runner leaves it in train mode, ready for a next step
 
     def encode_items(self, texts: list[str]) -> torch.Tensor:
-        """Item vectors [len(texts), dim] from the fine-tuned encoder (eval mode)."""
-        return self.catalogue_vectors(texts).vectors
+        """Item vectors [len(texts), dim] from the fine-tuned encoder (eval mode); over several
+        ranks, every rank gets them all."""
+        owned = self.catalogue_vectors(texts)
+        if self.comm.world == 1:
+            return owned.vectors
+        return owned.lookup(torch.arange(len(texts)))
 
     def task_for(self, data):
         """The run's task over ``data`` (a task data object), sharing this run's CF model."""
@@ -165,9 +197,11 @@ class Run:
         return s[0] if single else s
 
 
-def load_run(path: str | os.PathLike, device: str | torch.device | None = None) -> Run:
+def load_run(path: str | os.PathLike, device: str | torch.device | None = None,
+             comm: Comm | None = None) -> Run:  # fmt: skip
     """Load a finished run's exported models (the best evaluation's with ``--save-best``: the
-    run put them in place of the last ones) on ``device`` (default: ``default_device()``)."""
+    run put them in place of the last ones) on ``device`` (default: ``default_device()``);
+    ``comm``: the ranks that share its encoding (default: this process alone)."""
     folder = Path(path)
     check_run_folder(folder)
     opts = read_options(folder / OPTIONS_FILE)
@@ -196,4 +230,4 @@ def load_run(path: str | os.PathLike, device: str | torch.device | None = None) 
         raise InputError(folder / CF_FILE, None, f"does not fit the run's CF model "
                          f"({str(exc).splitlines()[0]})") from None  # fmt: skip
     task.model.to(device, opts.vector_dtype()).eval()
-    return Run(folder, opts, metrics, encoder, tokenizer, task.model, device)
+    return Run(folder, opts, metrics, encoder, tokenizer, task.model, device, comm)

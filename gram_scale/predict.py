@@ -10,7 +10,9 @@ or test split (``--split``) gives back the metrics the run wrote.
 - kt: a folder with ``items.csv`` and ``interactions.csv`` (or an interactions file and
   ``--items``) -> ``predictions.csv``, one probability per interaction, and ``metrics.json``.
 
-One process: no sharding over ranks.
+Launched on several processes (``accelerate launch -m gram_scale.predict ...`` or torchrun),
+each rank encodes the catalogue items it owns and scores its share of the data, as the trainer's
+evaluation does; the main process writes the files.
 """
 
 from __future__ import annotations
@@ -173,9 +175,19 @@ def _write_news(folder: Path, data, split: str, scores: list, keys: list, topk, 
         write_json(folder / METRICS_FILE, metrics)
 
 
+def _scored(run, task, samples: list, lookup) -> tuple[list, list | None]:
+    """(this rank's share of ``samples``, its predictions), and every rank's predictions in
+    sample order on the main process (None elsewhere)."""
+    from gram_scale.exchange import my_share
+
+    share = my_share(run.comm, len(samples))
+    mine = samples[share.start : share.stop]
+    predictions = task.predict(mine, lookup)
+    return (mine, predictions), run.comm.gather_ragged_to_main(predictions)
+
+
 def _news(run, path: Path, split: str | None, topk: int, chunk: int):
     """(files writer, split name, metrics or None when unlabelled) for a news run."""
-    from gram_scale.exchange import Comm
     from gram_scale.inference import empty_data
 
     if split is not None:
@@ -196,15 +208,15 @@ def _news(run, path: Path, split: str | None, topk: int, chunk: int):
     task = run.task_for(data)
     vectors = run.catalogue_vectors(data.catalogue.texts)
     impressions = getattr(data, split)
-    scores = task.predict(impressions, vectors.lookup)
-    metrics = None
-    if labeled:
-        comm = Comm(device=run.device)
-        metrics = _measured(task, split, impressions, scores, name == "data", comm)
-    record = None if metrics is None else _record(run, path, name, metrics)
+    mine, scores = _scored(run, task, impressions, vectors.lookup)
+    metrics = _measured(task, split, *mine, name == "data", run.comm) if labeled else None
+    full = vectors.full(len(data.catalogue)) if topk else None  # --topk ranks on the main process
+    record = None if metrics is None else _record(run, path, name, metrics, vectors)
+    if scores is None:  # not the main process: it writes nothing
+        return None, name, metrics
 
     def write(folder: Path) -> None:
-        _write_news(folder, data, split, scores, keys, topk, task, vectors.vectors, chunk, record)
+        _write_news(folder, data, split, scores, keys, topk, task, full, chunk, record)
 
     return write, name, metrics
 
@@ -233,7 +245,6 @@ def unknown_windows(sequences: list, seq_len: int) -> tuple[list, list[tuple[int
 
 def _kt(run, path: Path, split: str | None, items: str | None):
     """(files writer, split name, metrics or None) for a KT run."""
-    from gram_scale.exchange import Comm
     from gram_scale.inference import empty_data
 
     if split is not None:
@@ -257,13 +268,14 @@ def _kt(run, path: Path, split: str | None, items: str | None):
     task = run.task_for(data)
     vectors = run.catalogue_vectors(data.catalogue.texts)
     windows = task.split_windows[split]  # the known answers, cut as the trainer cuts them
-    probs = task.predict(windows, vectors.lookup)
+    mine, probs = _scored(run, task, windows, vectors.lookup)
     asks, where = unknown_windows(sequences, run.opts.seq_len)
-    asked = task.predict(asks, vectors.lookup) if asks else []
-    metrics = None
-    if windows:  # some answers are known
-        comm = Comm(device=run.device)
-        metrics = _measured(task, split, windows, probs, name == "data", comm)
+    _, asked = _scored(run, task, asks, vectors.lookup)
+    # some answers are known
+    metrics = _measured(task, split, *mine, name == "data", run.comm) if windows else None
+    record = None if metrics is None else _record(run, path, name, metrics, vectors)
+    if probs is None:  # not the main process: it writes nothing
+        return None, name, metrics
 
     # each user's probabilities in time order: windows cut the known answers of each user in
     # order, users one after another; an unknown answer's comes from its own window
@@ -276,7 +288,6 @@ def _kt(run, path: Path, split: str | None, items: str | None):
         per_user.append(full)
     for (u, t), p in zip(where, asked):
         per_user[u][t] = p[-1]
-    record = None if metrics is None else _record(run, path, name, metrics)
 
     def write(folder: Path) -> None:
         from gram_scale.export import write_json
@@ -299,10 +310,13 @@ def _kt(run, path: Path, split: str | None, items: str | None):
     return write, name, metrics
 
 
-def _record(run, path: Path, name: str, metrics: dict) -> dict:
-    """metrics.json of a prediction: the metrics and what they are of."""
+def _record(run, path: Path, name: str, metrics: dict, vectors) -> dict:
+    """metrics.json of a prediction: the metrics, what they are of, and the catalogue items
+    each rank encoded."""
+    encoded = run.comm.sum_ints(run.comm.per_rank(len(vectors.items)))
     return {"run": str(run.folder), "data": str(path), "split": name,
-            "best_step": run.metrics.get("best_step"), "metrics": metrics}  # fmt: skip
+            "best_step": run.metrics.get("best_step"), "metrics": metrics,
+            "processes": run.comm.world, "encoded_items_per_process": encoded}  # fmt: skip
 
 
 def predict(run_dir: str | os.PathLike, out: str | os.PathLike, data: str | None = None,
@@ -311,7 +325,7 @@ def predict(run_dir: str | os.PathLike, out: str | os.PathLike, data: str | None
     """Score ``data`` (or the run's own ``split``) with the run in ``run_dir``, write the
     predictions into ``out``; returns the metrics (None for unlabelled news)."""
     from gram_scale.export import check_writable, publish
-    from gram_scale.inference import check_run_folder, load_run
+    from gram_scale.inference import check_run_folder, load_run, ranks_comm
 
     check_run_folder(Path(run_dir))
     if split is not None and split not in SPLITS:
@@ -320,7 +334,8 @@ def predict(run_dir: str | os.PathLike, out: str | os.PathLike, data: str | None
         raise InputError("--topk" if topk < 0 else "--chunk", None, "must be positive")
     out = Path(out)
     check_writable(out, "--out")
-    run = load_run(run_dir, device)
+    comm = ranks_comm(device)
+    run = load_run(run_dir, comm.device, comm)
     if topk and run.task != "news":
         raise InputError("--topk", None, f"ranks news; {run.folder} is a {run.task} run")
     if items and run.task != "kt":
@@ -330,10 +345,13 @@ def predict(run_dir: str | os.PathLike, out: str | os.PathLike, data: str | None
         write, name, metrics = _news(run, path, split, topk, chunk)
     else:
         write, name, metrics = _kt(run, path, split, items)
-    publish(out, write)
-    if metrics is not None:
-        print(f"{name} " + _fmt(metrics), flush=True)
-    print(f"wrote {out}", flush=True)
+    if write is not None:
+        publish(out, write)
+    comm.barrier()  # the files are in place when any rank returns
+    if comm.rank == 0:
+        if metrics is not None:
+            print(f"{name} " + _fmt(metrics), flush=True)
+        print(f"wrote {out}", flush=True)
     return metrics
 
 

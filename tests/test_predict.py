@@ -273,6 +273,61 @@ def test_topk_file_ranks_the_catalogue(news_run, news_dir, tmp_path):
         assert [float(v) for v in scores.split()] == pytest.approx(s.tolist(), rel=1e-5)
 
 
+# ---- several processes ------------------------------------------------------------------------
+def launch_predict(*argv) -> None:
+    """``gram_scale.predict ARGV`` on 2 CPU processes (accelerate launch, gloo)."""
+    from launching import run
+
+    run([*map(str, argv), "--device", "cpu"], processes=2, launcher_args=["-m"],
+        script="gram_scale.predict")  # fmt: skip
+
+
+def test_two_processes_predict_as_one(kt_run, news_run, kt_dir, news_dir, tmp_path):
+    """Launched on 2 processes, each rank encodes only the catalogue items it owns (together
+    each item once) and scores its share; the files equal one process's: the KT split's
+    probabilities and metrics, the news metrics, leaderboard ranks and top-K."""
+    from gram_scale.data.kt import read_items
+    from gram_scale.data.mind import read_split
+    from gram_scale.exchange import owner_of
+    from gram_scale.inference import empty_data, load_run
+
+    launch_predict("--run", kt_run, "--split", "test", "--out", tmp_path / "kt2")
+    launch_predict("--run", news_run, "--data", news_dir / "dev", "--topk", 3, "--out",
+                   tmp_path / "news2")  # fmt: skip
+    one = predict(kt_run, tmp_path / "kt1", split="test", device="cpu")
+    two = json.loads((tmp_path / "kt2" / "metrics.json").read_text())
+    assert_close(two["metrics"], one, ("auc", "acc", "cold_auc"))
+    n_items = len(read_items(kt_dir / "items.csv"))
+    assert two["processes"] == 2
+    assert two["encoded_items_per_process"] == torch.bincount(
+        owner_of(torch.arange(n_items), 2), minlength=2).tolist()  # fmt: skip
+    assert min(two["encoded_items_per_process"]) > 0
+    p_one = read_probabilities(tmp_path / "kt1" / "predictions.csv")
+    p_two = read_probabilities(tmp_path / "kt2" / "predictions.csv")
+    assert p_two.keys() == p_one.keys() and len(p_one) == one["interactions"]
+    assert max(abs(p_two[k] - p_one[k]) for k in p_one) <= 1e-6
+
+    one = predict(news_run, tmp_path / "news1", data=str(news_dir / "dev"), topk=3, device="cpu")
+    two = json.loads((tmp_path / "news2" / "metrics.json").read_text())
+    assert_close(two["metrics"], one, ("auc", "mrr", "ndcg@5", "ndcg@10"))
+    assert sum(two["encoded_items_per_process"]) == len(read_split(news_dir / "dev").catalogue)
+    # ranks agree wherever one process's scores leave no near tie (float order may differ)
+    run = load_run(news_run, "cpu")
+    part = read_split(news_dir / "dev")
+    task = run.task_for(empty_data("news", part.catalogue, part.impressions))
+    scores = task.predict(part.impressions, run.catalogue_vectors(part.catalogue.texts).lookup)
+    lines_one = read_prediction(tmp_path / "news1" / "prediction.txt")
+    lines_two = read_prediction(tmp_path / "news2" / "prediction.txt")
+    assert [i for i, _ in lines_two] == [i for i, _ in lines_one]
+    clear = [float(torch.sort(s).values.diff().min()) > 1e-5 if len(s) > 1 else True
+             for s in scores]  # fmt: skip
+    assert sum(clear) >= len(clear) / 2
+    assert all(a == b for (_, a), (_, b), c in zip(lines_one, lines_two, clear) if c)
+    top_one = (tmp_path / "news1" / "topk.tsv").read_text().splitlines()
+    top_two = (tmp_path / "news2" / "topk.tsv").read_text().splitlines()
+    assert [t.split("\t")[:2] for t in top_two] == [t.split("\t")[:2] for t in top_one]
+
+
 # ---- the Python API ---------------------------------------------------------------------------
 def test_load_run_scores_like_predict(kt_run, kt_dir, tmp_path):
     """``gram_scale.load_run``: encode_items and score(items, correct) give the probabilities
