@@ -300,7 +300,7 @@ def build_runner(accelerator, encoder: ContentEncoder, tokens, opts, ds_raw: dic
     if "optimizer" in cfg:
         optimizer = DummyOptim(params, lr=opts.lr_encoder, weight_decay=opts.weight_decay)
     else:
-        optimizer = make_optimizer(params, opts, opts.lr_encoder)
+        optimizer = make_optimizer(params, opts, opts.lr_encoder, fused=False)
     with quiet_stdout():
         engine, optimizer = accelerator.prepare(encoder, optimizer)
     # The engine steps (in engine.step) and checkpoints the scheduler it holds. It gets ours,
