@@ -116,10 +116,9 @@ class CFUpdate:
         counts, stop signals and per-rank traffic. Scales the CF and item gradients by the global
         count when the step goes ahead; returns the totals and the scaled item gradients."""
         bad = not math.isfinite(loss_sum) or not bool(torch.isfinite(grads).all())
-        for p in self.model.parameters():
-            if bad:
-                break
-            bad = p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        cf_grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not bad and cf_grads:  # a NaN or an infinity anywhere makes the norm non-finite
+            bad = not bool(torch.isfinite(torch.nn.utils.get_total_norm(cf_grads)))
         sent, received = self.comm.take_train_traffic()
         local = [loss_sum, count, int(bad), plan.forwards_ok, plan.backwards_ok,
                  plan.forwards_skipped, plan.backwards_skipped, int(stop),
