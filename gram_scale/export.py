@@ -78,6 +78,60 @@ def check_writable(folder: str | Path, flag: str) -> None:
         raise InputError(flag, None, f"{folder} is not writable ({existing})")
 
 
+def _sees(marker: Path) -> bool:
+    """Whether ``marker`` is listed in its folder, waiting up to ``$GRAM_SHARED_DIR_WAIT``
+    seconds (default 30: a network file system's client may cache the folder's listing that
+    long); listing the folder, rather than looking the name up, makes an NFS client revalidate
+    its cached view."""
+    import time
+
+    deadline = time.monotonic() + float(os.environ.get("GRAM_SHARED_DIR_WAIT", "30"))
+    while True:
+        try:
+            if marker.name in os.listdir(marker.parent):
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+
+
+def check_shared_output_dir(comm, output_dir: str | Path) -> None:
+    """Refuse, on every rank, an output folder that is not the same folder on every node (a
+    node-local disk): the main process writes a marker file in the folder (or its nearest
+    existing parent, so nothing is created) and every rank looks for it. Only checkpoints and
+    exports of the main process are written there, and a resume on another node would not find
+    them. Every rank calls it; one node checks nothing."""
+    if comm.world == int(os.environ.get("LOCAL_WORLD_SIZE", comm.world)):
+        return
+    import secrets
+
+    folder = Path(output_dir)
+    while not folder.exists():
+        folder = folder.parent
+    token = comm.sum_ints([secrets.randbits(62) if comm.rank == 0 else 0])[0]
+    marker = folder / f".gram-shared-{token:x}"
+    try:
+        if comm.rank == 0:
+            marker.touch()
+        comm.barrier()
+        blind = comm.sum_ints(comm.per_rank(not _sees(marker)))
+    finally:
+        comm.barrier()
+        if comm.rank == 0:
+            marker.unlink(missing_ok=True)
+    if any(blind):
+        import socket
+
+        who = [r for r, b in enumerate(blind) if b]
+        here = f" (this is rank {comm.rank} on {socket.gethostname()})" if blind[comm.rank] else ""
+        raise InputError("--output-dir", None, f"{output_dir} is not the same folder on every "
+                         f"node: rank(s) {', '.join(map(str, who))} cannot see what the main "
+                         f"process writes there{here}; use a folder on a file system that every "
+                         "node shares")  # fmt: skip
+
+
 def clear_output_dir(output_dir: str | Path) -> None:
     """Remove an earlier run's outputs (``RUN_ENTRIES`` and unfinished exports)."""
     out = Path(output_dir)

@@ -42,11 +42,12 @@ from gram_scale.engine import (
     read_ds_config,
 )
 from gram_scale.errors import InputError, Interrupted, TrainingStopped
-from gram_scale.exchange import OwnedVectors
+from gram_scale.exchange import Comm, OwnedVectors
 from gram_scale.export import (
     BEST_DIR,
     best_step,
     check_output_dir,
+    check_shared_output_dir,
     clear_output_dir,
     export_run,
     publish,
@@ -264,6 +265,7 @@ def train(opts: Options) -> dict:
 
     accelerator = make_accelerator(opts, ds_raw)
     rank, world = accelerator.process_index, accelerator.num_processes
+    check_shared_output_dir(Comm(rank, world, accelerator.device), opts.output_dir)
     resume_from = None
     if opts.resume:  # every rank checks its own files; all agree on one checkpoint
         say = _print if accelerator.is_main_process else (lambda text: None)
