@@ -361,7 +361,13 @@ def load_encoder(path: str, pooling: str = "auto", dtype: torch.dtype | None = N
         raise InputError(folder, None, f"cannot load encoder: {str(exc).splitlines()[0]}") from exc
     if len(tokenizer) < 100:  # a fallback built from special tokens alone, not a vocabulary
         raise InputError(folder, None, f"the tokenizer has only {len(tokenizer)} tokens")
-    return ContentEncoder(model, pooling), tokenizer
+    encoder = ContentEncoder(model, pooling)
+    # Under ZeRO-3 transformers builds the model inside deepspeed.zero.Init (accelerate's
+    # zero3_init_flag, on by default for a stage-3 config): each parameter is created as this
+    # rank's partition and the weights are scattered as they load, so no rank holds the whole
+    # model. Recorded for metrics.json.
+    encoder.built_partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    return encoder, tokenizer
 
 
 # Attention query/value projections by module name, in the order tried by ``--lora-targets auto``

@@ -65,7 +65,8 @@ class EncoderRunner:
         return {"weights": name(weights),
                 "compute": name(torch.bfloat16 if self.autocast else weights),
                 "grad_accum": name(accum),
-                "attention": getattr(self.encoder.model.config, "_attn_implementation", None)}  # fmt: skip
+                "attention": getattr(self.encoder.model.config, "_attn_implementation", None),
+                "built_partitioned": getattr(self.encoder, "built_partitioned", False)}  # fmt: skip
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)

@@ -210,6 +210,8 @@ def test_processes_equal_one(
     args, out, failure = launched(config, processes)[strategy]
     assert failure is None, failure
     many = assert_equal_to_one(args, out, processes, config, baseline)
+    # ZeRO-3 builds the encoder as partitions (zero.Init): no rank ever held the whole model
+    assert many["encoder_numerics"]["built_partitioned"] == (config == "zero3")
     batches = list(task.train_batches(0))[:3]
     if processes == 4:
         assert len(batches) == 3 and len(batches[-1]) < 4
