@@ -206,6 +206,72 @@ def test_encoder_folder_refused(capsys, kt_dir, tiny_encoder, no_tokenizer, tiny
             "--max-tokens", "100 is more than the 64 token positions")  # fmt: skip
 
 
+# ---- numbers, folders and trackers ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra, parts",
+    [
+        (["--lr-cf", "inf"], ["--lr-cf", "finite", "inf"]),
+        (["--lr-encoder", "inf"], ["--lr-encoder", "finite", "inf"]),
+        (["--weight-decay", "inf"], ["--weight-decay", "finite", "inf"]),
+        (["--lora-alpha", "0"], ["--lora-alpha", "must be positive, got 0.0"]),
+        (["--lora-alpha", "-8"], ["--lora-alpha", "must be positive, got -8.0"]),
+        (["--seed", "99999999999999999999"], ["--seed", "0..4294967295", "99999999999999999999"]),
+        (["--seed", "-1"], ["--seed", "0..4294967295", "-1"]),
+    ],
+    ids=[
+        "lr-cf-inf",
+        "lr-encoder-inf",
+        "weight-decay-inf",
+        "lora-alpha-0",
+        "lora-alpha-negative",
+        "seed-huge",
+        "seed-negative",
+    ],  # fmt: skip
+)
+def test_numbers_out_of_range_refused(extra, parts, capsys, kt_dir, tiny_encoder, tmp_path):
+    refused(capsys, [*common(kt_dir, tiny_encoder), *extra], tmp_path / "out", *parts)
+
+
+def test_the_largest_seed_trains(capsys, kt_dir, tiny_encoder, tmp_path):
+    # Multi-step derives its regression shuffle from the seed: the largest one must fit too
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, [*common(kt_dir, tiny_encoder), "--seed", "4294967295",
+                                     "--strategy", "multi", "--window", "1", "--max-steps", "2",
+                                     "--output-dir", str(out)])  # fmt: skip
+    assert code == 0 and err == "", err
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+def test_empty_output_dir_is_refused(capsys, kt_dir, tiny_encoder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it wrote into the current folder: wrote /metrics.json
+    before = snapshot(tmp_path)
+    code, stdout, err = cli(capsys, [*common(kt_dir, tiny_encoder), "--output-dir", ""])
+    assert code == EXIT_INPUT_ERROR, (code, stdout, err)
+    assert_one_line(err, "--output-dir", "is empty")
+    assert snapshot(tmp_path) == before
+
+
+def test_cache_dir_that_is_a_file_is_refused(capsys, kt_dir, tiny_encoder, tmp_path):
+    a_file = tmp_path / "cache"
+    a_file.write_text("not a folder\n")
+    out = tmp_path / "out"
+    refused(capsys, [*common(kt_dir, tiny_encoder), "--cache-dir", str(a_file)], out,
+            "--cache-dir", str(a_file), "is a file")  # fmt: skip
+    refused(capsys, [*common(kt_dir, tiny_encoder), "--cache-dir", str(a_file / "sub")], out,
+            "--cache-dir", f"{a_file} is a file")  # fmt: skip
+
+
+def test_tracker_that_is_not_installed_is_refused(capsys, kt_dir, tiny_encoder, tmp_path,
+                                                  monkeypatch):  # fmt: skip
+    import sys
+
+    for name in ("tensorboard", "tensorboardX"):  # as if neither were installed
+        monkeypatch.setitem(sys.modules, name, None)
+    refused(capsys, [*common(kt_dir, tiny_encoder), "--report-to", "tensorboard"],
+            tmp_path / "out", "--report-to", "tensorboard is not installed",
+            "pip install tensorboard")  # fmt: skip
+
+
 # ---- flags that cannot work together --------------------------------------------------------
 @pytest.mark.parametrize(
     "extra, parts",

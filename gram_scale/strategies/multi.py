@@ -66,7 +66,8 @@ def regress_batches(touched: int, steps: int, size: int | None) -> int:
 def regress_order(items: torch.Tensor, seed: int, window: int, pass_: int) -> torch.Tensor:
     """The window's touched items (sorted, global) in the order of one regression pass: a
     shuffle drawn from (seed, window, pass) alone, the same on every rank and every resume."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + window) * 65_537 + pass_)
+    # modulo torch's 64-bit seed range: a large --seed would overflow it (smaller ones unchanged)
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + window) * 65_537 + pass_) % 2**64)
     return items[torch.randperm(len(items), generator=g)]
 
 
