@@ -30,6 +30,7 @@ from gram_scale.data.load import load_data
 from gram_scale.encoder import (
     apply_lora,
     check_encoder_folder,
+    check_tokenizer,
     enable_gradient_checkpointing,
     load_encoder,
     resolve_attention,
@@ -261,6 +262,7 @@ def train(opts: Options) -> dict:
     candidates = resume_candidates(opts.output_dir, opts.resume)
     for folder in candidates:
         check_compatible(folder, record)
+    check_tokenizer(opts.resolved_encoder(), opts.max_tokens, encoder_id["config"])
 
     accelerator = make_accelerator(opts, ds_raw)
     rank, world = accelerator.process_index, accelerator.num_processes

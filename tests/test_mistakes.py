@@ -206,6 +206,68 @@ def test_encoder_folder_refused(capsys, kt_dir, tiny_encoder, no_tokenizer, tiny
             "--max-tokens", "100 is more than the 64 token positions")  # fmt: skip
 
 
+def test_damaged_weights_are_named_before_training(capsys, kt_dir, tiny_encoder, tmp_path):
+    out = tmp_path / "out"
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_encoder, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a download that stopped short
+    refused(capsys, common(kt_dir, cut), out, str(weights), "damaged weights file",
+            "truncated")  # fmt: skip
+    weights.write_bytes(b"\x05")
+    refused(capsys, common(kt_dir, cut), out, str(weights), "damaged weights file")
+    # a sharded checkpoint whose index names a shard that is not there
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_encoder, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"embeddings.word_embeddings.weight": "model-00001-of-00002.safetensors",
+                            "pooler.dense.weight": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(capsys, common(kt_dir, sharded), out,
+            str(sharded / "model-00002-of-00002.safetensors"), "missing",
+            "model.safetensors.index.json")  # fmt: skip
+    # torch's zip format, cut short
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_encoder, pickled)
+    (pickled / "model.safetensors").unlink()
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(tiny_encoder / "model.safetensors")), pickled / "pytorch_model.bin")
+    data = (pickled / "pytorch_model.bin").read_bytes()
+    (pickled / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    refused(capsys, common(kt_dir, pickled), out, str(pickled / "pytorch_model.bin"),
+            "damaged weights file")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tiny_encoder, tmp_path_factory) -> Path:
+    """A tiny BERT with a 1,000-row embedding table beside the 30,522-token MiniLM tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("enc-small-vocab") / "bert"
+    config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(folder))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_encoder / name, folder / name)
+    return folder
+
+
+def test_tokenizer_larger_than_the_embedding_table_is_refused(capsys, kt_dir, small_vocab,
+                                                              tmp_path):  # fmt: skip
+    refused(capsys, common(kt_dir, small_vocab), tmp_path / "out", str(small_vocab / "tokenizer.json"),
+            "30522 tokens", "1000 rows of the model's embedding table")  # fmt: skip
+
+
+@pytest.mark.parametrize("max_tokens", ["1", "2"])
+def test_max_tokens_below_the_special_tokens_is_refused(max_tokens, capsys, kt_dir, tiny_encoder,
+                                                        tmp_path):  # fmt: skip
+    # BERT's tokenizer adds [CLS] and [SEP]: 1 was silently ignored, 2 left no text at all
+    refused(capsys, [*common(kt_dir, tiny_encoder), "--max-tokens", max_tokens], tmp_path / "out",
+            "--max-tokens", f"{max_tokens} leaves no room for text", "adds 2 special tokens",
+            "at least 3")  # fmt: skip
+
+
 # ---- numbers, folders and trackers ----------------------------------------------------------
 @pytest.mark.parametrize(
     "extra, parts",
