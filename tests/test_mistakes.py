@@ -334,6 +334,24 @@ def test_tracker_that_is_not_installed_is_refused(capsys, kt_dir, tiny_encoder, 
             "pip install tensorboard")  # fmt: skip
 
 
+def test_contradictory_mind_impression_is_refused_with_file_and_line(capsys, news_dir,
+                                                                     tiny_encoder, tmp_path):  # fmt: skip
+    data = tmp_path / "news"
+    shutil.copytree(news_dir, data)
+    behaviors = data / "train" / "behaviors.tsv"
+    rows = behaviors.read_text().splitlines()
+    fields = rows[2].split("\t")
+    news_id, label = fields[4].split()[0].rsplit("-", 1)
+    fields[4] += f" {news_id}-{1 - int(label)}"  # shown once clicked and once not
+    rows[2] = "\t".join(fields)
+    behaviors.write_text("\n".join(rows) + "\n")
+    args = ["--task", "news", "--data", str(data), "--encoder", str(tiny_encoder), "--max-tokens",
+            "16", "--history-len", "10", "--cf-heads", "2", "--batch-size", "8", "--no-progress",
+            "--no-export"]  # fmt: skip
+    refused(capsys, args, tmp_path / "out", f"{behaviors}:3:", repr(news_id),
+            "both clicked and not clicked")  # fmt: skip
+
+
 # ---- flags that cannot work together --------------------------------------------------------
 @pytest.mark.parametrize(
     "extra, parts",
