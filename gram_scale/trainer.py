@@ -39,6 +39,7 @@ from gram_scale.engine import (
     build_runner,
     check_ds_config,
     in_process_device,
+    launcher_cpu_mode,
     make_accelerator,
     read_ds_config,
 )
@@ -248,6 +249,10 @@ def train(opts: Options) -> dict:
         )
     ds_file = read_ds_config(opts.config)
     stage = None if ds_file is None else check_ds_config(ds_file, opts.config, opts, world)
+    if ds_file is not None and not opts.freeze_encoder and launcher_cpu_mode():
+        raise InputError("--cpu", None, f"accelerate launch --cpu turns DeepSpeed off (and starts "
+                         f"one process), but --config {opts.config} asks for it: launch without "
+                         "--cpu (DeepSpeed runs on CPUs as it is) or use --config none")  # fmt: skip
     encoder_id = check_encoder_folder(opts.resolved_encoder(), opts.max_tokens)
     resolve_attention(opts.attn_implementation, encoder_id["config"], opts.keyed_dropout)
     check_output_dir(opts)

@@ -334,6 +334,25 @@ def test_tracker_that_is_not_installed_is_refused(capsys, kt_dir, tiny_encoder, 
             "pip install tensorboard")  # fmt: skip
 
 
+def test_launcher_cpu_mode_with_deepspeed_is_refused(capsys, kt_dir, tiny_encoder, tmp_path,
+                                                     monkeypatch):  # fmt: skip
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu` sets
+    args = [*common(kt_dir, tiny_encoder), "--config", "ds_configs/zero2.json"]
+    refused(capsys, args, tmp_path / "out", "--cpu", "turns DeepSpeed off",
+            "ds_configs/zero2.json")  # fmt: skip
+    # the launcher itself, as the user typed it
+    out = tmp_path / "launched"
+    r = run([*args, "--output-dir", str(out)], processes=2, check=False,
+            launcher_args=["--cpu"])  # fmt: skip
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert lines and "error: --cpu: accelerate launch --cpu turns DeepSpeed off" in lines[0], (
+        r.stderr[-3000:]
+    )
+    assert "AttributeError" not in r.stderr and not out.exists()
+
+
 def test_contradictory_mind_impression_is_refused_with_file_and_line(capsys, news_dir,
                                                                      tiny_encoder, tmp_path):  # fmt: skip
     data = tmp_path / "news"
