@@ -26,7 +26,7 @@ from gram_scale.checkpoint import load as load_checkpoint
 from gram_scale.checkpoint import save as save_checkpoint
 from gram_scale.config import Options
 from gram_scale.data.items import TokenCache
-from gram_scale.data.load import load_data
+from gram_scale.data.load import data_fingerprint, load_data
 from gram_scale.encoder import (
     apply_lora,
     check_encoder_folder,
@@ -114,7 +114,9 @@ def better(valid: dict, best: dict | None, key: str) -> bool:
 
 
 def run_record(opts: Options, encoder: dict, stage: int | None, world: int) -> dict:
-    """What a checkpoint's state depends on, in words; a resume must match it."""
+    """What a checkpoint's state depends on, in words; a resume must match it. The data, seed,
+    batch size and split decide which users train and in which batches: another of them would
+    resume into a different run (a new seed even moves valid and test users into training)."""
     if opts.freeze_encoder:
         training = "frozen"
     elif opts.lora:
@@ -131,6 +133,10 @@ def run_record(opts: Options, encoder: dict, stage: int | None, world: int) -> d
         "cf_model": f"{opts.task}, {cf}",
         "deepspeed": "none" if stage is None else f"ZeRO stage {stage}, {opts.precision}",
         "processes": world,
+        "data": data_fingerprint(opts),
+        "seed": opts.seed,
+        "batch_size": opts.batch_size,
+        "split": task_class(opts.task).split_summary(opts),
     }
 
 

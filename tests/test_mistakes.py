@@ -403,6 +403,31 @@ def test_resume_from_a_different_run_names_what_differs(capsys, finished, kt_dir
     refused(capsys, same, finished, "processes: checkpoint 1, this run 2")
 
 
+def test_resume_with_other_data_seed_batch_or_split_is_refused(capsys, finished, kt_dir,
+                                                               tiny_encoder, tmp_path):  # fmt: skip
+    (_, ckpt), *_ = list_checkpoints(finished / "checkpoints")
+    args = [*common(kt_dir, tiny_encoder), "--max-steps", "3", "--resume", str(ckpt)]
+    refused(capsys, [*args, "--seed", "1"], finished, "seed: checkpoint 0, this run 1")
+    refused(capsys, [*args, "--batch-size", "4"], finished, "batch_size: checkpoint 8, this run 4")
+    refused(capsys, [*args, "--valid-frac", "0.2"], finished,
+            "split: checkpoint users valid 0.1, test 0.1; cold items 0.1, this run users valid 0.2")  # fmt: skip
+    # the same files elsewhere are the same data; one changed row is not
+    moved = tmp_path / "moved"
+    shutil.copytree(kt_dir, moved)
+    code, stdout, err = cli(capsys, [*args, "--data", str(moved), "--output-dir",
+                                     str(tmp_path / "copy")])  # fmt: skip
+    assert code == 0 and f"resumed from {ckpt} at step 2" in stdout, err
+    edited = moved / "interactions.csv"
+    rows = edited.read_text().splitlines()
+    user, item, correct, *rest = rows[5].split(",")
+    rows[5] = ",".join([user, item, str(1 - int(correct)), *rest])
+    edited.write_text("\n".join(rows) + "\n")
+    err = refused(capsys, [*args, "--data", str(moved)], finished,
+                  "cannot resume, made by a different run",
+                  "data interactions.csv: checkpoint sha256", "this run sha256")  # fmt: skip
+    assert "data items.csv" not in err  # only the changed file is named
+
+
 def test_resume_from_a_wrong_path(capsys, finished, kt_dir, tiny_encoder, tmp_path):
     args = [*common(kt_dir, tiny_encoder), "--max-steps", "3"]
     out = tmp_path / "out"
