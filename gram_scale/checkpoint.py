@@ -224,7 +224,8 @@ def find_resume(output_dir: str | Path, resume: str, say=print) -> Path | None:
 
 def check_compatible(folder: Path, record: dict) -> None:
     """Refuse a checkpoint made by a run that differs from this one in anything its saved state
-    depends on (strategy, encoder, CF shape, DeepSpeed stage, world size), naming each."""
+    depends on (strategy, encoder, CF shape, DeepSpeed stage, world size, the data files, seed,
+    batch size and split), naming each."""
     path = folder / RUN_RECORD
     if not path.is_file():
         return  # written before run records existed: the load itself is the only check
@@ -234,9 +235,17 @@ def check_compatible(folder: Path, record: dict) -> None:
         saved = None
     if not isinstance(saved, dict):
         raise InputError(path, None, "cannot resume: unreadable run record")
-    diffs = [f"{name}: checkpoint {_show(saved.get(name))}, this run {_show(value)}"
-             for name, value in record.items()
-             if name not in _NOT_COMPARED and saved.get(name) != value]  # fmt: skip
+    diffs = []
+    for name, value in record.items():
+        if name in _NOT_COMPARED or (name in _ADDED_LATER and name not in saved):
+            continue
+        theirs = saved.get(name)
+        if isinstance(value, dict) and isinstance(theirs, dict):  # named part by part (files)
+            diffs += [f"{name} {key}: checkpoint {_show(theirs.get(key))}, this run "
+                      f"{_show(value.get(key))}" for key in sorted(value.keys() | theirs.keys())
+                      if theirs.get(key) != value.get(key)]  # fmt: skip
+        elif theirs != value:
+            diffs.append(f"{name}: checkpoint {_show(theirs)}, this run {_show(value)}")
     if diffs:
         raise InputError(
             folder, None, "cannot resume, made by a different run: " + "; ".join(diffs)
@@ -245,6 +254,9 @@ def check_compatible(folder: Path, record: dict) -> None:
 
 # A copied encoder folder is the same encoder: the config hash, not the path, identifies it.
 _NOT_COMPARED = {"encoder_folder"}
+# Recorded since a later version: a checkpoint written before lacks them, and is not refused
+# for that.
+_ADDED_LATER = {"data", "seed", "batch_size", "split"}
 
 
 def _show(value) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ REPORTERS = ("none", "wandb", "tensorboard")
 PRECISIONS = ("fp32", "bf16", "fp64")
 OPTIMIZERS = ("adamw", "sgd")
 ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+SEED_MAX = 2**32 - 1  # torch.manual_seed takes more, numpy's seeds and some CUDA generators not
 
 
 def _opt(default, help: str, **kw):
@@ -353,6 +356,8 @@ def validate(opts: Options) -> Options:
         raise InputError("--max-grad-norm", None, f"must be 0 or more, got {opts.max_grad_norm}")
     if opts.lora_r < 1:
         raise InputError("--lora-r", None, f"must be at least 1, got {opts.lora_r}")
+    if not opts.lora_alpha > 0:  # 0 silences the adapters, a negative alpha flips them
+        raise InputError("--lora-alpha", None, f"must be positive, got {opts.lora_alpha}")
     if not 0 <= opts.lora_dropout < 1:
         raise InputError("--lora-dropout", None, f"must be in [0, 1), got {opts.lora_dropout}")
     if not [t for t in opts.lora_targets.split(",") if t.strip()]:
@@ -364,9 +369,19 @@ def validate(opts: Options) -> Options:
             raise InputError(_flag(name), None, f"must be in [0, 1), got {getattr(opts, name)}")
     if opts.valid_frac + opts.test_frac >= 1:
         raise InputError("--valid-frac", None, "valid and test fractions leave no training users")
+    for f in dataclasses.fields(opts):  # inf passes every bound above and trains to NaN
+        value = getattr(opts, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(_flag(f.name), None, f"must be a finite number, got {value}")
+    if not 0 <= opts.seed <= SEED_MAX:
+        raise InputError("--seed", None, f"must be in 0..{SEED_MAX}, got {opts.seed}")
     parse_window(opts.window)
     parse_regress_batch(opts.regress_batch_size)
     parse_count("--cf-refresh", opts.cf_refresh, minimum=0)
+    if not opts.output_dir.strip():
+        raise InputError("--output-dir", None, "is empty; name a folder (e.g. outputs/run)")
+    _check_cache_dir(opts.cache_dir)
+    _check_tracker(opts.report_to)
     if opts.data and not Path(opts.data).is_dir():
         raise InputError(opts.data, None, "data folder not found")
     if opts.encoder and not (Path(opts.encoder) / "config.json").is_file():
@@ -375,6 +390,31 @@ def validate(opts: Options) -> Options:
         raise InputError(opts.config, None, "DeepSpeed config file not found")
     _check_conflicts(opts)
     return opts
+
+
+def _check_cache_dir(cache_dir: str) -> None:
+    """Refuse a ``--cache-dir`` that is a file, or lies under one (creates nothing)."""
+    if not cache_dir:
+        return
+    folder = Path(cache_dir)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file" if existing == folder else f"cannot be created: {existing} is a file"
+        raise InputError("--cache-dir", None, f"{folder} {what}, not a folder")
+
+
+# --report-to: the packages accelerate's tracker imports (TensorBoard: either writer)
+TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
+
+
+def _check_tracker(report_to: str) -> None:
+    """Refuse a tracker whose package is missing: accelerate would only warn and track nothing."""
+    packages = TRACKER_PACKAGES.get(report_to, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise InputError("--report-to", None, f"{report_to} is not installed "
+                         f"(pip install {packages[0]}), or use --report-to none")  # fmt: skip
 
 
 def _check_conflicts(opts: Options) -> None:

@@ -227,6 +227,15 @@ def quiet_stdout():
         raise
 
 
+_TRUE = ("1", "true", "yes", "y", "on", "t")  # what accelerate's str_to_bool takes for true
+
+
+def launcher_cpu_mode() -> bool:
+    """Whether ``accelerate launch --cpu`` started this process: accelerate then builds no
+    DeepSpeed engine whatever the plugin says (and its launcher starts one process)."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in _TRUE
+
+
 def make_accelerator(opts, ds_raw: dict | None):
     """An Accelerator for this run: DeepSpeed plugin when a config is given, gloo without GPUs."""
     import datetime

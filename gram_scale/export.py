@@ -145,6 +145,17 @@ def clear_output_dir(output_dir: str | Path) -> None:
                 entry.unlink()
 
 
+def remove_partials(output_dir: str | Path) -> None:
+    """Remove the unfinished exports (``.partial-*``) that an interrupted run left behind."""
+    out = Path(output_dir)
+    if out.is_dir():
+        for entry in out.glob(".partial-*"):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -1,9 +1,12 @@
 """Stop requests: a signal asks the run to stop at the next step boundary instead of killing it
 mid-step.
 
-While ``StopRequest`` is active, the first of its signals only sets ``received``; the training
-loop checks it after each step (all ranks together, so none waits in a collective for a rank
-that left), writes a checkpoint when checkpoints are on, and raises ``Interrupted``. A second
+While ``StopRequest`` is active (from the first step to the end of the export), the first of
+its signals only sets ``received``; the trainer checks it after each step, after each epoch's
+evaluation, before and after the final evaluation and after the export, every rank at the same
+point through one small all-reduce (so none waits in a collective for a rank that left), writes
+a checkpoint when checkpoints are on (after the export: none is needed), and raises
+``Interrupted``. A second
 signal is handled as the signal's default (Ctrl-C: ``KeyboardInterrupt``) so that a user who
 does not want to wait can still stop the run at once. A repeat within ``grace_s`` of the first
 is ignored: ``accelerate launch`` forwards the Ctrl-C that the terminal already delivered to

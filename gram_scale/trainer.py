@@ -26,10 +26,11 @@ from gram_scale.checkpoint import load as load_checkpoint
 from gram_scale.checkpoint import save as save_checkpoint
 from gram_scale.config import Options
 from gram_scale.data.items import TokenCache
-from gram_scale.data.load import load_data
+from gram_scale.data.load import data_fingerprint, load_data
 from gram_scale.encoder import (
     apply_lora,
     check_encoder_folder,
+    check_tokenizer,
     enable_gradient_checkpointing,
     load_encoder,
     resolve_attention,
@@ -38,6 +39,7 @@ from gram_scale.engine import (
     build_runner,
     check_ds_config,
     in_process_device,
+    launcher_cpu_mode,
     make_accelerator,
     read_ds_config,
 )
@@ -51,6 +53,7 @@ from gram_scale.export import (
     clear_output_dir,
     export_run,
     publish,
+    remove_partials,
     restore_best,
     stage_best,
     take_best,
@@ -113,7 +116,9 @@ def better(valid: dict, best: dict | None, key: str) -> bool:
 
 
 def run_record(opts: Options, encoder: dict, stage: int | None, world: int) -> dict:
-    """What a checkpoint's state depends on, in words; a resume must match it."""
+    """What a checkpoint's state depends on, in words; a resume must match it. The data, seed,
+    batch size and split decide which users train and in which batches: another of them would
+    resume into a different run (a new seed even moves valid and test users into training)."""
     if opts.freeze_encoder:
         training = "frozen"
     elif opts.lora:
@@ -130,6 +135,10 @@ def run_record(opts: Options, encoder: dict, stage: int | None, world: int) -> d
         "cf_model": f"{opts.task}, {cf}",
         "deepspeed": "none" if stage is None else f"ZeRO stage {stage}, {opts.precision}",
         "processes": world,
+        "data": data_fingerprint(opts),
+        "seed": opts.seed,
+        "batch_size": opts.batch_size,
+        "split": task_class(opts.task).split_summary(opts),
     }
 
 
@@ -199,9 +208,11 @@ def export_tensors(accelerator, opts: Options, s: Session, vectors: OwnedVectors
     return (s.encoder.model.state_dict() if opts.lora else None), full
 
 
-def check_valid(accelerator, opts: Options, s: Session, state: TrainState, epoch: int) -> dict:
+def check_valid(accelerator, opts: Options, s: Session, state: TrainState, epoch: int,
+                fault: tuple[str | None, str] = (None, "")) -> dict:  # fmt: skip
     """Valid metrics of the models as they are now; with --save-best a better one is staged as
-    the export, with its test metrics. Every rank calls it.
+    the export, with its test metrics. Every rank calls it. ``fault``: ``_fault``'s, for the
+    tests that stop a run while it stages.
 
     Under Multi-step mid-window this is the encoder as it stands: the window's table updates
     reach it only at the window end (the CF model has already learned on them)."""
@@ -213,9 +224,13 @@ def check_valid(accelerator, opts: Options, s: Session, state: TrainState, epoch
         state.best = {"step": state.step, "epoch": epoch, "valid": valid, "test": test}
         encoder_state, full = export_tensors(accelerator, opts, s, vectors)
         if accelerator.is_main_process:
-            stage_best(opts.output_dir, state.step, lambda tmp: export_run(
-                tmp, s.encoder, s.tokenizer, encoder_state, task.model, s.data.catalogue.ids,
-                full, None, opts))  # fmt: skip
+
+            def write(tmp):
+                export_run(tmp, s.encoder, s.tokenizer, encoder_state, task.model,
+                           s.data.catalogue.ids, full, None, opts)  # fmt: skip
+                _at(fault, f"stage-{state.step}")
+
+            stage_best(opts.output_dir, state.step, write)
     return valid
 
 
@@ -248,6 +263,10 @@ def train(opts: Options) -> dict:
         )
     ds_file = read_ds_config(opts.config)
     stage = None if ds_file is None else check_ds_config(ds_file, opts.config, opts, world)
+    if ds_file is not None and not opts.freeze_encoder and launcher_cpu_mode():
+        raise InputError("--cpu", None, f"accelerate launch --cpu turns DeepSpeed off (and starts "
+                         f"one process), but --config {opts.config} asks for it: launch without "
+                         "--cpu (DeepSpeed runs on CPUs as it is) or use --config none")  # fmt: skip
     encoder_id = check_encoder_folder(opts.resolved_encoder(), opts.max_tokens)
     resolve_attention(opts.attn_implementation, encoder_id["config"], opts.keyed_dropout)
     check_output_dir(opts)
@@ -262,6 +281,7 @@ def train(opts: Options) -> dict:
     candidates = resume_candidates(opts.output_dir, opts.resume)
     for folder in candidates:
         check_compatible(folder, record)
+    check_tokenizer(opts.resolved_encoder(), opts.max_tokens, encoder_id["config"])
 
     accelerator = make_accelerator(opts, ds_raw)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -275,10 +295,12 @@ def train(opts: Options) -> dict:
         data = load_data(opts)
     s = setup(opts, data, accelerator, ds_raw)
     task, runner, strategy, tokens = s.task, s.runner, s.strategy, s.tokens
-    encoder, tokenizer, steps_per_epoch = s.encoder, s.tokenizer, s.steps_per_epoch
+    encoder, steps_per_epoch = s.encoder, s.steps_per_epoch
     total_steps = run_steps(opts, steps_per_epoch)
-    if opts.overwrite_output_dir and accelerator.is_main_process:
-        clear_output_dir(opts.output_dir)  # only now: every check has passed and data loaded
+    if accelerator.is_main_process:  # only now: every check has passed and data loaded
+        if opts.overwrite_output_dir:
+            clear_output_dir(opts.output_dir)
+        remove_partials(opts.output_dir)  # exports an interrupted run left unfinished
     accelerator.wait_for_everyone()
 
     if opts.report_to != "none":
@@ -312,9 +334,18 @@ def train(opts: Options) -> dict:
     history = HistoryLog(
         opts.output_dir, accelerator.is_main_process, state.step if resume_from else None
     )
-    fault, fault_what = _fault_step(rank)
-    # a stop signal: every rank finishes the step, checkpoints and stops (a second one: at once)
+    fault = _fault(rank)
+    # A stop signal, from the first step to the end of the export: every rank finishes what it
+    # is doing (a step, the final evaluation, the export), a checkpoint keeps what was trained,
+    # and the run exits with 128 + the signal's number. A second one stops at once.
     stop = StopRequest(STOP_SIGNALS if opts.save_on_signal else (signal.SIGINT,))
+
+    comm = runner.comm
+
+    def stop_if_asked(when: str = "") -> None:
+        if (signum := _agreed_stop(stop, comm)) is not None:
+            _stop(accelerator, opts, state, record, progress, stop, signum, when)
+
     with stop:
         for epoch in range(state.epoch, opts.epochs):
             task.model.train()
@@ -323,19 +354,18 @@ def train(opts: Options) -> dict:
                     continue
                 if opts.max_steps and state.step >= opts.max_steps:
                     break
-                if state.step == fault:  # fault injection for the resume and error tests
-                    _inject(fault_what)
                 step = state.step
+                _at(fault, f"{step}")  # fault injection for the resume and error tests
                 lrs = {"lr_encoder": runner.lr(), "lr_cf": s.cf.lr()}  # the rates this step uses
                 t = time.perf_counter()
-                # the step's scalars (loss, counts, finite check, traffic, the stop signals the
-                # ranks received) travel in one collective inside the step
-                res = strategy.step(batch.slice(rank, world), step, stop.code(world))
+                # the step's scalars (loss, counts, finite check, traffic) travel in one
+                # collective inside the step
+                res = strategy.step(batch.slice(rank, world), step)
+                _at(fault, f"during-{step}")
                 seconds = time.perf_counter() - t
                 state.train_seconds += seconds
                 totals = res.totals
                 fwd, bwd = totals.item_forwards, totals.item_backwards
-                signals = stop_counts(totals.stop, world)
                 occurrences = batch.occurrences()  # every rank holds the global batch
                 unique = len(torch.unique(batch.items[batch.items >= 0]))
                 counters["occurrences"] += occurrences
@@ -355,7 +385,7 @@ def train(opts: Options) -> dict:
                     and state.step % opts.eval_every == 0
                     and state.step < total_steps
                 ):
-                    valid = check_valid(accelerator, opts, s, state, epoch)
+                    valid = check_valid(accelerator, opts, s, state, epoch, fault)
                     state.evals.append({"step": state.step, "epoch": epoch, "valid": valid})
                     _report_valid(accelerator, opts, valid, f"step {state.step}", state.step)
                     evaluated = {"valid": valid}
@@ -399,41 +429,67 @@ def train(opts: Options) -> dict:
                                     | traffic, step=state.step)  # fmt: skip
                 if opts.save_every and state.step % opts.save_every == 0:
                     _checkpoint(accelerator, state, opts, record)
-                if (signum := agreed_signal(signals)) is not None:
-                    _stop(accelerator, opts, state, record, progress, stop, signum)
+                stop_if_asked()  # a signal that came during this step (or before it)
             if opts.max_steps and state.step >= opts.max_steps and epoch < opts.epochs - 1:
                 break
             if epoch < opts.epochs - 1:
                 if state.evals and state.evals[-1]["step"] == state.step:  # --eval-every's
                     valid = state.evals[-1]["valid"]
                 else:
-                    valid = check_valid(accelerator, opts, s, state, epoch)
+                    valid = check_valid(accelerator, opts, s, state, epoch, fault)
                     _report_valid(accelerator, opts, valid, f"epoch {epoch}", state.step)
                 epochs.append({"epoch": epoch, "step": state.step, "train_seconds": state.train_seconds,
                                "valid": valid})  # fmt: skip
             state.epoch, state.batch_in_epoch = epoch + 1, 0
-    # a signal that came after the last step
-    late = agreed_signal(stop_counts(runner.comm.sum_int(stop.code(world)), world))
-    if late is not None:
-        _stop(accelerator, opts, state, record, progress, stop, late)
-    step, train_seconds = state.step, state.train_seconds
+            if epoch < opts.epochs - 1:
+                stop_if_asked()  # one that came during the epoch's evaluation
+        metrics = _finish(accelerator, opts, s, state, history, progress, fault, stop_if_asked)
+        # the export is complete: a signal that came while it was written ends the run now
+        signum = _agreed_stop(stop, comm)
+        if signum is not None and accelerator.is_main_process:
+            print(f"stopped by {_who(stop, signum)} during the export, after step {state.step}; "
+                  f"the export is complete ({opts.output_dir}/metrics.json)", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        accelerator.wait_for_everyone()
+    # Free the engine before the process group goes (torch 2.13 gloo can abort at exit
+    # otherwise); end_training also closes the trackers.
+    del strategy, runner, s
+    gc.collect()
+    accelerator.end_training()
+    if signum is not None:
+        raise Interrupted("stopped during the export", said=True, code=128 + signum)
+    return metrics
+
+
+def _finish(accelerator, opts: Options, s: Session, state: TrainState, history: HistoryLog,
+            progress, fault: tuple[str | None, str], stop_if_asked) -> dict:  # fmt: skip
+    """After the last step: Multi-step's last window, the final evaluation and the export;
+    returns the metrics. A stop signal before the export keeps the trained state in a
+    checkpoint (``stop_if_asked``), whose resumed run only evaluates and exports."""
+    task, runner, strategy, data = s.task, s.runner, s.strategy, s.data
+    counters, epochs = state.counters, state.epochs
     t = time.perf_counter()
-    tail = strategy.finish(step)  # Multi-step: a last partial window still updates the encoder
-    train_seconds += time.perf_counter() - t
+    tail = strategy.finish(state.step)  # Multi-step: a last partial window updates the encoder
+    state.train_seconds += time.perf_counter() - t
     if tail is not None:
         fwd, bwd = runner.comm.sum_ints([tail.item_forwards, tail.item_backwards])
         counters["item_forwards"] += fwd
         counters["item_backwards"] += bwd
+    # from here on the trained state is final: a checkpoint of it skips training on resume
+    stop_if_asked("before the final evaluation, ")
+    step, train_seconds, world = state.step, state.train_seconds, runner.comm.world
+    _at(fault, "eval")
     # one encode serves valid, test and the exported item vectors
     final = needs_vectors(task, ("valid", "test"), export=opts.export)
     vectors = catalogue_vectors(task, runner) if final else None
     valid = evaluate(task, vectors, "valid")
+    test = evaluate(task, vectors, "test")
+    stop_if_asked("in the final evaluation, ")
+    if progress is not None:
+        progress.close()
     epochs.append(
         {"epoch": len(epochs), "step": step, "train_seconds": train_seconds, "valid": valid}
     )
-    if progress is not None:
-        progress.close()
-    test = evaluate(task, vectors, "test")
     # --save-best: the export (and the metrics that describe it) is the best evaluation's; the
     # last model's when it is the best, or when no evaluation could be scored
     best = state.best
@@ -487,23 +543,20 @@ def train(opts: Options) -> dict:
 
             def write(tmp):
                 take_best(opts.output_dir, tmp)
-                export_run(tmp, None, tokenizer, None, task.model, data.catalogue.ids, None,
+                export_run(tmp, None, s.tokenizer, None, task.model, data.catalogue.ids, None,
                            metrics, opts)  # fmt: skip
+                _at(fault, "export")
         else:
 
             def write(tmp):
-                export_run(tmp, encoder if opts.export else None, tokenizer, encoder_state,
+                export_run(tmp, s.encoder if opts.export else None, s.tokenizer, encoder_state,
                            task.model, data.catalogue.ids, vectors, metrics, opts)  # fmt: skip
+                _at(fault, "export")
 
         publish(opts.output_dir, write)
         shutil.rmtree(Path(opts.output_dir) / BEST_DIR, ignore_errors=True)
         print(f"wrote {opts.output_dir}/metrics.json", flush=True)
     accelerator.wait_for_everyone()
-    # Free the engine before the process group goes (torch 2.13 gloo can abort at exit
-    # otherwise); end_training also closes the trackers.
-    del strategy, runner, s
-    gc.collect()
-    accelerator.end_training()
     return metrics
 
 
@@ -515,17 +568,26 @@ def _peak_rss_per_rank(comm) -> list[int]:
     return [int(v) for v in comm.gather_rows(mine).tolist()]
 
 
-def _fault_step(rank: int) -> tuple[int, str]:
-    """``GRAM_FAULT_KILL=RANK:STEP[:WHAT][,RANK:STEP[:WHAT]...]``: entry k makes that rank fail
-    before that step on elastic attempt k (the first entry on the first attempt, so a restart
-    does not hit the same fault again); WHAT is a signal to send itself (default SIGKILL),
-    ``RuntimeError`` (a bug) or ``OOM``. ``(step, what)``, step -1 when nothing is due."""
+def _fault(rank: int) -> tuple[str | None, str]:
+    """``GRAM_FAULT_KILL=RANK:WHEN[:WHAT][,RANK:WHEN[:WHAT]...]``: entry k makes that rank fail
+    on elastic attempt k (the first entry on the first attempt, so a restart does not hit the
+    same fault again). WHEN: ``N`` before step N (0-based), ``during-N`` inside step N (after
+    its computation), ``stage-N`` while staging the best export after N steps, ``eval`` in the
+    final evaluation, ``export`` while the export is written. WHAT: a signal to send itself
+    (default SIGKILL), ``RuntimeError`` (a bug) or ``OOM``. ``(when, what)``, when None if
+    nothing is due."""
     entries = [e for e in os.environ.get("GRAM_FAULT_KILL", "").split(",") if e]
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if attempt >= len(entries):
-        return -1, "SIGKILL"
-    fault_rank, fault_step, *what = entries[attempt].split(":")
-    return (int(fault_step) if int(fault_rank) == rank else -1), (what[0] if what else "SIGKILL")
+        return None, "SIGKILL"
+    fault_rank, when, *what = entries[attempt].split(":")
+    return (when if int(fault_rank) == rank else None), (what[0] if what else "SIGKILL")
+
+
+def _at(fault: tuple[str | None, str], when: str) -> None:
+    """Inject ``_fault``'s failure if it is due at ``when``."""
+    if fault[0] == when:
+        _inject(fault[1])
 
 
 def _inject(what: str) -> None:
@@ -537,10 +599,24 @@ def _inject(what: str) -> None:
     os.kill(os.getpid(), signal.Signals[what])
 
 
+def _agreed_stop(stop: StopRequest, comm) -> int | None:
+    """The signal the run stops for here, or None. Every rank reads its own flag at the same
+    point of its loop and adds it into one small all-reduce (none on one process), so all of
+    them decide from the same sum: all stop here, or none does."""
+    return agreed_signal(stop_counts(comm.sum_int(stop.code(comm.world)), comm.world))
+
+
+def _who(stop: StopRequest, signum: int) -> str:
+    """The stop signal's name, and whether it came to another process."""
+    name = signal.Signals(signum).name
+    return name if stop.received == signum else f"{name} on another process"
+
+
 def _stop(accelerator, opts: Options, state: TrainState, record: dict, progress,
-          stop: StopRequest, signum: int) -> None:  # fmt: skip
-    """End the run at a step boundary on a stop signal: checkpoint (with --save-on-signal or
-    --save-every), then raise ``Interrupted`` with exit code 128 + the signal number."""
+          stop: StopRequest, signum: int, when: str = "") -> None:  # fmt: skip
+    """End the run on a stop signal, between steps or before the export: checkpoint (with
+    --save-on-signal or --save-every), then raise ``Interrupted`` with exit code 128 + the
+    signal number. ``when``: where the run was, said before "after step N"."""
     where = "no checkpoint written (--no-save-on-signal and --save-every 0)"
     if opts.save_on_signal or opts.save_every:
         path = checkpoint_root(opts.output_dir) / f"step-{state.step:08d}"
@@ -549,9 +625,7 @@ def _stop(accelerator, opts: Options, state: TrainState, record: dict, progress,
         where = f"checkpoint {path} (continue with --resume latest)"
     if progress is not None:
         progress.close()
-    name = signal.Signals(signum).name
-    who = name if stop.received == signum else f"{name} on another process"
-    message = f"stopped by {who} after step {state.step}; {where}"
+    message = f"stopped by {_who(stop, signum)} {when}after step {state.step}; {where}"
     if accelerator.is_main_process:
         # said before the ranks part: a launcher tears the group down when the first one exits
         print(message, file=sys.stderr, flush=True)

@@ -206,6 +206,171 @@ def test_encoder_folder_refused(capsys, kt_dir, tiny_encoder, no_tokenizer, tiny
             "--max-tokens", "100 is more than the 64 token positions")  # fmt: skip
 
 
+def test_damaged_weights_are_named_before_training(capsys, kt_dir, tiny_encoder, tmp_path):
+    out = tmp_path / "out"
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_encoder, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a download that stopped short
+    refused(capsys, common(kt_dir, cut), out, str(weights), "damaged weights file",
+            "truncated")  # fmt: skip
+    weights.write_bytes(b"\x05")
+    refused(capsys, common(kt_dir, cut), out, str(weights), "damaged weights file")
+    # a sharded checkpoint whose index names a shard that is not there
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_encoder, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"embeddings.word_embeddings.weight": "model-00001-of-00002.safetensors",
+                            "pooler.dense.weight": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(capsys, common(kt_dir, sharded), out,
+            str(sharded / "model-00002-of-00002.safetensors"), "missing",
+            "model.safetensors.index.json")  # fmt: skip
+    # torch's zip format, cut short
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_encoder, pickled)
+    (pickled / "model.safetensors").unlink()
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(tiny_encoder / "model.safetensors")), pickled / "pytorch_model.bin")
+    data = (pickled / "pytorch_model.bin").read_bytes()
+    (pickled / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    refused(capsys, common(kt_dir, pickled), out, str(pickled / "pytorch_model.bin"),
+            "damaged weights file")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tiny_encoder, tmp_path_factory) -> Path:
+    """A tiny BERT with a 1,000-row embedding table beside the 30,522-token MiniLM tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("enc-small-vocab") / "bert"
+    config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(folder))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_encoder / name, folder / name)
+    return folder
+
+
+def test_tokenizer_larger_than_the_embedding_table_is_refused(capsys, kt_dir, small_vocab,
+                                                              tmp_path):  # fmt: skip
+    refused(capsys, common(kt_dir, small_vocab), tmp_path / "out", str(small_vocab / "tokenizer.json"),
+            "30522 tokens", "1000 rows of the model's embedding table")  # fmt: skip
+
+
+@pytest.mark.parametrize("max_tokens", ["1", "2"])
+def test_max_tokens_below_the_special_tokens_is_refused(max_tokens, capsys, kt_dir, tiny_encoder,
+                                                        tmp_path):  # fmt: skip
+    # BERT's tokenizer adds [CLS] and [SEP]: 1 was silently ignored, 2 left no text at all
+    refused(capsys, [*common(kt_dir, tiny_encoder), "--max-tokens", max_tokens], tmp_path / "out",
+            "--max-tokens", f"{max_tokens} leaves no room for text", "adds 2 special tokens",
+            "at least 3")  # fmt: skip
+
+
+# ---- numbers, folders and trackers ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra, parts",
+    [
+        (["--lr-cf", "inf"], ["--lr-cf", "finite", "inf"]),
+        (["--lr-encoder", "inf"], ["--lr-encoder", "finite", "inf"]),
+        (["--weight-decay", "inf"], ["--weight-decay", "finite", "inf"]),
+        (["--lora-alpha", "0"], ["--lora-alpha", "must be positive, got 0.0"]),
+        (["--lora-alpha", "-8"], ["--lora-alpha", "must be positive, got -8.0"]),
+        (["--seed", "99999999999999999999"], ["--seed", "0..4294967295", "99999999999999999999"]),
+        (["--seed", "-1"], ["--seed", "0..4294967295", "-1"]),
+    ],
+    ids=[
+        "lr-cf-inf",
+        "lr-encoder-inf",
+        "weight-decay-inf",
+        "lora-alpha-0",
+        "lora-alpha-negative",
+        "seed-huge",
+        "seed-negative",
+    ],  # fmt: skip
+)
+def test_numbers_out_of_range_refused(extra, parts, capsys, kt_dir, tiny_encoder, tmp_path):
+    refused(capsys, [*common(kt_dir, tiny_encoder), *extra], tmp_path / "out", *parts)
+
+
+def test_the_largest_seed_trains(capsys, kt_dir, tiny_encoder, tmp_path):
+    # Multi-step derives its regression shuffle from the seed: the largest one must fit too
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, [*common(kt_dir, tiny_encoder), "--seed", "4294967295",
+                                     "--strategy", "multi", "--window", "1", "--max-steps", "2",
+                                     "--output-dir", str(out)])  # fmt: skip
+    assert code == 0 and err == "", err
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+def test_empty_output_dir_is_refused(capsys, kt_dir, tiny_encoder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it wrote into the current folder: wrote /metrics.json
+    before = snapshot(tmp_path)
+    code, stdout, err = cli(capsys, [*common(kt_dir, tiny_encoder), "--output-dir", ""])
+    assert code == EXIT_INPUT_ERROR, (code, stdout, err)
+    assert_one_line(err, "--output-dir", "is empty")
+    assert snapshot(tmp_path) == before
+
+
+def test_cache_dir_that_is_a_file_is_refused(capsys, kt_dir, tiny_encoder, tmp_path):
+    a_file = tmp_path / "cache"
+    a_file.write_text("not a folder\n")
+    out = tmp_path / "out"
+    refused(capsys, [*common(kt_dir, tiny_encoder), "--cache-dir", str(a_file)], out,
+            "--cache-dir", str(a_file), "is a file")  # fmt: skip
+    refused(capsys, [*common(kt_dir, tiny_encoder), "--cache-dir", str(a_file / "sub")], out,
+            "--cache-dir", f"{a_file} is a file")  # fmt: skip
+
+
+def test_tracker_that_is_not_installed_is_refused(capsys, kt_dir, tiny_encoder, tmp_path,
+                                                  monkeypatch):  # fmt: skip
+    import sys
+
+    for name in ("tensorboard", "tensorboardX"):  # as if neither were installed
+        monkeypatch.setitem(sys.modules, name, None)
+    refused(capsys, [*common(kt_dir, tiny_encoder), "--report-to", "tensorboard"],
+            tmp_path / "out", "--report-to", "tensorboard is not installed",
+            "pip install tensorboard")  # fmt: skip
+
+
+def test_launcher_cpu_mode_with_deepspeed_is_refused(capsys, kt_dir, tiny_encoder, tmp_path,
+                                                     monkeypatch):  # fmt: skip
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu` sets
+    args = [*common(kt_dir, tiny_encoder), "--config", "ds_configs/zero2.json"]
+    refused(capsys, args, tmp_path / "out", "--cpu", "turns DeepSpeed off",
+            "ds_configs/zero2.json")  # fmt: skip
+    # the launcher itself, as the user typed it
+    out = tmp_path / "launched"
+    r = run([*args, "--output-dir", str(out)], processes=2, check=False,
+            launcher_args=["--cpu"])  # fmt: skip
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert lines and "error: --cpu: accelerate launch --cpu turns DeepSpeed off" in lines[0], (
+        r.stderr[-3000:]
+    )
+    assert "AttributeError" not in r.stderr and not out.exists()
+
+
+def test_contradictory_mind_impression_is_refused_with_file_and_line(capsys, news_dir,
+                                                                     tiny_encoder, tmp_path):  # fmt: skip
+    data = tmp_path / "news"
+    shutil.copytree(news_dir, data)
+    behaviors = data / "train" / "behaviors.tsv"
+    rows = behaviors.read_text().splitlines()
+    fields = rows[2].split("\t")
+    news_id, label = fields[4].split()[0].rsplit("-", 1)
+    fields[4] += f" {news_id}-{1 - int(label)}"  # shown once clicked and once not
+    rows[2] = "\t".join(fields)
+    behaviors.write_text("\n".join(rows) + "\n")
+    args = ["--task", "news", "--data", str(data), "--encoder", str(tiny_encoder), "--max-tokens",
+            "16", "--history-len", "10", "--cf-heads", "2", "--batch-size", "8", "--no-progress",
+            "--no-export"]  # fmt: skip
+    refused(capsys, args, tmp_path / "out", f"{behaviors}:3:", repr(news_id),
+            "both clicked and not clicked")  # fmt: skip
+
+
 # ---- flags that cannot work together --------------------------------------------------------
 @pytest.mark.parametrize(
     "extra, parts",
@@ -236,6 +401,31 @@ def test_resume_from_a_different_run_names_what_differs(capsys, finished, kt_dir
             "cf_model: checkpoint kt, 2 LSTM layers, this run kt, 1 LSTM layers")  # fmt: skip
     monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group is made
     refused(capsys, same, finished, "processes: checkpoint 1, this run 2")
+
+
+def test_resume_with_other_data_seed_batch_or_split_is_refused(capsys, finished, kt_dir,
+                                                               tiny_encoder, tmp_path):  # fmt: skip
+    (_, ckpt), *_ = list_checkpoints(finished / "checkpoints")
+    args = [*common(kt_dir, tiny_encoder), "--max-steps", "3", "--resume", str(ckpt)]
+    refused(capsys, [*args, "--seed", "1"], finished, "seed: checkpoint 0, this run 1")
+    refused(capsys, [*args, "--batch-size", "4"], finished, "batch_size: checkpoint 8, this run 4")
+    refused(capsys, [*args, "--valid-frac", "0.2"], finished,
+            "split: checkpoint users valid 0.1, test 0.1; cold items 0.1, this run users valid 0.2")  # fmt: skip
+    # the same files elsewhere are the same data; one changed row is not
+    moved = tmp_path / "moved"
+    shutil.copytree(kt_dir, moved)
+    code, stdout, err = cli(capsys, [*args, "--data", str(moved), "--output-dir",
+                                     str(tmp_path / "copy")])  # fmt: skip
+    assert code == 0 and f"resumed from {ckpt} at step 2" in stdout, err
+    edited = moved / "interactions.csv"
+    rows = edited.read_text().splitlines()
+    user, item, correct, *rest = rows[5].split(",")
+    rows[5] = ",".join([user, item, str(1 - int(correct)), *rest])
+    edited.write_text("\n".join(rows) + "\n")
+    err = refused(capsys, [*args, "--data", str(moved)], finished,
+                  "cannot resume, made by a different run",
+                  "data interactions.csv: checkpoint sha256", "this run sha256")  # fmt: skip
+    assert "data items.csv" not in err  # only the changed file is named
 
 
 def test_resume_from_a_wrong_path(capsys, finished, kt_dir, tiny_encoder, tmp_path):

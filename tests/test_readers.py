@@ -300,17 +300,19 @@ DEV_NEWS = news_line("N3", "rates rise", "banks react") + news_line("N1", "team 
 TRAIN_BEHAVIORS = (
     "1\tU1\t11/11/2019 9:05:58 AM\tN2 N1\tN1-1 N2-0\n2\tU2\t11/11/2019 9:06:00 AM\t\tN2-1\n"
 )
-# Dev impression i shows N3 N1 N2 N3 clicked by the bits of i, so its labels name it.
+# Dev impression i shows N3 N1 N2 clicked by the low 3 bits of i (a news is never both clicked
+# and not), and its history repeats one news 1 + i // 8 times, so labels and history name it.
 DEV_BEHAVIORS = "".join(
-    f"{i}\tU{i}\t11/15/2019 9:00:00 AM\tN{1 + i % 2}\t"
-    + " ".join(f"{n}-{(i >> b) & 1}" for b, n in enumerate(["N3", "N1", "N2", "N3"]))
+    f"{i}\tU{i}\t11/15/2019 9:00:00 AM\t" + " ".join([f"N{1 + i % 2}"] * (1 + i // 8)) + "\t"
+    + " ".join(f"{n}-{(i >> b) & 1}" for b, n in enumerate(["N3", "N1", "N2"]))
     + "\n"
     for i in range(1, 11)
-)
+)  # fmt: skip
 
 
 def dev_number(impression) -> int:
-    return sum(bit << b for b, bit in enumerate(impression.labels.tolist()))
+    bits = sum(bit << b for b, bit in enumerate(impression.labels.tolist()))
+    return bits + 8 * (len(impression.history) - 1)
 
 
 def mind_folder(tmp_path: Path, files: dict[str, str | bytes] | None = None) -> Path:
@@ -438,6 +440,12 @@ MIND_BAD = [
         "unknown news id 'N8' in impressions",
     ),
     ("train/behaviors.tsv", "1\tU1\tt\tN1\t \n", "train/behaviors.tsv:1:", "no impressions"),
+    (
+        "dev/behaviors.tsv",
+        "1\tU1\tt\tN1\tN1-1 N2-0 N1-1\n2\tU2\tt\t\tN2-1 N1-0 N2-0\n",
+        "dev/behaviors.tsv:2:",
+        "news 'N2' is both clicked and not clicked in this impression",
+    ),
     (
         "dev/behaviors.tsv",
         b"1\tU1\tt\tN1\tN1-1\n2\tU1\tt\tN1\x00\tN1-1\n",

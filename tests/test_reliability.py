@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import ROOT, env, history, metrics, run
+from launching import ROOT, env, history, max_diff, metrics, outputs, run
 from tiny import options, params
 
 from gram_scale.checkpoint import TrainState, find_resume, list_checkpoints, save, verify
 from gram_scale.data.load import load_data
-from gram_scale.errors import EXIT_FAILED, EXIT_SIGUSR1, EXIT_TERMINATED
-from gram_scale.trainer import setup
+from gram_scale.errors import EXIT_FAILED, EXIT_SIGUSR1, EXIT_TERMINATED, Interrupted
+from gram_scale.trainer import setup, train
 
 
 def common(kt_dir, encoder, out) -> list[str]:
@@ -53,6 +53,115 @@ def test_sigterm_without_save_on_signal_ends_the_run_at_once(kt_dir, tiny_encode
             check=False, extra_env={"GRAM_FAULT_KILL": "0:2:SIGTERM"})  # fmt: skip
     assert r.returncode == -15  # the default action: killed by the signal, no checkpoint
     assert list_checkpoints(out / "checkpoints") == []
+
+
+# ---- a stop signal in every phase: nothing trained is lost -----------------------------------
+# Multi-step in windows of 3 over 5 steps (the last window, steps 3-4, is closed after the
+# loop), evaluations after steps 2 and 4 with --save-best staging, float64: a run stopped in any
+# phase and resumed must end exactly as this one does uninterrupted.
+PHASES = dict(strategy="multi", window="3", max_steps=5, eval_every=2, save_best=True,
+              export=True, precision="fp64")  # fmt: skip
+
+
+def train_in_process(kt_dir, encoder, out, **kw) -> dict:
+    return train(options(data=str(kt_dir), encoder=str(encoder), output_dir=str(out), **kw))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(kt_dir, tiny_encoder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phases") / "full"
+    train_in_process(kt_dir, tiny_encoder, out, **PHASES)
+    return out
+
+
+def stopped_in(phase: str, kt_dir, encoder, out, monkeypatch, capsys) -> str:
+    """Run ``PHASES`` with SIGTERM sent at ``phase`` (a ``GRAM_FAULT_KILL`` WHEN); the one line
+    said on stderr."""
+    monkeypatch.setenv("GRAM_FAULT_KILL", f"0:{phase}:SIGTERM")
+    capsys.readouterr()
+    with pytest.raises(Interrupted) as stopped:
+        train_in_process(kt_dir, encoder, out, **PHASES)
+    monkeypatch.delenv("GRAM_FAULT_KILL")
+    assert stopped.value.code == EXIT_TERMINATED and stopped.value.said
+    return one_line(capsys.readouterr().err)
+
+
+def assert_same_end(full: Path, out: Path) -> None:
+    """The same exports, metrics and history as the uninterrupted run; no unfinished export."""
+    assert max_diff(outputs(full), outputs(out)) < 1e-10
+    a, b = metrics(full), metrics(out)
+    for key in ("valid", "test", "steps", "counters", "best_step", "evals"):
+        assert a[key] == b[key], key
+    assert [h["step"] for h in history(out)] == list(range(PHASES["max_steps"]))
+    assert not list(out.glob(".partial-*")) and not (out / ".best").exists()
+
+
+def test_a_signal_during_a_step_stops_after_that_step(uninterrupted, kt_dir, tiny_encoder,
+                                                      tmp_path, monkeypatch, capsys):  # fmt: skip
+    """SIGTERM inside step 2 (after its collective): step 2 is the last one trained, not step 3,
+    and the resumed run ends as the uninterrupted one."""
+    out = tmp_path / "run"
+    line = stopped_in("during-2", kt_dir, tiny_encoder, out, monkeypatch, capsys)
+    assert "stopped by SIGTERM after step 3;" in line and "step-00000003" in line
+    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [3]
+    assert [h["step"] for h in history(out)] == [0, 1, 2]
+    train_in_process(kt_dir, tiny_encoder, out, resume="latest", **PHASES)
+    assert_same_end(uninterrupted, out)
+
+
+def test_a_signal_while_staging_the_best_keeps_it(uninterrupted, kt_dir, tiny_encoder, tmp_path,
+                                                  monkeypatch, capsys):  # fmt: skip
+    """SIGTERM while the best export after step 2 is staged: the staging finishes and goes into
+    the step-2 checkpoint."""
+    out = tmp_path / "run"
+    line = stopped_in("stage-2", kt_dir, tiny_encoder, out, monkeypatch, capsys)
+    assert "stopped by SIGTERM after step 2;" in line
+    ((step, folder),) = list_checkpoints(out / "checkpoints")
+    assert step == 2 and verify(folder) is None
+    assert (folder / "best" / "best.json").is_file()
+    train_in_process(kt_dir, tiny_encoder, out, resume="latest", **PHASES)
+    assert_same_end(uninterrupted, out)
+
+
+def test_a_signal_in_the_final_evaluation_keeps_the_trained_state(uninterrupted, kt_dir,
+                                                                  tiny_encoder, tmp_path,
+                                                                  monkeypatch, capsys):  # fmt: skip
+    """SIGTERM in the final evaluation: a checkpoint of all 5 steps (the last window closed), no
+    export; the resumed run trains nothing, evaluates and exports."""
+    out = tmp_path / "run"
+    line = stopped_in("eval", kt_dir, tiny_encoder, out, monkeypatch, capsys)
+    assert "stopped by SIGTERM in the final evaluation, after step 5;" in line
+    assert "--resume latest" in line
+    ((step, folder),) = list_checkpoints(out / "checkpoints")
+    assert step == 5 and verify(folder) is None and not (out / "metrics.json").exists()
+    capsys.readouterr()
+    train_in_process(kt_dir, tiny_encoder, out, resume="latest", **PHASES)
+    assert f"resumed from {folder} at step 5" in capsys.readouterr().out
+    assert_same_end(uninterrupted, out)
+
+
+def test_a_signal_during_the_export_lets_it_finish(uninterrupted, kt_dir, tiny_encoder, tmp_path,
+                                                   monkeypatch, capsys):  # fmt: skip
+    out = tmp_path / "run"
+    line = stopped_in("export", kt_dir, tiny_encoder, out, monkeypatch, capsys)
+    assert line == (f"stopped by SIGTERM during the export, after step 5; the export is complete "
+                    f"({out}/metrics.json)")  # fmt: skip
+    assert list_checkpoints(out / "checkpoints") == []  # the export holds everything
+    assert_same_end(uninterrupted, out)
+
+
+def test_killed_in_the_export_the_resume_tidies_up_and_only_exports(kt_dir, tiny_encoder,
+                                                                    tmp_path):  # fmt: skip
+    out = tmp_path / "run"
+    args = [*common(kt_dir, tiny_encoder, out), "--export", "--max-steps", "4", "--save-every", "4"]
+    r = run(args, check=False, extra_env={"GRAM_FAULT_KILL": "0:export"})  # SIGKILL mid-export
+    assert r.returncode == -9, r.stderr[-3000:]
+    assert list(out.glob(".partial-*")) and not (out / "metrics.json").exists()
+    r = run([*args, "--resume", "latest"])
+    assert "at step 4" in r.stdout
+    assert not list(out.glob(".partial-*"))
+    assert metrics(out)["steps"] == 4 and [h["step"] for h in history(out)] == [0, 1, 2, 3]
+    assert (out / "encoder" / "model.safetensors").is_file()
 
 
 # ---- honest errors --------------------------------------------------------------------------

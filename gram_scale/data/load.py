@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -14,10 +15,16 @@ def default_data_dir(opts) -> Path:
     from gram_scale.tasks import task_class
 
     task = task_class(opts.task)
-    sizes = task.default_sizes
-    tag = "-".join(f"{v}" for v in sizes.values())
-    folder = opts.resolved_cache_dir() / f"synthetic-{opts.task}-{tag}-seed0"
-    return generate_once(folder, lambda tmp: task.write_default(tmp, seed=0, **sizes))
+    folder = opts.resolved_cache_dir() / _default_name(opts.task)
+    return generate_once(folder, lambda tmp: task.write_default(tmp, seed=0, **task.default_sizes))
+
+
+def _default_name(task_name: str) -> str:
+    """The built-in set's folder name: task, generator sizes and seed fix its content."""
+    from gram_scale.tasks import task_class
+
+    tag = "-".join(f"{v}" for v in task_class(task_name).default_sizes.values())
+    return f"synthetic-{task_name}-{tag}-seed0"
 
 
 def generate_once(folder: Path, write: Callable[[Path], None]) -> Path:
@@ -47,3 +54,29 @@ def load_data(opts):
 
     folder = Path(opts.data) if opts.data else default_data_dir(opts)
     return task_class(opts.task).load(folder, opts)
+
+
+def data_fingerprint(opts) -> dict[str, str]:
+    """What the run's data is, file by file (``name: sha256 <12 hex>, <bytes> bytes``), for the
+    run record a resume compares: the same files moved elsewhere match, an edited one does not.
+    The built-in set is named instead: its generator and seed fix it. Files missing here are
+    left to the reader to report."""
+    from gram_scale.tasks import task_class
+
+    if not opts.data:
+        return {"built-in": _default_name(opts.task)}
+    folder = Path(opts.data)
+    found = {}
+    for name in task_class(opts.task).data_files(folder):
+        path = folder / name
+        if path.is_file():
+            found[name] = f"sha256 {_sha256(path)[:12]}, {path.stat().st_size} bytes"
+    return found
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -107,6 +107,16 @@ def _impression_problem(path: Path, line: int, tokens: list[str], index: dict[st
         zero_one(path, line, "label", label)
 
 
+def _contradiction_problem(path: Path, line: int, parts: list[tuple[str, str, str]]) -> None:
+    """Raise for a news listed in one impression as both clicked and not clicked (a repeat with
+    the same label is harmless)."""
+    seen: dict[str, str] = {}
+    for news_id, _, label in parts:
+        if seen.setdefault(news_id, label) != label:
+            raise InputError(path, line, f"news {quote(news_id)} is both clicked and not clicked "
+                             "in this impression")  # fmt: skip
+
+
 def _read_behaviors(
     path: Path,
     index: dict[str, int],
@@ -153,6 +163,8 @@ def _read_behaviors(
             flags = [label for _, _, label in parts]
             if None in rows or not _LABELS.issuperset(flags):
                 _impression_problem(path, line, tokens, index)
+            if len(set(rows)) < len(rows):
+                _contradiction_problem(path, line, parts)
             labels.extend(flag == "1" for flag in flags)
         else:
             rows = [get(token) for token in tokens]

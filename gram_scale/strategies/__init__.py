@@ -1,5 +1,5 @@
 """GRAM strategies, found by name in one registry; each implements the ``Strategy`` protocol
-(``gram_scale.strategies.base``): ``step(batch, step, stop) -> StepResult``, ``finish``,
+(``gram_scale.strategies.base``): ``step(batch, step) -> StepResult``, ``finish``,
 ``state_dict``, ``load_state_dict``. The command line's ``--strategy`` choices come from here."""
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ class Totals:
     loss: float  # global mean loss
     item_forwards: int  # encoder rows encoded, all ranks
     item_backwards: int  # encoder rows back-propagated, all ranks
-    stop: int  # the ranks' stop signals, summed codes (``signals.stop_counts`` reads them)
     bytes_sent: list[int]  # per rank: item bytes of the step, to other ranks
     bytes_received: list[int]  # per rank: item bytes of the step, from other ranks
 
@@ -62,7 +61,7 @@ class Strategy(Protocol):
 
     name: str
 
-    def step(self, batch: Batch, step: int, stop: int = 0) -> StepResult:
+    def step(self, batch: Batch, step: int) -> StepResult:
         """One training step on this rank's slice of the global batch."""
         ...
 
@@ -110,10 +109,10 @@ class CFUpdate:
         return float(loss_sum.detach()), count, leaf.grad
 
     def agree(
-        self, loss_sum: float, count: int, grads: torch.Tensor, plan: Plan, stop: int
+        self, loss_sum: float, count: int, grads: torch.Tensor, plan: Plan
     ) -> tuple[Totals, torch.Tensor]:
         """The step's one scalar collective: loss, loss terms, the finite check, encoder row
-        counts, stop signals and per-rank traffic. Scales the CF and item gradients by the global
+        counts and per-rank traffic. Scales the CF and item gradients by the global
         count when the step goes ahead; returns the totals and the scaled item gradients."""
         bad = not math.isfinite(loss_sum) or not bool(torch.isfinite(grads).all())
         cf_grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -121,7 +120,7 @@ class CFUpdate:
             bad = not bool(torch.isfinite(torch.nn.utils.get_total_norm(cf_grads)))
         sent, received = self.comm.take_train_traffic()
         local = [loss_sum, count, int(bad), plan.forwards_ok, plan.backwards_ok,
-                 plan.forwards_skipped, plan.backwards_skipped, int(stop),
+                 plan.forwards_skipped, plan.backwards_skipped,
                  *self.comm.per_rank(sent), *self.comm.per_rank(received),
                  *self.comm.per_rank(plan.traffic_ok[0]), *self.comm.per_rank(plan.traffic_ok[1])]  # fmt: skip
         v = self.comm.sum_floats(local)
@@ -134,9 +133,8 @@ class CFUpdate:
             loss=v[0] / total,
             item_forwards=int(v[3] if ok else v[5]),
             item_backwards=int(v[4] if ok else v[6]),
-            stop=int(v[7]),
-            bytes_sent=[int(a + ok * b) for a, b in zip(v[8 : 8 + w], v[8 + 2 * w : 8 + 3 * w])],
-            bytes_received=[int(a + ok * b) for a, b in zip(v[8 + w : 8 + 2 * w], v[8 + 3 * w :])],
+            bytes_sent=[int(a + ok * b) for a, b in zip(v[7 : 7 + w], v[7 + 2 * w : 7 + 3 * w])],
+            bytes_received=[int(a + ok * b) for a, b in zip(v[7 + w : 7 + 2 * w], v[7 + 3 * w :])],
         )
         if ok:
             for p in self.model.parameters():

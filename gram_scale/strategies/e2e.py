@@ -15,7 +15,7 @@ class EndToEnd:
     def __init__(self, runner, cf: CFUpdate, opts, steps_per_epoch: int):
         self.runner, self.cf, self.comm = runner, cf, runner.comm
 
-    def step(self, batch: Batch, step: int, stop: int = 0) -> StepResult:
+    def step(self, batch: Batch, step: int) -> StepResult:
         """One optimizer step of encoder and CF model."""
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
         rows, index = occurrence_index(batch.items)
@@ -24,7 +24,7 @@ class EndToEnd:
         loss_sum, count, g = self.cf.loss_and_item_grads(batch, h[: piece.real].detach(), index)
         trains = piece.real if self.runner.trainable else 0
         plan = Plan(piece.real, trains, piece.real)
-        totals, g = self.cf.agree(loss_sum, count, g, plan, stop)
+        totals, g = self.cf.agree(loss_sum, count, g, plan)
         applied = False  # the encoder's step: its gradient may still be non-finite
         if not totals.ok:  # skip: no optimizer moves, the graph is dropped
             self.cf.discard()

@@ -66,7 +66,8 @@ def regress_batches(touched: int, steps: int, size: int | None) -> int:
 def regress_order(items: torch.Tensor, seed: int, window: int, pass_: int) -> torch.Tensor:
     """The window's touched items (sorted, global) in the order of one regression pass: a
     shuffle drawn from (seed, window, pass) alone, the same on every rank and every resume."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + window) * 65_537 + pass_)
+    # modulo torch's 64-bit seed range: a large --seed would overflow it (smaller ones unchanged)
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + window) * 65_537 + pass_) % 2**64)
     return items[torch.randperm(len(items), generator=g)]
 
 
@@ -145,7 +146,7 @@ class MultiStep:
             ex = ItemExchange(self.comm, local)
             rows = ex.fetch(vecs[torch.searchsorted(keys, ex.served).to(vecs.device)])
             loss_sum, count, g = self.cf.loss_and_item_grads(mine, rows, index)
-            totals, _ = self.cf.agree(loss_sum, count, g, Plan(0, 0, 0), 0)
+            totals, _ = self.cf.agree(loss_sum, count, g, Plan(0, 0, 0))
             if totals.ok:  # at the current rate: the schedule counts training steps only
                 self.cf.step(schedule=False)
             else:
@@ -194,7 +195,7 @@ class MultiStep:
             raise RuntimeError("an item of the window is missing from its prefilled cache")
         return vecs[pos.to(vecs.device)]
 
-    def step(self, batch: Batch, step: int, stop: int = 0) -> StepResult:
+    def step(self, batch: Batch, step: int) -> StepResult:
         """One CF step; at a window boundary also the encoder update."""
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
         window = step // self.window
@@ -213,7 +214,7 @@ class MultiStep:
         filled += refilled
         plan = Plan(filled + regress * len(self.table), regress * len(self.table),
                     filled + regress * held, regress * held, ex.grad_traffic())  # fmt: skip
-        totals, g = self.cf.agree(loss_sum, count, g, plan, stop)
+        totals, g = self.cf.agree(loss_sum, count, g, plan)
         if not totals.ok:  # CF optimizer and table untouched; the window schedule goes on
             self.cf.discard()
             self.table.truncate(held)

@@ -28,7 +28,7 @@ class SingleStep:
         self.runner, self.cf, self.comm = runner, cf, runner.comm
         self.chunk = opts.encoder_batch_size
 
-    def step(self, batch: Batch, step: int, stop: int = 0) -> StepResult:
+    def step(self, batch: Batch, step: int) -> StepResult:
         """One optimizer step of encoder and CF model."""
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
         local, index = unique_index(batch.items)
@@ -44,7 +44,7 @@ class SingleStep:
         loss_sum, count, g = self.cf.loss_and_item_grads(batch, rows, index)
         trains = len(ex.served) if self.runner.trainable else 0
         plan = Plan(len(ex.served), trains, len(ex.served), traffic_ok=ex.grad_traffic())
-        totals, g = self.cf.agree(loss_sum, count, g, plan, stop)
+        totals, g = self.cf.agree(loss_sum, count, g, plan)
         applied = False  # the encoder's step: its gradient may still be non-finite
         if not totals.ok:  # skip: no optimizer moves, the graph is dropped
             self.cf.discard()

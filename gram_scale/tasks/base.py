@@ -36,8 +36,18 @@ class Task(Protocol):
         ...
 
     @staticmethod
+    def data_files(folder) -> list:
+        """The files of a data folder that ``load`` reads (relative paths)."""
+        ...
+
+    @staticmethod
     def cf_summary(opts) -> str:
         """The CF model in words."""
+        ...
+
+    @staticmethod
+    def split_summary(opts) -> str:
+        """How the data is split, in words (the options that move users between splits)."""
         ...
 
     @staticmethod

@@ -78,9 +78,19 @@ class KTTask:
                        test_frac=opts.test_frac, cold_frac=opts.cold_frac)  # fmt: skip
 
     @staticmethod
+    def data_files(folder) -> list:
+        """The files ``load`` reads."""
+        return ["items.csv", "interactions.csv"]
+
+    @staticmethod
     def cf_summary(opts) -> str:
         """The CF model in words (for the run record a resume compares)."""
         return f"{opts.cf_layers} LSTM layers"
+
+    @staticmethod
+    def split_summary(opts) -> str:
+        """The user split and cold items in words (for the run record a resume compares)."""
+        return f"users valid {opts.valid_frac}, test {opts.test_frac}; cold items {opts.cold_frac}"
 
     @staticmethod
     def size_stats(data) -> dict:

@@ -71,9 +71,24 @@ class NewsTask:
         return load_mind(folder, use_abstract=opts.use_abstract, seed=opts.seed)
 
     @staticmethod
+    def data_files(folder) -> list:
+        """The files ``load`` reads (test/ only with its behaviors.tsv)."""
+        from pathlib import Path
+
+        splits = ["train", "dev"]
+        if (Path(folder) / "test" / "behaviors.tsv").is_file():
+            splits.append("test")
+        return [f"{split}/{name}" for split in splits for name in ("news.tsv", "behaviors.tsv")]
+
+    @staticmethod
     def cf_summary(opts) -> str:
         """The CF model in words (for the run record a resume compares)."""
         return f"{opts.cf_heads} heads"
+
+    @staticmethod
+    def split_summary(opts) -> str:
+        """The splits in words: MIND's folders, without test/ dev cut in halves by --seed."""
+        return "MIND folders"
 
     @staticmethod
     def size_stats(data) -> dict:
