@@ -90,6 +90,14 @@ class Comm:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def max_ints(self, values: list[int]) -> list[int]:
+        """Element-wise maxima of integers over ranks, in one collective."""
+        if self.world == 1:
+            return [int(v) for v in values]
+        t = torch.tensor(values, dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [int(v) for v in t.tolist()]
+
     def all_reduce_(self, tensors) -> None:
         """In-place sum over ranks."""
         if self.world == 1:
@@ -227,10 +235,12 @@ class ItemExchange:
 
 @dataclass
 class Piece:
-    """One encoder call: the rows to encode and how many of them are real (0: padding)."""
+    """One encoder call: the rows to encode and how many of them are real (0: padding), and
+    where the real rows sit in the items the calls cover (``index``)."""
 
     items: torch.Tensor
     real: int
+    index: torch.Tensor | None = None
 
     def pad(self, grads: torch.Tensor) -> torch.Tensor:
         """Gradients for every encoded row: zeros for the padding row."""
@@ -242,18 +252,44 @@ class Piece:
 _DUMMY = torch.zeros(1, dtype=torch.long)  # catalogue row 0 exists in every catalogue
 
 
-def pieces(comm: Comm, items: torch.Tensor, chunk: int | None = None) -> list[Piece]:
-    """Encoder calls over ``items`` (all in one call, or ``chunk`` rows each), padded with a
-    dummy row so that every rank makes the same number of calls: one without ``chunk``, the
-    largest count over ranks with it."""
-    if chunk is None:
-        return [Piece(items, len(items)) if len(items) else Piece(_DUMMY, 0)]
-    n = comm.max_int(-(-len(items) // chunk))
-    out = []
-    for c in range(n):
-        part = items[c * chunk : (c + 1) * chunk]
-        out.append(Piece(part, len(part)) if len(part) else Piece(_DUMMY, 0))
+def pieces(
+    comm: Comm,
+    items: torch.Tensor,
+    chunk: int | None = None,
+    cuts: list[torch.Tensor] | None = None,
+) -> list[Piece]:
+    """Encoder calls over ``items`` (all in one call; ``chunk`` rows each, in order; or one per
+    position tensor of ``cuts``), padded with a dummy row so that every rank makes the same
+    number of calls: one for a single call, the largest count over ranks otherwise."""
+    if chunk is None and cuts is None:
+        return [Piece(items, len(items), torch.arange(len(items))) if len(items)
+                else Piece(_DUMMY, 0, torch.zeros(0, dtype=torch.long))]  # fmt: skip
+    if cuts is None:
+        cuts = list(torch.arange(len(items)).split(chunk))
+    return padded_calls(items, cuts, comm.max_int(len(cuts)))
+
+
+def padded_calls(items: torch.Tensor, cuts: list[torch.Tensor], n: int) -> list[Piece]:
+    """``n`` encoder calls: one per position tensor of ``cuts``, then dummy calls (``n`` is the
+    agreed count over ranks)."""
+    out = [Piece(items[pos], len(pos), pos) for pos in cuts if len(pos)]
+    empty = torch.zeros(0, dtype=torch.long)
+    return out + [Piece(_DUMMY, 0, empty) for _ in range(n - len(out))]
+
+
+def in_order(calls: list[Piece], outs: list[torch.Tensor], n: int) -> torch.Tensor:
+    """The real rows of the calls' outputs, back in the order of the ``n`` items they cover."""
+    first = outs[0]
+    out = first.new_empty((n, *first.shape[1:]))
+    for piece, h in zip(calls, outs):
+        out[piece.index.to(out.device)] = h[: piece.real]
     return out
+
+
+def by_call(calls: list[Piece], rows: torch.Tensor) -> list[torch.Tensor]:
+    """``rows`` (one per covered item, in the items' order) as each call needs them: its real
+    rows in its order, then zeros for its padding row."""
+    return [c.pad(rows[c.index.to(rows.device)]) for c in calls]
 
 
 def owned(comm: Comm, items: torch.Tensor) -> torch.Tensor:

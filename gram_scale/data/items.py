@@ -60,6 +60,31 @@ class TokenCache:
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         return ids, mask
 
+    def cut(self, items: torch.Tensor, max_rows: int, max_tokens: int = 0) -> list[torch.Tensor]:
+        """The chunk rule of every encode: positions into ``items``, sorted by token length
+        (stable), cut where a chunk would pass ``max_rows`` rows or ``max_tokens`` padded tokens
+        (rows x its longest text; 0 = no cap). Sorting keeps short texts from being padded to
+        long ones; a text longer than the cap gets a chunk of its own."""
+        lengths = self.lengths[items.cpu()]
+        order = torch.argsort(lengths, stable=True)
+        sizes, rows = [], 0
+        for length in lengths[order].tolist():  # ascending: the newest row is the longest
+            if rows and (rows == max_rows or (max_tokens and (rows + 1) * length > max_tokens)):
+                sizes.append(rows)
+                rows = 0
+            rows += 1
+        if rows:
+            sizes.append(rows)
+        return list(order.split(sizes))
+
+    def padded_tokens(self, items: torch.Tensor) -> tuple[int, int]:
+        """``(real, padded)`` tokens of one encoder call over ``items``: their lengths summed,
+        and rows x the longest (what the call computes)."""
+        lengths = self.lengths[items.cpu()]
+        if not len(lengths):
+            return 0, 0
+        return int(lengths.sum()), len(lengths) * int(lengths.max())
+
     def mean_tokens(self) -> float:
         """Average tokens per item (drives the encoder cost per item)."""
         return float(self.lengths.float().mean()) if len(self.lengths) else 0.0
