@@ -41,7 +41,9 @@ class TrainState:
         self.epoch = 0
         self.batch_in_epoch = 0  # batches of ``epoch`` already trained
         self.train_seconds = 0.0
-        self.counters = {"occurrences": 0, "unique": 0, "item_forwards": 0, "item_backwards": 0}
+        self.counters = {"occurrences": 0, "unique": 0, "item_forwards": 0, "item_backwards": 0,
+                         "tokens_forward": 0, "padded_forward": 0, "tokens_backward": 0,
+                         "padded_backward": 0}  # fmt: skip
         self.epochs: list[dict] = []
         self.skipped_steps = 0
         self.bad_in_a_row = 0

@@ -129,6 +129,13 @@ class Options:
     encoder_batch_size: int = _opt(
         64, "items per encoder call: bounds encoder memory (Single-step, window ends, evaluation)"
     )
+    encoder_tokens: int = _opt(
+        8192,
+        "the encoder's memory budget in padded tokens (rows x longest text): no encoder call "
+        "holds more, and Single-step keeps a step's whole encoder graph (one forward per item) "
+        "when its calls hold at most this many, else it re-encodes chunk by chunk; 0 = calls cut "
+        "by rows only, and Single-step keeps the graph only of a step that fits one call",
+    )
     encoder_epochs: int = _opt(1, "multi: regression passes over the window's items")
     regress_batch_size: str = _opt(
         "auto",
@@ -324,6 +331,9 @@ def validate(opts: Options) -> Options:
     for name in positive:
         if getattr(opts, name) < 1:
             raise InputError(_flag(name), None, f"must be at least 1, got {getattr(opts, name)}")
+    if opts.encoder_tokens and opts.encoder_tokens < opts.max_tokens:
+        why = f"must be 0 or at least --max-tokens ({opts.max_tokens}), got {opts.encoder_tokens}"
+        raise InputError("--encoder-tokens", None, why)
     if opts.max_bad_steps < 0:
         raise InputError("--max-bad-steps", None, f"must be 0 or more, got {opts.max_bad_steps}")
     if opts.dist_timeout < 1:

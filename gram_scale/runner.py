@@ -1,5 +1,9 @@
 """The encoder runner: encodes item rows in chunks, back-propagates a surrogate with given item
-gradients, steps the optimizer. Two back ends: plain torch (with a manual gradient sum across
+gradients, steps the optimizer, and keeps a frozen encoder's vectors (each item encoded once per
+run).
+
+Every encode cuts its items by one chunk rule (``TokenCache.cut``): sorted by token length, at
+most ``--encoder-batch-size`` rows and ``--encoder-tokens`` padded tokens a call. Two back ends: plain torch (with a manual gradient sum across
 ranks, i.e. DDP semantics) and a DeepSpeed ZeRO engine prepared by Accelerate, whose
 backward/step we call ourselves because GRAM needs several backward passes per update.
 """
@@ -9,7 +13,37 @@ from __future__ import annotations
 import torch
 
 from gram_scale.encoder import ContentEncoder, row_keys
-from gram_scale.exchange import Comm, OwnedVectors, owned, pieces
+from gram_scale.exchange import Comm, OwnedVectors, Piece, in_order, owned, pieces
+
+# token counters of the encoder's work: real tokens and padded tokens (rows x the call's longest
+# text, what the encoder computes), forward (every call, recomputes included) and backward
+TOKEN_COUNTERS = ("tokens_forward", "padded_forward", "tokens_backward", "padded_backward")
+
+
+class FrozenCache:
+    """Eval-mode vectors of a frozen encoder's items, filled on first use: its weights never
+    change, so each item is encoded once per run."""
+
+    def __init__(self, n_items: int, dim: int, dtype: torch.dtype, device: torch.device):
+        self.slot = torch.full((n_items,), -1, dtype=torch.long)  # row of each item, -1: none
+        self.vectors = torch.zeros(0, dim, dtype=dtype, device=device)
+
+    def missing(self, items: torch.Tensor) -> torch.Tensor:
+        """The distinct items not yet held (sorted)."""
+        u = torch.unique(items.cpu())
+        return u[self.slot[u] < 0]
+
+    def add(self, items: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Hold the vectors of new items."""
+        self.slot[items] = torch.arange(len(items)) + len(self.vectors)
+        self.vectors = torch.cat([self.vectors, vectors.detach()])
+
+    def get(self, items: torch.Tensor) -> torch.Tensor:
+        """The held vectors of ``items`` (every one held), in their order."""
+        return self.vectors[self.slot[items.cpu()].to(self.vectors.device)]
+
+    def __len__(self) -> int:
+        return len(self.vectors)
 
 
 class EncoderRunner:
@@ -26,17 +60,26 @@ class EncoderRunner:
         self.comm = comm
         self.device = comm.device
         self.chunk = opts.encoder_batch_size
+        self.max_tokens = opts.encoder_tokens  # padded tokens a call (and a kept graph) may hold
         self.keyed = opts.keyed_dropout
         self.seed = opts.seed
         self.trainable = not opts.freeze_encoder
         self.dtype = opts.vector_dtype()  # of the vectors handed to the CF model
         # bf16 without DeepSpeed: float32 weights, the encoder's matrix products in bf16
         self.autocast = opts.precision == "bf16" and engine is None
-        self.item_forwards = 0
+        self.item_forwards = 0  # every row encoded for training, a second pass's included
         self.item_backwards = 0
-        self.item_recomputes = 0  # rows encoded a second time, with gradient (chunked Single-step)
+        self.item_recomputes = 0  # of those, rows encoded a second time, with gradient
+        self.token_counts = dict.fromkeys(TOKEN_COUNTERS, 0)
+        self._tokens_taken = dict.fromkeys(TOKEN_COUNTERS, 0)
+        self.frozen = (
+            None
+            if self.trainable
+            else FrozenCache(len(tokens.lengths), encoder.dim, self.dtype, self.device)
+        )
         self._pending_backward = False
-        self.peak_activation_bytes = 0  # largest encoder graph kept for a backward (activations)
+        self.peak_activation_bytes = 0  # most encoder graph kept for backwards (activations)
+        self._alive = 0  # bytes of the graphs encoded with gradient and not yet back-propagated
 
     @property
     def lockstep(self) -> bool:
@@ -98,9 +141,81 @@ class EncoderRunner:
                     if keys is not None
                     else self.module(ids, mask)
                 )
-        self.peak_activation_bytes = max(self.peak_activation_bytes, saved[0])
+        if grad and self.trainable:  # graphs kept together (Single-step's one pass, E2E) add up
+            self._alive += saved[0]
+            self.peak_activation_bytes = max(self.peak_activation_bytes, self._alive)
+        self._count_tokens("forward", items, count)
         self.item_forwards += len(items) if count is None else count
         return out.to(self.dtype)
+
+    def _count_tokens(self, way: str, items: torch.Tensor | None, count: int | None) -> None:
+        if items is None:
+            return
+        real, padded = self.tokens.padded_tokens(items[: len(items) if count is None else count])
+        self.token_counts["tokens_" + way] += real
+        self.token_counts["padded_" + way] += padded
+
+    def take_tokens(self) -> list[int]:
+        """This rank's token counters (``TOKEN_COUNTERS`` order) since the last call."""
+        out = [self.token_counts[k] - self._tokens_taken[k] for k in TOKEN_COUNTERS]
+        self._tokens_taken = dict(self.token_counts)
+        return out
+
+    def cut(self, items: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's chunks of ``items`` by the chunk rule (positions into ``items``); local,
+        no collective."""
+        return self.tokens.cut(items, self.chunk, self.max_tokens)
+
+    def calls(self, items: torch.Tensor, cuts: list[torch.Tensor] | None = None) -> list[Piece]:
+        """The encoder calls over this rank's ``items`` by the chunk rule (or ``cuts``), padded
+        so that every rank makes as many (one scalar collective)."""
+        return pieces(self.comm, items, cuts=self.cut(items) if cuts is None else cuts)
+
+    def graph_tokens(self, cuts: list[torch.Tensor], items: torch.Tensor) -> int:
+        """Padded tokens of the calls ``cuts`` makes over ``items``: what keeping all their
+        graphs at once holds, against ``--encoder-tokens``."""
+        return sum(self.tokens.padded_tokens(items[pos])[1] for pos in cuts)
+
+    def vectors(self, items: torch.Tensor, salt: int | None) -> torch.Tensor:
+        """Vectors (no gradient) of this rank's ``items`` in their order, encoded in chunks;
+        every rank calls it together. A frozen encoder's come from the run's cache: an item is
+        encoded once per run, in eval mode (no dropout, so the frozen baseline is
+        deterministic), and counted then."""
+        if self.frozen is not None:
+            self._fill_frozen(items, counted=True)
+            return self.frozen.get(items)
+        calls = self.calls(items)
+        outs = [self.encode(c.items, salt, grad=False, count=c.real) for c in calls]
+        return in_order(calls, outs, len(items)) if calls else self.empty()
+
+    def empty(self) -> torch.Tensor:
+        """No vectors: a ``[0, dim]`` tensor of the vectors' dtype and device."""
+        return torch.zeros(0, self.encoder.dim, dtype=self.dtype, device=self.device)
+
+    def _fill_frozen(self, items: torch.Tensor, counted: bool) -> None:
+        """Encode (eval mode) the ``items`` the frozen cache lacks; every rank calls it."""
+        new = self.frozen.missing(items)
+        calls = self.calls(new)
+        if not calls:
+            return
+        self.module.eval()
+        with torch.no_grad():
+            outs = [self._eval_forward(c.items) for c in calls]
+        self.module.train()
+        if counted:
+            for c in calls:
+                self._count_tokens("forward", c.items, c.real)
+                self.item_forwards += c.real
+        self.frozen.add(new, in_order(calls, outs, len(new)))
+
+    def _eval_forward(self, items: torch.Tensor) -> torch.Tensor:
+        ids, mask = self.tokens.rows(items)
+        with self._autocast():
+            return self.module(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+
+    def drop_graphs(self) -> None:
+        """The graphs encoded with gradient are dropped without a backward (a skipped step)."""
+        self._alive = 0
 
     def rng_state(self) -> tuple:
         """The RNG state an encoder call starts from, for ``recompute``."""
@@ -119,7 +234,7 @@ class EncoderRunner:
             torch.set_rng_state(cpu)
             if cuda is not None:
                 torch.cuda.set_rng_state(cuda, self.device)
-            return self.encode(items, salt, grad=True, count=0)
+            return self.encode(items, salt, grad=True, count=count)
 
     def backward(
         self,
@@ -127,15 +242,19 @@ class EncoderRunner:
         grads: torch.Tensor,
         last: bool = True,
         count: int | None = None,
+        items: torch.Tensor | None = None,
     ) -> None:
         """Back-propagate ``sum(vectors * grads)``: each row gets exactly its item gradient.
 
         ``last=False`` keeps a DeepSpeed engine from treating this backward as the end of the
         accumulation (ZeRO would otherwise reduce and drop the partial gradients early);
-        ``count`` overrides the rows counted (0 for a padding call)."""
+        ``count`` overrides the rows counted (0 for a padding call); ``items``, the call's
+        rows, counts its tokens."""
         if not self.trainable:
             return
         surrogate = (vectors * grads.to(vectors.device, vectors.dtype)).sum()
+        self._count_tokens("backward", items, count)
+        self._alive = 0  # the graphs encoded so far are being released
         self.item_backwards += len(vectors) if count is None else count
         if self.engine is not None:
             # The engine averages gradients over ranks; ours are partial sums, so scale back up.
@@ -197,20 +316,16 @@ class EncoderRunner:
 
     @torch.no_grad()
     def owned_vectors(self, n_items: int) -> OwnedVectors:
-        """Eval-mode vectors (no dropout) of the catalogue items this rank owns, in chunks of
-        ``--encoder-batch-size``; every rank makes the same number of calls."""
-        self.module.eval()
+        """Eval-mode vectors (no dropout) of the catalogue items this rank owns, in chunks by
+        the chunk rule (a frozen encoder's from its cache, filled with the items it lacks);
+        every rank makes the same number of calls."""
         mine = owned(self.comm, torch.arange(n_items))
-        outs = []
-        for piece in pieces(self.comm, mine, self.chunk):
-            ids, mask = self.tokens.rows(piece.items)
-            with self._autocast():
-                out = self.module(ids.to(self.device), mask.to(self.device)).to(self.dtype)
-            outs.append(out[: piece.real])
-        vecs = (
-            torch.cat(outs)
-            if outs
-            else torch.zeros(0, self.encoder.dim, device=self.device, dtype=self.dtype)
-        )
+        if self.frozen is not None:
+            self._fill_frozen(mine, counted=False)  # evaluation is not training work
+            return OwnedVectors(self.comm, mine, self.frozen.get(mine))
+        self.module.eval()
+        calls = self.calls(mine)
+        outs = [self._eval_forward(c.items) for c in calls]
         self.module.train()
+        vecs = in_order(calls, outs, len(mine)) if calls else self.empty()
         return OwnedVectors(self.comm, mine, vecs)

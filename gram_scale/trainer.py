@@ -60,7 +60,7 @@ from gram_scale.export import (
 )
 from gram_scale.history import HISTORY_FILE, HistoryLog, resident_bytes
 from gram_scale.optim import make_optimizer
-from gram_scale.runner import EncoderRunner
+from gram_scale.runner import TOKEN_COUNTERS, EncoderRunner
 from gram_scale.schedule import encoder_steps, make_scheduler, run_steps
 from gram_scale.signals import STOP_SIGNALS, StopRequest, agreed_signal, stop_counts
 from gram_scale.strategies import make_strategy
@@ -364,6 +364,9 @@ def train(opts: Options) -> dict:
                 _at(fault, f"during-{step}")
                 seconds = time.perf_counter() - t
                 state.train_seconds += seconds
+                # the encoder's tokens this step, every rank's (a second small collective: a
+                # window end's are known only once it has run, after the step's agreement)
+                tokens = dict(zip(TOKEN_COUNTERS, runner.comm.sum_ints(runner.take_tokens())))
                 totals = res.totals
                 fwd, bwd = totals.item_forwards, totals.item_backwards
                 occurrences = batch.occurrences()  # every rank holds the global batch
@@ -372,6 +375,8 @@ def train(opts: Options) -> dict:
                 counters["unique"] += unique
                 counters["item_forwards"] += fwd
                 counters["item_backwards"] += bwd
+                for key, value in tokens.items():
+                    counters[key] = counters.get(key, 0) + value
                 for key, per_rank in (("comm_bytes_sent", totals.bytes_sent),
                                       ("comm_bytes_received", totals.bytes_received)):  # fmt: skip
                     counters[key] = [
@@ -390,7 +395,7 @@ def train(opts: Options) -> dict:
                     _report_valid(accelerator, opts, valid, f"step {state.step}", state.step)
                     evaluated = {"valid": valid}
                 history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": occurrences,
-                                "unique": unique, "item_forwards": fwd, "item_backwards": bwd,
+                                "unique": unique, "item_forwards": fwd, "item_backwards": bwd, **tokens,
                                 "comm_bytes_sent": totals.bytes_sent, "comm_bytes_received": totals.bytes_received,
                                 "encoder_updated": res.encoder_updated, "skipped": res.skipped,
                                 "encoder_skipped": res.encoder_skipped,
@@ -472,9 +477,13 @@ def _finish(accelerator, opts: Options, s: Session, state: TrainState, history: 
     tail = strategy.finish(state.step)  # Multi-step: a last partial window updates the encoder
     state.train_seconds += time.perf_counter() - t
     if tail is not None:
-        fwd, bwd = runner.comm.sum_ints([tail.item_forwards, tail.item_backwards])
+        fwd, bwd, *tokens = runner.comm.sum_ints(
+            [tail.item_forwards, tail.item_backwards, *runner.take_tokens()]
+        )
         counters["item_forwards"] += fwd
         counters["item_backwards"] += bwd
+        for key, value in zip(TOKEN_COUNTERS, tokens):
+            counters[key] = counters.get(key, 0) + value
     # from here on the trained state is final: a checkpoint of it skips training on resume
     stop_if_asked("before the final evaluation, ")
     step, train_seconds, world = state.step, state.train_seconds, runner.comm.world

@@ -210,9 +210,9 @@ def test_multi_window_end_mini_batches(base):
             calls.append(("encode", items[:count].tolist()))
         return encode(items, salt, grad, count)
 
-    def spy_backward(vectors, grads, last=True, count=None):
+    def spy_backward(vectors, grads, last=True, count=None, items=None):
         calls.append(("backward", last))
-        return backward(vectors, grads, last=last, count=count)
+        return backward(vectors, grads, last=last, count=count, items=items)
 
     def spy_step(*args):
         calls.append(("step",))
@@ -237,10 +237,16 @@ def test_multi_window_end_mini_batches(base):
             current, lasts = [], []
     per_pass = -(-len(touched) // 9)
     assert len(mini_batches) == 2 * per_pass and len(touched) > 2 * 9
+    lengths = s.tokens.lengths
     for p in range(2):
         got = mini_batches[p * per_pass : (p + 1) * per_pass]
         assert [len(m) for m in got[:-1]] == [9] * (per_pass - 1)
-        assert sum(got, []) == regress_order(touched, opts.seed, 0, p).tolist()
+        # each mini-batch is the shuffle's next 9 items, encoded shortest text first
+        order = regress_order(touched, opts.seed, 0, p).tolist()
+        assert [sorted(m) for m in got] == [
+            sorted(order[i : i + 9]) for i in range(0, len(order), 9)
+        ]
+        assert all(lengths[m].diff().min() >= 0 for m in got if len(m) > 1)
     assert mini_batches[0] != mini_batches[per_pass]  # each pass draws its own shuffle
     assert sorted(sum(mini_batches[:per_pass], [])) == touched.tolist()
     assert regress_order(touched, opts.seed, 1, 0).tolist() != sum(mini_batches[:per_pass], [])
@@ -330,3 +336,58 @@ def test_target_distance_sets_the_window_end_rate(base):
     assert stats["mean_vector_norm"] == pytest.approx(
         float(s.strategy.cached(s.strategy.window_items(0)).norm(dim=1).mean()), rel=1e-6
     )
+
+
+def _uncached(monkeypatch):
+    """The frozen encoder's cache forgotten before every training encode: each step's items
+    are encoded again (the path before the cache, in eval mode)."""
+    from gram_scale.runner import EncoderRunner
+
+    vectors = EncoderRunner.vectors
+
+    def forgetting(self, items, salt):
+        if self.frozen is not None:
+            self.frozen.slot.fill_(-1)
+            self.frozen.vectors = self.frozen.vectors[:0]
+        return vectors(self, items, salt)
+
+    monkeypatch.setattr(EncoderRunner, "vectors", forgetting)
+
+
+@pytest.mark.parametrize("strategy", ["single", "e2e", "multi"])
+def test_frozen_encoder_encodes_each_item_once_per_run(base, strategy, tmp_path, monkeypatch):
+    """--freeze-encoder: each item is encoded once per run, when a step first needs it (eval
+    mode: no dropout, so the baseline is deterministic), and the CF model trains on the cached
+    vectors; the run's metrics equal those of re-encoding every step's items (float64)."""
+    from gram_scale.history import read_history
+    from gram_scale.trainer import train
+
+    opts, data = base
+    opts = replace(opts, strategy=strategy, freeze_encoder=True, precision="fp64", window="3",
+                   max_steps=6, encoder_batch_size=7)  # fmt: skip
+    cached = train(replace(opts, output_dir=str(tmp_path / "cached")))
+    history = read_history(tmp_path / "cached")
+    batches = list(setup(opts, data).task.train_batches(0))[:6]
+    if strategy == "multi":  # a window's items are read at its first step
+        windows = [_touched(batches[w : w + 3]) for w in (0, 3)]
+        new = [len(windows[0]), 0, 0, len(windows[1][~torch.isin(windows[1], windows[0])]), 0, 0]
+    else:
+        seen, new = torch.zeros(0, dtype=torch.long), []
+        for b in batches:
+            items = _touched([b])
+            new.append(int((~torch.isin(items, seen)).sum()))
+            seen = torch.unique(torch.cat([seen, items]))
+    assert [h["item_forwards"] for h in history] == new
+    assert (
+        cached["counters"]["item_forwards"]
+        == len(_touched(batches))
+        < sum(len(_touched([b])) for b in batches)
+    )
+    assert cached["counters"]["item_backwards"] == 0
+    _uncached(monkeypatch)
+    again = train(replace(opts, output_dir=str(tmp_path / "again")))
+    assert again["counters"]["item_forwards"] > cached["counters"]["item_forwards"]
+    for split in ("valid", "test"):
+        for k, v in cached[split].items():
+            assert v == pytest.approx(again[split][k], abs=1e-12), (split, k)
+    assert cached["valid"]["auc"] != 0.5

@@ -8,6 +8,7 @@ comparison has a guard beside it that breaks exactness on purpose and must be ca
 from __future__ import annotations
 
 import pytest
+import torch
 from tiny import max_diff, options, params, replace
 
 from gram_scale.data.load import load_data
@@ -56,28 +57,47 @@ def with_dropout(opts, nodrop_encoder: str, dropout: bool):
     return replace(opts, cf_dropout=0.0, encoder=nodrop_encoder)
 
 
+def over_budget(session, batch) -> bool:
+    """Whether a step's unique items, cut by the chunk rule, hold more padded tokens than
+    --encoder-tokens (then Single-step encodes them twice)."""
+    items = torch.unique(batch.items[batch.items >= 0])
+    cuts = session.runner.cut(items)
+    return session.runner.graph_tokens(cuts, items) > session.strategy.budget
+
+
 def single_vs_e2e(opts, data, n_steps: int, scale_one_item: float | None = None) -> float:
     """Largest parameter difference between E2E and Single-step after ``n_steps`` Adam steps."""
     e2e, _ = run_steps(replace(opts, strategy="e2e"), data, n_steps)
     single, res = run_steps(replace(opts, strategy="single"), data, n_steps, scale_one_item)
     assert all(r.occurrences > r.unique for r in res)  # the batches really repeat items
-    chunked = any(r.unique > opts.encoder_batch_size for r in res)
-    assert (single.runner.item_recomputes > 0) == chunked  # a second pass exactly when chunked
+    batches = single.task.train_batches(0)
+    over = [over_budget(single, next(batches)) for _ in res]
+    # a second pass exactly on the steps over the budget: 2 forwards per item there, else 1
+    assert [r.item_forwards for r in res] == [r.unique * (1 + o) for r, o in zip(res, over)]
+    assert single.runner.item_recomputes == sum(r.unique for r, o in zip(res, over) if o)
     init, _ = run_steps(opts, data, 0)
     assert max_diff(params(e2e), params(init)) > 1e-4  # the steps really moved the parameters
     return max_diff(params(e2e), params(single))
 
 
-# One step with every item in one chunk (the graph of the forward is kept), and three steps in
-# chunks of 16, fewer than a step's unique items (encoded without gradient, then again with).
-STEPS_AND_CHUNKS = [(1, 512), (3, 16)]
+# (steps, rows a call, --encoder-tokens, whether Single-step re-encodes): one step with every
+# item in one call; three steps in calls of 16 rows (fewer than a step's unique items) whose
+# graphs fit the budget together (one forward, graphs kept); the same calls over a budget of 64
+# tokens, less than a step's (encoded without gradient, then again with, call by call).
+STEPS_AND_CHUNKS = {"1-one-call": (1, 512, 8192, False), "3-calls-kept": (3, 16, 8192, False),
+                    "3-calls-re-encoded": (3, 16, 64, True)}  # fmt: skip
 
 
 @pytest.mark.parametrize("dropout", [True, False], ids=["dropout", "no-dropout"])
-@pytest.mark.parametrize("n_steps,chunk", STEPS_AND_CHUNKS, ids=["1-one-chunk", "3-chunks-of-16"])
-def test_single_equals_e2e(task_opts, dropout, n_steps, chunk):
+@pytest.mark.parametrize("case", list(STEPS_AND_CHUNKS))
+def test_single_equals_e2e(task_opts, dropout, case):
+    n_steps, rows, budget, again = STEPS_AND_CHUNKS[case]
     opts, data, nodrop = task_opts
-    opts = replace(with_dropout(opts, nodrop, dropout), encoder_batch_size=chunk)
+    opts = replace(with_dropout(opts, nodrop, dropout), encoder_batch_size=rows,
+                   encoder_tokens=budget)  # fmt: skip
+    s, res = run_steps(replace(opts, strategy="single"), data, n_steps)
+    assert (s.runner.item_recomputes > 0) == again
+    assert (max(r.unique for r in res) > rows) == (n_steps > 1)  # several calls a step
     assert single_vs_e2e(opts, data, n_steps) < TOL
 
 
@@ -89,23 +109,32 @@ def test_guard_chunk_recompute_with_other_masks_is_caught(task_opts, monkeypatch
     monkeypatch.setattr(EncoderRunner, "recompute",
                         lambda self, items, salt, *a: real(self, items, salt + 1, *a))  # fmt: skip
     opts, data, nodrop = task_opts
-    assert single_vs_e2e(with_dropout(opts, nodrop, True), data, 3) > 100 * TOL
+    opts = replace(with_dropout(opts, nodrop, True), encoder_tokens=64)  # re-encoded calls
+    assert single_vs_e2e(opts, data, 3) > 100 * TOL
 
 
 def test_single_step_memory_is_one_chunk(task_opts):
-    """The encoder graph kept for a backward is one chunk's, however many items the step has."""
+    """The encoder graph kept for a backward is one call's when the step's calls do not fit
+    --encoder-tokens together (then each is re-encoded), and all of them when they fit."""
     opts, data, _ = task_opts
-    kept = {}
-    for chunk in (4, 8, 512):
-        s, res = run_steps(replace(opts, strategy="single", encoder_batch_size=chunk), data, 1)
-        kept[chunk] = s.runner.peak_activation_bytes
-    unique = res[0].unique
-    assert unique > 16
-    # kept bytes = a * rows of the call + b (the weights a backward holds on to): the step with
-    # chunks of 8 kept 8 rows' worth, not the step's ``unique`` rows
-    per_row = (kept[8] - kept[4]) / 4
-    assert per_row > 0
-    assert (kept[512] - kept[8]) / per_row == pytest.approx(unique - 8, rel=0.05), kept
+    for rows, budget, again in ((4, 4 * opts.max_tokens, True), (8, 8 * opts.max_tokens, True),
+                                (8, 8192, False)):  # fmt: skip
+        s, res = run_steps(replace(opts, strategy="single", encoder_batch_size=rows,
+                                   encoder_tokens=budget), data, 1)  # fmt: skip
+        assert (s.runner.item_recomputes > 0) == again
+        kept = s.runner.peak_activation_bytes
+        items = torch.unique(next(s.task.train_batches(0)).items)[1:]  # -1 first: padding
+        assert len(items) == res[0].unique > 4 * rows
+        # each call's graph, measured alone (the weights a backward holds on to included)
+        alone = []
+        for pos in s.runner.cut(items):
+            s.runner.peak_activation_bytes = 0
+            s.runner.drop_graphs()
+            s.runner.encode(items[pos], salt=0, grad=True)
+            alone.append(s.runner.peak_activation_bytes)
+        want = max(alone) if again else sum(alone)
+        assert kept == want
+        assert want < sum(alone) / 4 if again else len(alone) > 4
 
 
 def test_scaled_item_gradient_is_caught(task_opts):
@@ -184,3 +213,27 @@ def test_guard_recompute_with_other_masks_is_caught(task_opts, monkeypatch):
     opts, data, nodrop = task_opts
     opts = replace(with_dropout(opts, nodrop, True), gradient_checkpointing=True)
     assert single_vs_e2e(opts, data, 3) > 100 * TOL
+
+
+def test_an_items_vector_does_not_depend_on_its_chunk(task_opts):
+    """Encoded alone or in a chunk with longer (and shorter) texts, an item gets the same vector
+    within 1e-12 in float64, with keyed dropout on (train mode) and in eval mode: right padding
+    is masked out, and its dropout mask is keyed by the item, not by its row or the width."""
+    opts, data, _ = task_opts
+    s, _ = run_steps(replace(opts, strategy="single"), data, 0)
+    lengths = s.tokens.lengths
+    order = torch.argsort(lengths, stable=True)
+    shorter = order[lengths[order] < lengths.max()]
+    mid = shorter[len(shorter) // 2 :][:1]  # a text shorter than the longest
+    others = torch.cat([order[:3], order[-5:]])  # 3 shorter (or equal) texts, 5 longest
+    assert lengths[others].max() > lengths[mid].max()
+    chunk = torch.cat([others[:4], mid, others[4:]])
+    alone = s.runner.encode(mid, salt=7, grad=False)
+    together = s.runner.encode(chunk, salt=7, grad=False)[4:5]
+    assert float((alone - together).abs().max()) < 1e-12
+    assert float((alone - s.runner.encode(mid, salt=8, grad=False)).abs().max()) > 1e-6  # masks
+    s.encoder.eval()
+    ids, mask = s.tokens.rows(mid)
+    eval_alone = s.encoder(ids, mask)
+    ids, mask = s.tokens.rows(chunk)
+    assert float((eval_alone - s.encoder(ids, mask)[4:5]).abs().max()) < 1e-12

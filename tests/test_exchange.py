@@ -8,7 +8,7 @@ import torch
 from tiny import options
 
 from gram_scale.errors import InputError
-from gram_scale.exchange import Comm, ItemExchange, owner_of, pieces
+from gram_scale.exchange import Comm, ItemExchange, in_order, owner_of, pieces
 from gram_scale.strategies import make_strategy
 from gram_scale.tasks import make_task
 
@@ -54,8 +54,9 @@ def test_unknown_task_or_strategy_raises_from_the_python_api():
 
 @pytest.mark.parametrize("strategy", ["e2e", "single", "multi"])
 def test_one_scalar_collective_per_step(strategy, kt_dir, tiny_encoder, monkeypatch):
-    """Loss, loss terms, the finite check, row counts and traffic of a step travel in one call (Multi-step: a step inside its window). Single-step first agrees on its
-    number of encoder chunks, so that every rank makes the same encoder calls (ZeRO-3)."""
+    """Loss, loss terms, the finite check, row counts and traffic of a step travel in one call (Multi-step: a step inside its window). E2E and Single-step first agree
+    on their number of encoder calls, so that every rank makes the same calls (ZeRO-3), and
+    Single-step in the same call on whether any rank must re-encode (over --encoder-tokens)."""
     from gram_scale.data.load import load_data
     from gram_scale.trainer import setup
 
@@ -65,11 +66,35 @@ def test_one_scalar_collective_per_step(strategy, kt_dir, tiny_encoder, monkeypa
     if strategy == "multi":  # the window's first step fills its items' vectors (chunk count)
         s.strategy.step(next(batches), 0)
     calls = []
-    for name in ("sum_int", "sum_ints", "sum_floats", "max_int"):
+    for name in ("sum_int", "sum_ints", "sum_floats", "max_int", "max_ints"):
         real = getattr(Comm, name)
         monkeypatch.setattr(
             Comm, name, lambda self, v, _r=real, _n=name: calls.append(_n) or _r(self, v)
         )
     res = s.strategy.step(next(batches), int(strategy == "multi"))
-    assert calls == (["max_int", "sum_floats"] if strategy == "single" else ["sum_floats"])
+    first = {"single": ["max_ints"], "e2e": ["max_int"], "multi": []}[strategy]
+    assert calls == first + ["sum_floats"]
     assert res.totals.ok and res.totals.count > 0
+
+
+def test_chunk_rule_sorts_by_length_and_caps_rows_and_padded_tokens():
+    """Every encode cuts its items sorted by token length (stable), at most --encoder-batch-size
+    rows and --encoder-tokens padded tokens (rows x the longest) a call; a text longer than the
+    cap gets a call of its own; the calls cover every item once, in any order they come."""
+    from gram_scale.data.items import TokenCache
+
+    lengths = torch.tensor([5, 2, 9, 2, 7, 3, 30, 4])
+    cache = TokenCache(torch.zeros(8, 30, dtype=torch.long), lengths, 0)
+    items = torch.tensor([6, 0, 1, 2, 3, 4, 5, 7])
+    cuts = cache.cut(items, max_rows=3)
+    assert [items[c].tolist() for c in cuts] == [[1, 3, 5], [7, 0, 4], [2, 6]]
+    cuts = cache.cut(items, max_rows=100, max_tokens=20)
+    got = [items[c].tolist() for c in cuts]
+    assert got == [[1, 3, 5, 7], [0, 4], [2], [6]]  # 4 x 4, 2 x 7, 1 x 9, then 30 alone
+    assert all(len(c) * int(lengths[items[c]].max()) <= 20 for c in cuts[:-1])
+    assert sorted(torch.cat(cuts).tolist()) == list(range(8))
+    assert cache.padded_tokens(torch.tensor([1, 2])) == (11, 18)
+    calls = pieces(Comm(), items, cuts=cuts)
+    assert [c.real for c in calls] == [4, 2, 1, 1]
+    assert torch.equal(in_order(calls, [c.items.double()[:, None] for c in calls], 8)[:, 0],
+                       items.double())  # fmt: skip

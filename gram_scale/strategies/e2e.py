@@ -1,9 +1,15 @@
-"""End-to-end baseline: every item occurrence of the batch is encoded and back-propagated."""
+"""End-to-end baseline: every item occurrence of the batch is encoded and back-propagated.
+
+The occurrences are encoded by the chunk rule of every encode (sorted by token length, at most
+``--encoder-batch-size`` rows and ``--encoder-tokens`` padded tokens a call), each call's graph
+kept, and back-propagated call by call into one accumulated gradient: one forward and one
+backward per occurrence, in calls the encoder runs efficiently. E2E keeps every call's graph
+until the CF step is done, as end-to-end training must; it does not re-encode to save memory."""
 
 from __future__ import annotations
 
 from gram_scale.data.batches import Batch, occurrence_index
-from gram_scale.exchange import pieces
+from gram_scale.exchange import by_call, in_order
 from gram_scale.strategies.base import CFUpdate, Plan, StepResult, check_counts
 
 
@@ -19,17 +25,26 @@ class EndToEnd:
         """One optimizer step of encoder and CF model."""
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
         rows, index = occurrence_index(batch.items)
-        (piece,) = pieces(self.comm, rows)
-        h = self.runner.encode(piece.items, salt=step, grad=True, count=piece.real)
-        loss_sum, count, g = self.cf.loss_and_item_grads(batch, h[: piece.real].detach(), index)
-        trains = piece.real if self.runner.trainable else 0
-        plan = Plan(piece.real, trains, piece.real)
+        calls = []
+        if self.runner.trainable:
+            calls = self.runner.calls(rows)
+            hs = [self.runner.encode(c.items, salt=step, grad=True, count=c.real) for c in calls]
+            vectors = in_order(calls, hs, len(rows)) if calls else self.runner.empty()
+        else:  # a frozen encoder's vectors, each item encoded once per run
+            vectors = self.runner.vectors(rows, step)
+        encoded = self.runner.item_forwards - f0
+        loss_sum, count, g = self.cf.loss_and_item_grads(batch, vectors.detach(), index)
+        trains = len(rows) if self.runner.trainable else 0
+        plan = Plan(encoded, trains, encoded)
         totals, g = self.cf.agree(loss_sum, count, g, plan)
         applied = False  # the encoder's step: its gradient may still be non-finite
         if not totals.ok:  # skip: no optimizer moves, the graph is dropped
             self.cf.discard()
+            self.runner.drop_graphs()
         else:
-            self.runner.backward(h, piece.pad(g), count=piece.real)
+            for i, (c, grads) in enumerate(zip(calls, by_call(calls, g))):
+                self.runner.backward(hs[i], grads, last=i == len(calls) - 1, count=c.real,
+                                     items=c.items)  # fmt: skip
             applied = self.cf.step_with(self.runner)
         check_counts(self.runner, plan, totals, f0, b0)
         return StepResult(

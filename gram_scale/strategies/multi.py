@@ -6,8 +6,8 @@ SGD, at ``--table-lr``, with the gradient the CF model sends it (of the batch-me
 window end the encoder catches up as a small regression job, as the authors train it: the
 window's touched items, shuffled by (seed, window, pass), are cut into mini-batches of
 ``--regress-batch-size`` (auto: touched items / window steps, so an N-step window makes about N
-encoder steps, as many as E2E would); each mini-batch is re-encoded with gradient in chunks of
-``--encoder-batch-size`` (accumulated, so memory is bounded by the chunk) and the encoder takes
+encoder steps, as many as E2E would); each mini-batch is re-encoded with gradient in chunks by
+the chunk rule of every encode (accumulated, so memory is bounded by the chunk) and the encoder takes
 one optimizer step on 0.5 / r x squared error to the targets, summed, a target being the cached
 vector moved by r x its accumulated gradient (r: ``--target-lr``, by default ``--table-lr``, so
 the targets are the rows): at the cached vectors its gradient is the accumulated CF gradient, so
@@ -27,7 +27,7 @@ import torch
 
 from gram_scale.accumulator import ItemTable
 from gram_scale.data.batches import Batch, unique_index
-from gram_scale.exchange import ItemExchange, owned, pieces, shard_rows
+from gram_scale.exchange import ItemExchange, owned, shard_rows
 from gram_scale.schedule import run_steps
 from gram_scale.strategies.base import CFUpdate, Plan, StepResult, check_counts
 
@@ -88,7 +88,6 @@ class MultiStep:
         self.encoder_epochs = opts.encoder_epochs
         self.regress_size = opts.regress_batch()
         self.seed = opts.seed
-        self.chunk = opts.encoder_batch_size
         self.table = ItemTable(
             runner.encoder.dim,
             lr=opts.table_lr,
@@ -169,23 +168,20 @@ class MultiStep:
     def _encode(self, items: torch.Tensor, salt: int) -> torch.Tensor:
         """Vectors (no gradient) of this rank's ``items`` in chunks; every rank makes the same
         number of calls."""
-        vecs = [self._empty()]
-        for piece in pieces(self.comm, items, self.chunk):
-            h = self.runner.encode(piece.items, salt=salt, grad=False, count=piece.real)
-            vecs.append(h[: piece.real])
-        return torch.cat(vecs)
+        return self.runner.vectors(items, salt)
 
     def _empty(self) -> torch.Tensor:
-        return torch.zeros(0, self.runner.encoder.dim, dtype=self.runner.dtype,
-                           device=self.runner.device)  # fmt: skip
+        return self.runner.empty()
 
     def prefill(self, window: int) -> int:
-        """Encode (no gradient) the items of the window this rank owns, in full chunks, into the
-        window's cache; every rank makes the same number of calls. The rows encoded."""
+        """Encode (no gradient) the items of the window this rank owns, in chunks, into the
+        window's cache; every rank makes the same number of calls. The rows encoded (a frozen
+        encoder's: those its run's cache did not hold yet)."""
+        f0 = self.runner.item_forwards
         mine = owned(self.comm, self.window_items(window))
         self.cache = (mine, self._encode(mine, window))
         self.cache_window = window
-        return len(mine)
+        return self.runner.item_forwards - f0
 
     def cached(self, items: torch.Tensor) -> torch.Tensor:
         """The window's cached vectors of ``items`` (sorted cache, every item present)."""
@@ -279,7 +275,7 @@ class MultiStep:
         """One encoder optimizer step on one mini-batch: this rank's ``items`` (owned, held)
         encoded and back-propagated in chunks, padded to the same number of calls on every
         rank (ZeRO-3 gathers parameters collectively inside each call)."""
-        calls = pieces(self.comm, items, self.chunk)
+        calls = self.runner.calls(items)
         for c, piece in enumerate(calls):
             h = self.runner.encode(piece.items, salt=window, grad=True, count=piece.real)
             real = piece.items[: piece.real]
@@ -289,7 +285,8 @@ class MultiStep:
             g = self.table.regression_grad(real, h[: piece.real], w)
             base, _ = self.table.base_and_grads(real)
             self.moved += float((h[: piece.real].detach() - base).norm(dim=1).sum())
-            self.runner.backward(h, piece.pad(g), last=c == len(calls) - 1, count=piece.real)
+            self.runner.backward(h, piece.pad(g), last=c == len(calls) - 1, count=piece.real,
+                                 items=piece.items)  # fmt: skip
         if not self.runner.step(self.lr_scale):  # non-finite gradient: this update is dropped
             self.encoder_skips += 1
 

@@ -1,12 +1,16 @@
 """GRAM Single-step: each globally unique item of the step is encoded and back-propagated once,
 by the one rank that owns it, with the sum of its occurrences' gradients. Exactly E2E.
 
-Encoder memory is bounded by ``--encoder-batch-size``, not by the CF batch: when a rank's items
-for the step fill more than one chunk, they are first encoded without gradient, chunk by chunk;
-after the CF step each chunk is encoded again with gradient (keyed dropout draws the same masks)
-and back-propagated with its items' summed gradients, so only one chunk's graph is alive at a
-time. The optimizer steps once, after the last chunk. That costs one more forward per item;
-a step whose items fit one chunk keeps the single forward's graph instead.
+Chunking serves memory only. An owner's items for the step are cut into encoder calls by the
+chunk rule (sorted by token length, at most ``--encoder-batch-size`` rows and
+``--encoder-tokens`` padded tokens a call). When the calls' padded tokens fit the
+``--encoder-tokens`` budget in all, each is encoded once with gradient and its graph kept; after
+the CF step each call is back-propagated with its items' summed gradients (one forward and one
+backward per item). When they do not, memory is bounded by one call instead: the calls are first
+encoded without gradient; after the CF step each is encoded again with gradient (keyed dropout
+draws the same masks) and back-propagated before the next, so only one call's graph is alive at
+a time, for one more forward per item. The optimizer steps once, after the last call. A frozen
+encoder's vectors come from the run's cache (``EncoderRunner.vectors``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from gram_scale.data.batches import Batch, unique_index
-from gram_scale.exchange import ItemExchange, pieces
+from gram_scale.exchange import ItemExchange, by_call, in_order, padded_calls
 from gram_scale.strategies.base import CFUpdate, Plan, StepResult, check_counts
 
 
@@ -26,34 +30,51 @@ class SingleStep:
 
     def __init__(self, runner, cf: CFUpdate, opts, steps_per_epoch: int):
         self.runner, self.cf, self.comm = runner, cf, runner.comm
-        self.chunk = opts.encoder_batch_size
+        self.budget = opts.encoder_tokens
+
+    def fits(self, cuts: list[torch.Tensor], items: torch.Tensor) -> bool:
+        """Whether this rank may keep the graphs of all its calls at once: their padded tokens
+        fit ``--encoder-tokens`` (without a budget: the items fit one call)."""
+        if not self.budget:
+            return len(cuts) <= 1
+        return self.runner.graph_tokens(cuts, items) <= self.budget
 
     def step(self, batch: Batch, step: int) -> StepResult:
         """One optimizer step of encoder and CF model."""
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
         local, index = unique_index(batch.items)
         ex = ItemExchange(self.comm, local)
-        calls = pieces(self.comm, ex.served, self.chunk)
-        one = len(calls) == 1  # keep the graph: no second forward
-        hs, states = [], []
-        for c in calls:
-            states.append(None if one else self.runner.rng_state())
-            hs.append(self.runner.encode(c.items, salt=step, grad=one, count=c.real))
-        served = torch.cat([h[: c.real] for h, c in zip(hs, calls)])
+        served_n = len(ex.served)
+        calls, hs, states, keep = [], [], [], False
+        if self.runner.trainable:
+            cuts = self.runner.cut(ex.served)
+            # one collective: the calls every rank makes, and whether any rank must re-encode
+            n, over = self.comm.max_ints([len(cuts), int(not self.fits(cuts, ex.served))])
+            keep = not over  # one pass with gradient, graphs kept
+            calls = padded_calls(ex.served, cuts, n)
+            for c in calls:
+                states.append(None if keep else self.runner.rng_state())
+                hs.append(self.runner.encode(c.items, salt=step, grad=keep, count=c.real))
+            served = in_order(calls, hs, served_n) if calls else self.runner.empty()
+        else:
+            served = self.runner.vectors(ex.served, step)
+        encoded = self.runner.item_forwards - f0
         rows = ex.fetch(served.detach())
         loss_sum, count, g = self.cf.loss_and_item_grads(batch, rows, index)
-        trains = len(ex.served) if self.runner.trainable else 0
-        plan = Plan(len(ex.served), trains, len(ex.served), traffic_ok=ex.grad_traffic())
+        trains = served_n if self.runner.trainable else 0
+        again = 0 if keep or not self.runner.trainable else served_n  # the second pass
+        plan = Plan(encoded + again, trains, encoded, traffic_ok=ex.grad_traffic())
         totals, g = self.cf.agree(loss_sum, count, g, plan)
         applied = False  # the encoder's step: its gradient may still be non-finite
         if not totals.ok:  # skip: no optimizer moves, the graph is dropped
             self.cf.discard()
+            self.runner.drop_graphs()
         else:
             own_g = ex.return_grads(g)  # every occurrence on every rank, summed per item
-            parts = torch.split(own_g, [c.real for c in calls])  # each call's items, in order
-            for i, c in enumerate(calls if self.runner.trainable else []):
-                h = hs[i] if one else self.runner.recompute(c.items, step, states[i], c.real)
-                self.runner.backward(h, c.pad(parts[i]), last=i == len(calls) - 1, count=c.real)
+            for i, (c, grads) in enumerate(zip(calls, by_call(calls, own_g))):
+                h = hs[i] if keep else self.runner.recompute(c.items, step, states[i], c.real)
+                self.runner.backward(h, grads, last=i == len(calls) - 1, count=c.real,
+                                     items=c.items)  # fmt: skip
             applied = self.cf.step_with(self.runner)
         check_counts(self.runner, plan, totals, f0, b0)
         return StepResult(
