@@ -94,7 +94,8 @@ def _describe(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {_first_line(exc)}"
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc):
         text += (
-            "; out of memory: lower --encoder-batch-size (items per encoder pass) or add "
+            "; out of memory: lower --encoder-tokens (padded tokens of encoder graph kept at "
+            "once) or --encoder-batch-size (items per encoder pass), or add "
             "--gradient-checkpointing"
         )
     return text

@@ -132,8 +132,14 @@ def test_counters_match_definitions(tiny):
             for e in range(2):
                 assert sum(bwd[e * spe : (e + 1) * spe]) == sum(occ[e * spe : (e + 1) * spe])
             assert c["item_forwards"] == c["item_backwards"] == c["occurrences"]
-        elif row["frozen"]:  # Single-step's forwards, no backward at all
-            assert fwd == uniq and bwd == [0] * len(uniq)
+        elif row["frozen"]:  # each item encoded once per run, when a step first needs it
+            seen, new = set(), []
+            for k, items in enumerate(steps):
+                if k == spe:  # the first epoch's evaluation encoded every catalogue item
+                    seen = set(range(int(torch.cat(steps).max()) + 1))
+                new.append(len(set(items.tolist()) - seen))
+                seen |= set(items.tolist())
+            assert fwd == new and bwd == [0] * len(uniq) and sum(new) < sum(uniq)
             assert c["item_backwards"] == 0 and row["occurrences_per_backward"] is None
         elif row["strategy"] == "single":  # each unique item of the step once
             assert fwd == uniq and bwd == uniq

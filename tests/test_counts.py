@@ -391,3 +391,43 @@ def test_frozen_encoder_encodes_each_item_once_per_run(base, strategy, tmp_path,
         for k, v in cached[split].items():
             assert v == pytest.approx(again[split][k], abs=1e-12), (split, k)
     assert cached["valid"]["auc"] != 0.5
+
+
+@pytest.mark.parametrize("strategy,budget", [("single", 8192), ("single", 64), ("e2e", 8192)],
+                         ids=["single-one-pass", "single-re-encoded", "e2e"])  # fmt: skip
+def test_token_counters(base, strategy, budget, tmp_path):
+    """The history and metrics.json count the encoder's real tokens (the texts' lengths) and
+    padded tokens (rows x the longest text of each call), forward and backward: per step, a
+    count computed here from the token lengths and the chunk rule."""
+    from gram_scale.history import read_history
+    from gram_scale.trainer import train
+
+    opts, data = base
+    opts = replace(opts, strategy=strategy, encoder_tokens=budget, max_steps=3)
+    metrics = train(replace(opts, output_dir=str(tmp_path / "run")))
+    history = read_history(tmp_path / "run")
+    s = setup(opts, data)
+    lengths = s.tokens.lengths
+    want = {k: [] for k in ("tokens_forward", "padded_forward", "tokens_backward",
+                            "padded_backward")}  # fmt: skip
+    seen_passes = []
+    for batch in list(s.task.train_batches(0))[:3]:
+        valid = batch.items[batch.items >= 0]
+        rows = valid if strategy == "e2e" else torch.unique(valid)
+        cuts = s.tokens.cut(rows, opts.encoder_batch_size, budget)
+        padded = sum(len(c) * int(lengths[rows[c]].max()) for c in cuts)
+        passes = 2 if padded > budget and strategy == "single" else 1
+        real = int(lengths[rows].sum())
+        for key, value in (("tokens_forward", passes * real), ("padded_forward", passes * padded),
+                           ("tokens_backward", real), ("padded_backward", padded)):  # fmt: skip
+            want[key].append(value)
+        seen_passes.append(passes)
+    assert seen_passes == [2 if budget == 64 else 1] * 3  # the budget really decides
+    for key, values in want.items():
+        assert [h[key] for h in history] == values, key
+        assert metrics["counters"][key] == sum(values), key
+    assert want["padded_forward"][0] > want["tokens_forward"][0] > 0
+    if strategy == "e2e":
+        assert metrics["counters"]["tokens_forward"] == sum(
+            int(lengths[b.items[b.items >= 0]].sum()) for b in list(s.task.train_batches(0))[:3]
+        )

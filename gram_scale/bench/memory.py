@@ -132,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT_ERROR
     rows = []
     for label, chunk, ckpt in settings(chunks):
+        # calls cut by rows only (--encoder-tokens 0): a step of several calls is re-encoded
+        # call by call, so the graph kept is one call's
         opts = validate(dataclasses.replace(base, strategy="single", encoder_batch_size=chunk,
-                                            gradient_checkpointing=ckpt))  # fmt: skip
+                                            encoder_tokens=0, gradient_checkpointing=ckpt))  # fmt: skip
         rows.append({"setting": label, "chunk": chunk, "checkpointing": ckpt,
                      **measure(opts, data, args.steps)})  # fmt: skip
         print(f"measured: {label}", file=sys.stderr, flush=True)
