@@ -211,6 +211,20 @@ def test_seeds_average_accuracy_and_time_takes_the_median():
     assert row["time_per_epoch_s"] == 2.0 and len(row["runs"]) == 3
 
 
+def test_table_rates_come_from_the_counters():
+    """items / s = occurrences / training seconds; encoder tokens / s = real tokens forward and
+    backward / training seconds; padded / real = padded / real forward tokens. A run from before
+    the token counters shows none."""
+    run = _fake_run(10, 4.0, 0.7)
+    run["metrics"]["counters"] |= {"tokens_forward": 600, "padded_forward": 900,
+                                   "tokens_backward": 200, "padded_backward": 300}  # fmt: skip
+    row = summarise([run], 10, extrapolated=False)
+    assert row["items_per_s"] == 300 / 4.0 and row["encoder_tokens_per_s"] == 800 / 4.0
+    assert row["padded_per_real_token"] == 1.5
+    old = summarise([_fake_run(10, 4.0, 0.7)], 10, extrapolated=False)
+    assert old["encoder_tokens_per_s"] is None and old["padded_per_real_token"] is None
+
+
 def test_extrapolated_e2e_has_no_accuracy():
     spe = 10
     e2e = summarise([_fake_run(3, 1.5, 0.9)], spe, extrapolated=True)
@@ -234,7 +248,7 @@ def test_extrapolated_e2e_has_no_accuracy():
     auc = [t for t in result["targets"] if "AUC" in t["name"]]
     assert len(auc) == 1 and auc[0]["met"] is None and "extrapolated" in auc[0]["text"]
     md = markdown(result)
-    assert "| e2e (extrapolated) | 5.00 (extrapolated) |" in md
+    assert "| e2e (extrapolated) | 5.00 (extrapolated) | 1.00x | 60 | - | - |" in md
     assert "n/a" in md.split("| e2e (extrapolated)")[1].splitlines()[0]
 
 

@@ -80,6 +80,20 @@ def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dic
         "occurrences_per_epoch": counters["occurrences"] * per_epoch,
         "item_forwards_per_epoch": counters["item_forwards"] * per_epoch,
         "item_backwards_per_epoch": counters["item_backwards"] * per_epoch,
+        # throughput: item occurrences trained, and the encoder's real tokens (forward and
+        # backward), per training second; padded / real: what the calls computed per real token
+        "items_per_s": counters["occurrences"] / max(first["train_seconds"], 1e-9),
+        "encoder_tokens_per_s": (
+            (counters["tokens_forward"] + counters["tokens_backward"])
+            / max(first["train_seconds"], 1e-9)
+            if "tokens_forward" in counters
+            else None  # a run from before the token counters
+        ),
+        "padded_per_real_token": (
+            counters["padded_forward"] / counters["tokens_forward"]
+            if counters.get("tokens_forward")
+            else None
+        ),
         "counters": counters,
         "occurrence_unique_ratio": first["occurrence_unique_ratio"],
         "occurrences_per_backward": (
@@ -133,6 +147,10 @@ def rows_in_order(result: dict) -> list[tuple[str, dict]]:
 
 def _mib(b: float | None) -> str:
     return "-" if b is None else f"{b / MiB:,.1f}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}" if value >= 100 else f"{value:.2g}"
 
 
 def _per_seed(values: list | None) -> str:
@@ -277,7 +295,8 @@ def markdown(result: dict) -> str:
         if not stats.get("tokens_per_item")
         else f", {stats['tokens_per_item']:.1f} tokens per item"
     )
-    head = ["strategy", "time / epoch (s)", "speed-up vs e2e", "encoder fwd items / epoch",
+    head = ["strategy", "time / epoch (s)", "speed-up vs e2e", "items / s",
+            "encoder tokens / s", "padded / real tokens", "encoder fwd items / epoch",
             "encoder bwd items / epoch", "occurrences / encoder bwd", "occ / unique per step",
             "peak RSS (MiB)", "encoder activations (MiB)"]  # fmt: skip
     if cuda:
@@ -318,6 +337,9 @@ def markdown(result: dict) -> str:
             f"{name}{mark}",
             f"{r['time_per_epoch_s']:.2f}{mark}",
             f"{r['speedup']:.2f}x",
+            _rate(r.get("items_per_s")),
+            _rate(r.get("encoder_tokens_per_s")),
+            "-" if r.get("padded_per_real_token") is None else f"{r['padded_per_real_token']:.2f}",
             f"{r['item_forwards_per_epoch']:,.0f}",
             f"{r['item_backwards_per_epoch']:,.0f}",
             "-"

@@ -49,6 +49,8 @@ class Workload:
     encoder: str  # "tiny" (a random 2-layer BERT built in the cache) or "minilm"
     options: dict = field(default_factory=dict)  # Options fields shared by the runs
     words_per_item: int = 0  # KT only: lengthen every item text to this many words (0 = keep)
+    # KT only: cut or lengthen each item text to a length drawn (seeded per item) from this range
+    words_range: tuple[int, int] | None = None
     e2e_steps: int = 0  # default --e2e-steps (0 = train the capped runs fully)
     capped: tuple[str, ...] = ("e2e",)  # runs that train only --e2e-steps steps (extrapolated)
     runs: tuple[Run, ...] = RUNS
@@ -287,6 +289,29 @@ WORKLOADS: dict[str, Workload] = {
         ),
         runs=FINETUNE_RUNS,
     ),
+    "kt-varied": Workload(
+        doc="""Knowledge tracing with texts of very different lengths, where how the encoder's
+        calls are cut matters (each call is padded to its longest text): write_kt(n_users=100,
+        n_items=120, mean_len=20, n_unused_items=4, seed=0), each item text cut or lengthened
+        to a length drawn (seeded per item) between 14 and 150 words: 18 to 152 tokens, mean
+        81 (160 max). Batch 4 x seq 20, 1 epoch, lr encoder 5e-5, lr CF 1e-3, encoder chunks of
+        16. The table's items / s and encoder tokens / s compare the strategies' throughput,
+        and padded / real the tokens the calls compute per real token.""",
+        task="kt",
+        generator=dict(n_users=100, n_items=120, mean_len=20, n_unused_items=4, seed=0),
+        encoder="minilm",
+        options=dict(
+            max_tokens=160,
+            batch_size=4,
+            seq_len=20,
+            epochs=1,
+            lr_encoder=5e-5,
+            lr_cf=1e-3,
+            encoder_batch_size=16,
+        ),
+        words_range=(14, 150),
+        runs=(E2E, SINGLE, MULTI_1E),
+    ),
     "toeic-like": Workload(
         doc="""The paper's TOEIC case, where Multi-step pays most: a small catalogue of long
         texts answered very often. write_kt(n_users=760, n_items=75, mean_len=125,
@@ -325,8 +350,11 @@ def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def lengthen_items(folder: Path, words: int, seed: int) -> None:
-    """Rewrite ``items.csv`` so every text has ``words`` words, the extra ones drawn from it."""
+def lengthen_items(
+    folder: Path, words: int, seed: int, span: tuple[int, int] | None = None
+) -> None:
+    """Rewrite ``items.csv`` so every text has ``words`` words, the extra ones drawn from it
+    (with ``span``: a length drawn per item from that range, a longer text cut to it)."""
     path = folder / "items.csv"
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
@@ -335,7 +363,9 @@ def lengthen_items(folder: Path, words: int, seed: int) -> None:
     for n, (item_id, text) in enumerate(body):
         own = text.split()
         rng = random.Random(seed * 1_000_003 + n)  # per item, so the result is order-stable
-        out.append([item_id, " ".join(own + [rng.choice(own) for _ in range(words - len(own))])])
+        want = rng.randint(*span) if span else words
+        more = [rng.choice(own) for _ in range(want - len(own))]
+        out.append([item_id, " ".join((own + more)[:want])])
     with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(header)
@@ -352,12 +382,15 @@ def prepare_data(name: str, workload: Workload, cache: Path) -> Path:
             "words_per_item": workload.words_per_item}  # fmt: skip
     if workload.writer:  # so the folders of workloads written before the field keep their names
         spec["writer"] = writer
+    if workload.words_range:
+        spec["words_range"] = list(workload.words_range)
     folder = cache / f"bench-{name}-{_digest(spec)}"
 
     def write(tmp: Path) -> None:
         getattr(synth, writer)(tmp, **workload.generator)
-        if workload.words_per_item:
-            lengthen_items(tmp, workload.words_per_item, workload.generator.get("seed", 0))
+        if workload.words_per_item or workload.words_range:
+            lengthen_items(tmp, workload.words_per_item, workload.generator.get("seed", 0),
+                           workload.words_range)  # fmt: skip
 
     return generate_once(folder, write)
 
