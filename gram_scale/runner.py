@@ -264,6 +264,17 @@ class EncoderRunner:
             surrogate.backward()
         self._pending_backward = True
 
+    def backward_kept(self, calls: list[Piece], outs: list[torch.Tensor],
+                      grads: list[torch.Tensor]) -> None:  # fmt: skip
+        """Back-propagate the graphs of several calls kept together (each call's rows with its
+        gradients) in one backward, the end of the accumulation: ZeRO-3 gathers and releases
+        parameters by module hooks that expect one backward after the forwards it covers."""
+        if not self.trainable or not calls:
+            return
+        for c in calls:
+            self._count_tokens("backward", c.items, c.real)
+        self.backward(torch.cat(outs), torch.cat(grads), count=sum(c.real for c in calls))
+
     def _groups(self) -> list[dict]:
         opt = self.engine.basic_optimizer if self.engine is not None else self.optimizer
         return opt.param_groups

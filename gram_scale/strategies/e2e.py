@@ -2,7 +2,7 @@
 
 The occurrences are encoded by the chunk rule of every encode (sorted by token length, at most
 ``--encoder-batch-size`` rows and ``--encoder-tokens`` padded tokens a call), each call's graph
-kept, and back-propagated call by call into one accumulated gradient: one forward and one
+kept, and the kept graphs back-propagated together in one backward: one forward and one
 backward per occurrence, in calls the encoder runs efficiently. E2E keeps every call's graph
 until the CF step is done, as end-to-end training must; it does not re-encode to save memory."""
 
@@ -42,9 +42,7 @@ class EndToEnd:
             self.cf.discard()
             self.runner.drop_graphs()
         else:
-            for i, (c, grads) in enumerate(zip(calls, by_call(calls, g))):
-                self.runner.backward(hs[i], grads, last=i == len(calls) - 1, count=c.real,
-                                     items=c.items)  # fmt: skip
+            self.runner.backward_kept(calls, hs, by_call(calls, g))
             applied = self.cf.step_with(self.runner)
         check_counts(self.runner, plan, totals, f0, b0)
         return StepResult(

@@ -5,8 +5,8 @@ Chunking serves memory only. An owner's items for the step are cut into encoder 
 chunk rule (sorted by token length, at most ``--encoder-batch-size`` rows and
 ``--encoder-tokens`` padded tokens a call). When the calls' padded tokens fit the
 ``--encoder-tokens`` budget in all, each is encoded once with gradient and its graph kept; after
-the CF step each call is back-propagated with its items' summed gradients (one forward and one
-backward per item). When they do not, memory is bounded by one call instead: the calls are first
+the CF step the kept graphs are back-propagated with their items' summed gradients in one
+backward (one forward and one backward per item). When they do not, memory is bounded by one call instead: the calls are first
 encoded without gradient; after the CF step each is encoded again with gradient (keyed dropout
 draws the same masks) and back-propagated before the next, so only one call's graph is alive at
 a time, for one more forward per item. The optimizer steps once, after the last call. A frozen
@@ -70,9 +70,11 @@ class SingleStep:
             self.cf.discard()
             self.runner.drop_graphs()
         else:
-            own_g = ex.return_grads(g)  # every occurrence on every rank, summed per item
-            for i, (c, grads) in enumerate(zip(calls, by_call(calls, own_g))):
-                h = hs[i] if keep else self.runner.recompute(c.items, step, states[i], c.real)
+            own_g = by_call(calls, ex.return_grads(g))  # each call's items' summed gradients
+            if keep:  # the kept graphs, in one backward
+                self.runner.backward_kept(calls, hs, own_g)
+            for i, (c, grads) in enumerate(zip(calls, own_g) if not keep else []):
+                h = self.runner.recompute(c.items, step, states[i], c.real)
                 self.runner.backward(h, grads, last=i == len(calls) - 1, count=c.real,
                                      items=c.items)  # fmt: skip
             applied = self.cf.step_with(self.runner)
