@@ -25,7 +25,7 @@ class EndToEnd:
         """One optimizer step of encoder and CF model."""
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
         rows, index = occurrence_index(batch.items)
-        calls = []
+        calls, hs = [], []
         if self.runner.trainable:
             calls = self.runner.calls(rows)
             hs = [self.runner.encode(c.items, salt=step, grad=True, count=c.real) for c in calls]
