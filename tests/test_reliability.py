@@ -328,11 +328,10 @@ from gram_scale.encoder import load_encoder
 opts = parse_options(["--encoder", sys.argv[1], "--config", sys.argv[2], "--lr-encoder", "1e-2"])
 raw = read_ds_config(opts.config)
 encoder, _ = load_encoder(opts.encoder)
-class Tokens:
-    def rows(self, items):
-        ids = (items.view(-1, 1) * 7 + torch.arange(8)) % 1000 + 1000
-        return ids, torch.ones_like(ids)
-runner = build_runner(make_accelerator(opts, raw), encoder, Tokens(), opts, raw)
+from gram_scale.data.items import TokenCache
+ids = (torch.arange(4).view(-1, 1) * 7 + torch.arange(8)) % 1000 + 1000
+tokens = TokenCache(ids, torch.full((4,), 8), 0)  # 4 items of 8 tokens
+runner = build_runner(make_accelerator(opts, raw), encoder, tokens, opts, raw)
 def weights():
     from deepspeed.utils import safe_get_full_fp32_param
     return torch.cat([safe_get_full_fp32_param(p).flatten() for p in runner.engine.module.parameters()])
