@@ -60,6 +60,8 @@ class TrainState:
         for key in self.FIELDS:
             if key in state:  # checkpoints from before a field existed keep its default
                 setattr(self, key, state[key])
+        # and counters added since (the token counters) start from 0
+        self.counters = {**dict.fromkeys(TrainState(None).counters, 0), **self.counters}
         self.strategy.load_state_dict(state["strategy"])
 
 
