@@ -70,7 +70,8 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read 1 MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -101,7 +102,7 @@ def write_manifest(folder: Path, rank: int = 0) -> None:
     for p in sorted(folder.rglob("*")):
         name = str(p.relative_to(folder))
         if p.is_file() and not _is_manifest(p.name) and file_rank(name) == rank:
-            files[name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            files[name] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
     (folder / manifest_name(rank)).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -150,7 +151,7 @@ def _verify_manifest(folder: Path, name: str) -> str | None:
             return f"missing file {file}"
         if p.stat().st_size != meta["bytes"]:
             return f"{file} has {p.stat().st_size} bytes, expected {meta['bytes']}"
-        if _sha256(p) != meta["sha256"]:
+        if file_sha256(p) != meta["sha256"]:
             return f"{file} checksum mismatch"
     return None
 

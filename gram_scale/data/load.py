@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -61,6 +60,7 @@ def data_fingerprint(opts) -> dict[str, str]:
     run record a resume compares: the same files moved elsewhere match, an edited one does not.
     The built-in set is named instead: its generator and seed fix it. Files missing here are
     left to the reader to report."""
+    from gram_scale.checkpoint import file_sha256
     from gram_scale.tasks import task_class
 
     if not opts.data:
@@ -70,13 +70,5 @@ def data_fingerprint(opts) -> dict[str, str]:
     for name in task_class(opts.task).data_files(folder):
         path = folder / name
         if path.is_file():
-            found[name] = f"sha256 {_sha256(path)[:12]}, {path.stat().st_size} bytes"
+            found[name] = f"sha256 {file_sha256(path)[:12]}, {path.stat().st_size} bytes"
     return found
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
