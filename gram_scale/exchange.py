@@ -240,7 +240,7 @@ class Piece:
 
     items: torch.Tensor
     real: int
-    index: torch.Tensor | None = None
+    index: torch.Tensor
 
     def pad(self, grads: torch.Tensor) -> torch.Tensor:
         """Gradients for every encoded row: zeros for the padding row."""
@@ -252,20 +252,9 @@ class Piece:
 _DUMMY = torch.zeros(1, dtype=torch.long)  # catalogue row 0 exists in every catalogue
 
 
-def pieces(
-    comm: Comm,
-    items: torch.Tensor,
-    chunk: int | None = None,
-    cuts: list[torch.Tensor] | None = None,
-) -> list[Piece]:
-    """Encoder calls over ``items`` (all in one call; ``chunk`` rows each, in order; or one per
-    position tensor of ``cuts``), padded with a dummy row so that every rank makes the same
-    number of calls: one for a single call, the largest count over ranks otherwise."""
-    if chunk is None and cuts is None:
-        return [Piece(items, len(items), torch.arange(len(items))) if len(items)
-                else Piece(_DUMMY, 0, torch.zeros(0, dtype=torch.long))]  # fmt: skip
-    if cuts is None:
-        cuts = list(torch.arange(len(items)).split(chunk))
+def pieces(comm: Comm, items: torch.Tensor, cuts: list[torch.Tensor]) -> list[Piece]:
+    """Encoder calls over ``items``, one per position tensor of ``cuts``, padded with dummy
+    calls so that every rank makes as many (the largest count over ranks; one collective)."""
     return padded_calls(items, cuts, comm.max_int(len(cuts)))
 
 

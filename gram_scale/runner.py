@@ -169,7 +169,7 @@ class EncoderRunner:
     def calls(self, items: torch.Tensor, cuts: list[torch.Tensor] | None = None) -> list[Piece]:
         """The encoder calls over this rank's ``items`` by the chunk rule (or ``cuts``), padded
         so that every rank makes as many (one scalar collective)."""
-        return pieces(self.comm, items, cuts=self.cut(items) if cuts is None else cuts)
+        return pieces(self.comm, items, self.cut(items) if cuts is None else cuts)
 
     def graph_tokens(self, cuts: list[torch.Tensor], items: torch.Tensor) -> int:
         """Padded tokens of the calls ``cuts`` makes over ``items``: what keeping all their
@@ -195,23 +195,26 @@ class EncoderRunner:
     def _fill_frozen(self, items: torch.Tensor, counted: bool) -> None:
         """Encode (eval mode) the ``items`` the frozen cache lacks; every rank calls it."""
         new = self.frozen.missing(items)
-        calls = self.calls(new)
-        if not calls:
-            return
-        self.module.eval()
-        with torch.no_grad():
-            outs = [self._eval_forward(c.items) for c in calls]
-        self.module.train()
+        calls, vecs = self._eval_vectors(new)
         if counted:
             for c in calls:
                 self._count_tokens("forward", c.items, c.real)
                 self.item_forwards += c.real
-        self.frozen.add(new, in_order(calls, outs, len(new)))
+        self.frozen.add(new, vecs)
 
-    def _eval_forward(self, items: torch.Tensor) -> torch.Tensor:
-        ids, mask = self.tokens.rows(items)
-        with self._autocast():
-            return self.module(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+    @torch.no_grad()
+    def _eval_vectors(self, items: torch.Tensor) -> tuple[list[Piece], torch.Tensor]:
+        """The calls over this rank's ``items`` and their eval-mode vectors (no dropout) in the
+        items' order; every rank calls it together."""
+        calls = self.calls(items)
+        self.module.eval()
+        outs = []
+        for c in calls:
+            ids, mask = self.tokens.rows(c.items)
+            with self._autocast():
+                outs.append(self.module(ids.to(self.device), mask.to(self.device)).to(self.dtype))
+        self.module.train()
+        return calls, (in_order(calls, outs, len(items)) if calls else self.empty())
 
     def drop_graphs(self) -> None:
         """The graphs encoded with gradient are dropped without a backward (a skipped step)."""
@@ -334,9 +337,4 @@ class EncoderRunner:
         if self.frozen is not None:
             self._fill_frozen(mine, counted=False)  # evaluation is not training work
             return OwnedVectors(self.comm, mine, self.frozen.get(mine))
-        self.module.eval()
-        calls = self.calls(mine)
-        outs = [self._eval_forward(c.items) for c in calls]
-        self.module.train()
-        vecs = in_order(calls, outs, len(mine)) if calls else self.empty()
-        return OwnedVectors(self.comm, mine, vecs)
+        return OwnedVectors(self.comm, mine, self._eval_vectors(mine)[1])

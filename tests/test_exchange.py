@@ -8,7 +8,7 @@ import torch
 from tiny import options
 
 from gram_scale.errors import InputError
-from gram_scale.exchange import Comm, ItemExchange, in_order, owner_of, pieces
+from gram_scale.exchange import Comm, ItemExchange, in_order, owner_of, padded_calls, pieces
 from gram_scale.strategies import make_strategy
 from gram_scale.tasks import make_task
 
@@ -24,11 +24,11 @@ def test_owner_is_a_fixed_hash_spread_over_ranks():
 
 
 def test_a_rank_with_nothing_to_encode_still_makes_the_calls():
-    comm = Comm()
-    (piece,) = pieces(comm, torch.zeros(0, dtype=torch.long))
+    # the ranks agreed on one call; this rank has no item for it
+    (piece,) = padded_calls(torch.zeros(0, dtype=torch.long), [], 1)
     assert piece.real == 0 and len(piece.items) == 1  # one padding call, counted as 0 rows
     assert torch.equal(piece.pad(torch.zeros(0, 3)), torch.zeros(1, 3))
-    chunks = pieces(comm, torch.arange(5), chunk=2)
+    chunks = pieces(Comm(), torch.arange(5), list(torch.arange(5).split(2)))
     assert [p.real for p in chunks] == [2, 2, 1]
 
 
@@ -94,7 +94,7 @@ def test_chunk_rule_sorts_by_length_and_caps_rows_and_padded_tokens():
     assert all(len(c) * int(lengths[items[c]].max()) <= 20 for c in cuts[:-1])
     assert sorted(torch.cat(cuts).tolist()) == list(range(8))
     assert cache.padded_tokens(torch.tensor([1, 2])) == (11, 18)
-    calls = pieces(Comm(), items, cuts=cuts)
+    calls = pieces(Comm(), items, cuts)
     assert [c.real for c in calls] == [4, 2, 1, 1]
     assert torch.equal(in_order(calls, [c.items.double()[:, None] for c in calls], 8)[:, 0],
                        items.double())  # fmt: skip

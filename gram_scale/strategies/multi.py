@@ -136,9 +136,9 @@ class MultiStep:
             self.prefill(window + 1)
             keys, vecs = self.cache
         else:
-            keys, vecs = torch.zeros(0, dtype=torch.long), self._empty()
+            keys, vecs = torch.zeros(0, dtype=torch.long), self.runner.empty()
         keys, order = torch.sort(torch.cat([keys, extra]))
-        vecs = torch.cat([vecs, self._encode(extra, window + 1)])[order.to(vecs.device)]
+        vecs = torch.cat([vecs, self.runner.vectors(extra, window + 1)])[order.to(vecs.device)]
         for batch in batches:
             mine = batch.slice(rank, world)
             local, index = unique_index(mine.items)
@@ -165,21 +165,13 @@ class MultiStep:
         extra = mine[~torch.isin(mine, following)]
         return batches, extra, len(following) + len(extra)
 
-    def _encode(self, items: torch.Tensor, salt: int) -> torch.Tensor:
-        """Vectors (no gradient) of this rank's ``items`` in chunks; every rank makes the same
-        number of calls."""
-        return self.runner.vectors(items, salt)
-
-    def _empty(self) -> torch.Tensor:
-        return self.runner.empty()
-
     def prefill(self, window: int) -> int:
         """Encode (no gradient) the items of the window this rank owns, in chunks, into the
         window's cache; every rank makes the same number of calls. The rows encoded (a frozen
         encoder's: those its run's cache did not hold yet)."""
         f0 = self.runner.item_forwards
         mine = owned(self.comm, self.window_items(window))
-        self.cache = (mine, self._encode(mine, window))
+        self.cache = (mine, self.runner.vectors(mine, window))
         self.cache_window = window
         return self.runner.item_forwards - f0
 
