@@ -36,15 +36,20 @@ RUN_ENTRIES = (METRICS_FILE, OPTIONS_FILE, ENCODER_DIR, ADAPTER_DIR, CF_FILE, VE
                CHECKPOINTS_DIR, HISTORY_FILE, BEST_DIR, "wandb", "gram-scale")  # fmt: skip
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest existing parent (what creating it would use)."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_output_dir(opts) -> None:
     """Refuse an output folder the run could not write at its end, or one holding an earlier
     run (unless resuming it or asked to overwrite it); creates nothing."""
     out = Path(opts.output_dir)
     if out.exists() and not out.is_dir():
         raise InputError("--output-dir", None, f"{out} is a file, not a folder")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(out)
     if not existing.is_dir():
         raise InputError("--output-dir", None, f"{out} cannot be created: {existing} is a file")
     try:  # os.access says yes to root even on a read-only file system: try it for real
@@ -69,9 +74,7 @@ def check_writable(folder: str | Path, flag: str) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(flag, None, f"{folder} is a file, not a folder")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise InputError(flag, None, f"{folder} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK):
@@ -107,9 +110,7 @@ def check_shared_output_dir(comm, output_dir: str | Path) -> None:
         return
     import secrets
 
-    folder = Path(output_dir)
-    while not folder.exists():
-        folder = folder.parent
+    folder = nearest_existing(Path(output_dir))
     token = comm.sum_ints([secrets.randbits(62) if comm.rank == 0 else 0])[0]
     marker = folder / f".gram-shared-{token:x}"
     try:
@@ -139,10 +140,7 @@ def clear_output_dir(output_dir: str | Path) -> None:
         return
     for entry in out.iterdir():
         if entry.name in RUN_ENTRIES or entry.name.startswith(".partial-"):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            _remove(entry)
 
 
 def remove_partials(output_dir: str | Path) -> None:
@@ -150,10 +148,16 @@ def remove_partials(output_dir: str | Path) -> None:
     out = Path(output_dir)
     if out.is_dir():
         for entry in out.glob(".partial-*"):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            _remove(entry, tolerant=True)
+
+
+def _remove(entry: Path, tolerant: bool = False) -> None:
+    """Delete a file, link or folder tree (``tolerant``: ignore what cannot be removed of a
+    tree, or a file already gone)."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=tolerant)
+    else:
+        entry.unlink(missing_ok=tolerant)
 
 
 def _umask() -> int:
