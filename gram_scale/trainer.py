@@ -376,7 +376,7 @@ def train(opts: Options) -> dict:
                 counters["item_forwards"] += fwd
                 counters["item_backwards"] += bwd
                 for key, value in tokens.items():
-                    counters[key] = counters.get(key, 0) + value
+                    counters[key] += value
                 for key, per_rank in (("comm_bytes_sent", totals.bytes_sent),
                                       ("comm_bytes_received", totals.bytes_received)):  # fmt: skip
                     counters[key] = [
@@ -483,7 +483,7 @@ def _finish(accelerator, opts: Options, s: Session, state: TrainState, history: 
         counters["item_forwards"] += fwd
         counters["item_backwards"] += bwd
         for key, value in zip(TOKEN_COUNTERS, tokens):
-            counters[key] = counters.get(key, 0) + value
+            counters[key] += value
     # from here on the trained state is final: a checkpoint of it skips training on resume
     stop_if_asked("before the final evaluation, ")
     step, train_seconds, world = state.step, state.train_seconds, runner.comm.world
