@@ -43,8 +43,11 @@ def launch_nodes(runs_of_node, per_node: int, timeout: int = 900, extra_env=None
 
 
 def finished(done: list, n_runs: int) -> None:
-    for code, out, err in done:
-        assert code == 0, f"exit {code}\n{out[-3000:]}\n{err[-6000:]}"
+    report = "\n".join(
+        f"node {r}: exit {code}\n{out[-2000:]}\n{err[-4000:]}"
+        for r, (code, out, err) in enumerate(done)
+    )  # every node's, to tell which failed first
+    assert all(code == 0 for code, _, _ in done), report
     assert all(FINISHED.format(k, n_runs) in done[0][1] for k in range(1, n_runs + 1))
 
 
