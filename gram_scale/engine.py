@@ -267,13 +267,23 @@ def make_accelerator(opts, ds_raw: dict | None):
     if ds_raw is not None:
         plugin = DeepSpeedPlugin(hf_ds_config=ds_raw)
     log_with = None if opts.report_to == "none" else opts.report_to
+    # Launched on CPUs without DeepSpeed, accelerate takes the ranks for one process unless told
+    # they are CPU ranks: its barriers (wait_for_everyone, main_process_first) would not wait.
+    cpu = launched and plugin is None and not torch.cuda.is_available()
     with quiet_stdout():
-        return Accelerator(
+        accelerator = Accelerator(
+            cpu=cpu,
             deepspeed_plugin=plugin,
             log_with=log_with,
             project_dir=opts.output_dir,
             kwargs_handlers=kwargs,
         )
+    if launched and accelerator.num_processes > 1 and not accelerator.use_distributed:
+        raise RuntimeError(
+            f"accelerate sees {accelerator.num_processes} processes but no distributed run "
+            f"({accelerator.distributed_type}): its barriers would not wait"
+        )
+    return accelerator
 
 
 def in_process_device() -> torch.device:
