@@ -34,8 +34,9 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``launch/train.py`` and ``gram-train``."""
+def main(argv: list[str] | None = None, callbacks=()) -> int:
+    """Entry point of ``launch/train.py`` and ``gram-train``; ``callbacks``: the trainer's
+    (``gram_scale.trainer.Callback``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     opts = None
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = parse_options(argv)
         from gram_scale.trainer import train
 
-        train(opts)
+        train(opts, callbacks)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_INPUT_ERROR

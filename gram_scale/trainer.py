@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +60,13 @@ from gram_scale.export import (
     take_best,
 )
 from gram_scale.history import HISTORY_FILE, HistoryLog, resident_bytes
+from gram_scale.nonfinite import BadSteps
 from gram_scale.optim import make_optimizer
 from gram_scale.runner import TOKEN_COUNTERS, EncoderRunner
-from gram_scale.schedule import encoder_steps, make_scheduler, run_steps
+from gram_scale.schedule import make_scheduler, run_steps
 from gram_scale.signals import STOP_SIGNALS, StopRequest, agreed_signal, stop_counts
-from gram_scale.strategies import make_strategy
-from gram_scale.strategies.base import CFUpdate
+from gram_scale.strategies import make_strategy, strategy_class
+from gram_scale.strategies.base import CFUpdate, StepResult
 from gram_scale.tasks import make_task, task_class
 
 
@@ -182,10 +184,7 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
     task.model.to(device, opts.vector_dtype())
     cf_opt = make_optimizer(task.model.parameters(), opts, opts.lr_cf)
     steps_per_epoch = task.num_train_batches()
-    # Multi-step's encoder step count is estimated from one step's unique items
-    first = next(task.train_batches(0), None) if opts.strategy == "multi" else None
-    step_items = 0 if first is None else len(torch.unique(first.items[first.items >= 0]))
-    total = encoder_steps(opts, steps_per_epoch, len(data.catalogue), step_items)
+    total = strategy_class(opts.strategy).encoder_steps(opts, steps_per_epoch, task)
     runner = build_runner(accelerator, encoder, tokens, opts, ds_raw, total)
     cf_sched = make_scheduler(cf_opt, opts, run_steps(opts, steps_per_epoch))
     cf = CFUpdate(task, cf_opt, runner.comm, cf_sched, opts.max_grad_norm)
@@ -208,32 +207,6 @@ def export_tensors(accelerator, opts: Options, s: Session, vectors: OwnedVectors
     return (s.encoder.model.state_dict() if opts.lora else None), full
 
 
-def check_valid(accelerator, opts: Options, s: Session, state: TrainState, epoch: int,
-                fault: tuple[str | None, str] = (None, "")) -> dict:  # fmt: skip
-    """Valid metrics of the models as they are now; with --save-best a better one is staged as
-    the export, with its test metrics. Every rank calls it. ``fault``: ``_fault``'s, for the
-    tests that stop a run while it stages.
-
-    Under Multi-step mid-window this is the encoder as it stands: the window's table updates
-    reach it only at the window end (the CF model has already learned on them)."""
-    task = s.task
-    vectors = catalogue_vectors(task, s.runner) if needs_vectors(task, ("valid",)) else None
-    valid = evaluate(task, vectors, "valid")
-    if opts.save_best and better(valid, state.best, task.main_metric):
-        test = evaluate(task, vectors, "test")
-        state.best = {"step": state.step, "epoch": epoch, "valid": valid, "test": test}
-        encoder_state, full = export_tensors(accelerator, opts, s, vectors)
-        if accelerator.is_main_process:
-
-            def write(tmp):
-                export_run(tmp, s.encoder, s.tokenizer, encoder_state, task.model,
-                           s.data.catalogue.ids, full, None, opts)  # fmt: skip
-                _at(fault, f"stage-{state.step}")
-
-            stage_best(opts.output_dir, state.step, write)
-    return valid
-
-
 def _report_valid(accelerator, opts: Options, valid: dict, where: str, step: int) -> None:
     if "skipped" in valid:  # said once, with the final metrics
         return
@@ -242,20 +215,49 @@ def _report_valid(accelerator, opts: Options, valid: dict, where: str, step: int
         accelerator.log({f"valid/{k}": v for k, v in valid.items()}, step=step)
 
 
-def _checkpoint(accelerator, state: TrainState, opts: Options, record: dict):
-    """A checkpoint of the current step, with the staged best export when there is one."""
-    best = Path(opts.output_dir) / BEST_DIR if opts.save_best else None
-    return save_checkpoint(accelerator, state, opts.output_dir, opts.keep_checkpoints, record,
-                           best)  # fmt: skip
+Callback = Callable[[str, int], None]
+"""``fn(event, rank)``, called by every rank at the loop's events: ``"N"`` before step N
+(0-based), ``"during-N"`` inside step N (after its computation), ``"stage-N"`` while the best
+export of step N is staged, ``"eval"`` before the final evaluation, ``"export"`` while the
+export is written. The tests inject faults through them."""
 
 
-def train(opts: Options) -> dict:
+def train(opts: Options, callbacks: Sequence[Callback] = ()) -> dict:
     """Run one training job; returns the metrics dict (also written to the output folder)."""
+    checked = preflight(opts)
+    accelerator = make_accelerator(opts, checked.ds_raw)
+    run = Run.start(opts, checked, accelerator, callbacks)
+    with run.stop:
+        for epoch in range(run.state.epoch, opts.epochs):
+            run.train_epoch(epoch)
+            if run.out_of_steps() and epoch < opts.epochs - 1:
+                break
+            run.end_epoch(epoch)
+        metrics = run.finish()
+        signum = run.stop_after_export()
+    run.close()
+    if signum is not None:
+        raise Interrupted("stopped during the export", said=True, code=128 + signum)
+    return metrics
+
+
+@dataclass
+class Checked:
+    """What ``preflight`` found: the DeepSpeed config to use, the run's record (what its
+    checkpoints depend on), the checkpoints a resume may use, a note for the log."""
+
+    ds_raw: dict | None
+    record: dict
+    candidates: list[Path]
+    offline_note: str | None
+
+
+def preflight(opts: Options) -> Checked:
+    """Everything that flags and small files can tell, checked before any data or model
+    loads: a mistake costs a second, not a training run."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not torch.cuda.is_available():  # DeepSpeed would guess the same, and say so on stdout
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # Everything that flags and small files can tell is checked here, before any data or model
-    # loads: a mistake costs a second, not a training run.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and opts.batch_size < world:
         raise InputError(
@@ -264,219 +266,348 @@ def train(opts: Options) -> dict:
     ds_file = read_ds_config(opts.config)
     stage = None if ds_file is None else check_ds_config(ds_file, opts.config, opts, world)
     if ds_file is not None and not opts.freeze_encoder and launcher_cpu_mode():
-        raise InputError("--cpu", None, f"accelerate launch --cpu turns DeepSpeed off (and starts "
-                         f"one process), but --config {opts.config} asks for it: launch without "
-                         "--cpu (DeepSpeed runs on CPUs as it is) or use --config none")  # fmt: skip
+        raise InputError(
+            "--cpu",
+            None,
+            f"accelerate launch --cpu turns DeepSpeed off (and starts one process), but --config "
+            f"{opts.config} asks for it: launch without --cpu (DeepSpeed runs on CPUs as it is) "
+            "or use --config none",
+        )
     encoder_id = check_encoder_folder(opts.resolved_encoder(), opts.max_tokens)
     resolve_attention(opts.attn_implementation, encoder_id["config"], opts.keyed_dropout)
     check_output_dir(opts)
     ds_raw = None if opts.freeze_encoder else ds_file  # a frozen encoder needs no engine
     record = run_record(opts, encoder_id, None if ds_raw is None else stage, world)
-    offline_note = None
-    if opts.report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
-        if os.environ.get("WANDB_MODE") in (None, "", "offline"):
-            # never reach for the cloud without a key: log locally, sync later
-            os.environ["WANDB_MODE"] = "offline"
-            offline_note = f"wandb: no WANDB_API_KEY, logging offline to {opts.output_dir}/wandb (sync later with `wandb sync`)"
+    offline_note = _wandb_offline(opts)
     candidates = resume_candidates(opts.output_dir, opts.resume)
     for folder in candidates:
         check_compatible(folder, record)
     check_tokenizer(opts.resolved_encoder(), opts.max_tokens, encoder_id["config"])
+    return Checked(ds_raw, record, candidates, offline_note)
 
-    accelerator = make_accelerator(opts, ds_raw)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    check_shared_output_dir(Comm(rank, world, accelerator.device), opts.output_dir)
-    resume_from = None
-    if opts.resume:  # every rank checks its own files; all agree on one checkpoint
-        say = _print if accelerator.is_main_process else (lambda text: None)
-        resume_from = choose_resume(candidates, opts.resume != "latest", say, rank, world)
 
-    with accelerator.main_process_first():  # generate the default data set once
-        data = load_data(opts)
-    s = setup(opts, data, accelerator, ds_raw)
-    task, runner, strategy, tokens = s.task, s.runner, s.strategy, s.tokens
-    encoder, steps_per_epoch = s.encoder, s.steps_per_epoch
-    total_steps = run_steps(opts, steps_per_epoch)
-    if accelerator.is_main_process:  # only now: every check has passed and data loaded
-        if opts.overwrite_output_dir:
-            clear_output_dir(opts.output_dir)
-        remove_partials(opts.output_dir)  # exports an interrupted run left unfinished
-    accelerator.wait_for_everyone()
-
-    if opts.report_to != "none":
-        Path(opts.output_dir).mkdir(parents=True, exist_ok=True)
-        init = {"wandb": {"dir": opts.output_dir}} if opts.report_to == "wandb" else {}
-        accelerator.init_trackers("gram-scale", config=vars(opts), init_kwargs=init)
-        if offline_note:
-            _say(accelerator, offline_note)
-    _say(accelerator, f"{opts.task}: {len(data.catalogue)} items, {steps_per_epoch} steps/epoch, "
-                      f"strategy {opts.strategy}, {world} process(es) on {accelerator.device}, "
-                      f"{tokens.mean_tokens():.1f} tokens/item")  # fmt: skip
-
-    progress = None
-    if opts.progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total_steps, desc="train", file=sys.stderr, dynamic_ncols=True)
-    state = TrainState(strategy)
-    accelerator.register_for_checkpointing(task.model, s.cf.optimizer, s.cf.scheduler, state)
-    if runner.engine is None and runner.optimizer is not None:  # a DeepSpeed engine saves itself
-        accelerator.register_for_checkpointing(encoder, runner.optimizer, runner.scheduler)
-    if resume_from is not None:
-        load_checkpoint(accelerator, resume_from)
-        _say(accelerator, f"resumed from {resume_from} at step {state.step}")
-    if opts.save_best and accelerator.is_main_process:
-        # the best staged as of the checkpoint; a fresh start drops what an earlier try staged
-        restore_best(opts.output_dir, resume_from)
-    if progress is not None:
-        progress.update(state.step)
-    counters, epochs = state.counters, state.epochs
-    history = HistoryLog(
-        opts.output_dir, accelerator.is_main_process, state.step if resume_from else None
+def _wandb_offline(opts: Options) -> str | None:
+    """Never reach for the wandb cloud without a key: log locally, sync later. The note to
+    say, or None."""
+    if opts.report_to != "wandb" or os.environ.get("WANDB_API_KEY"):
+        return None
+    if os.environ.get("WANDB_MODE") not in (None, "", "offline"):
+        return None
+    os.environ["WANDB_MODE"] = "offline"
+    return (
+        f"wandb: no WANDB_API_KEY, logging offline to {opts.output_dir}/wandb (sync later with "
+        "`wandb sync`)"
     )
-    fault = _fault(rank)
-    # A stop signal, from the first step to the end of the export: every rank finishes what it
-    # is doing (a step, the final evaluation, the export), a checkpoint keeps what was trained,
-    # and the run exits with 128 + the signal's number. A second one stops at once.
-    stop = StopRequest(STOP_SIGNALS if opts.save_on_signal else (signal.SIGINT,))
 
-    comm = runner.comm
 
-    def stop_if_asked(when: str = "") -> None:
-        if (signum := _agreed_stop(stop, comm)) is not None:
-            _stop(accelerator, opts, state, record, progress, stop, signum, when)
+@dataclass
+class Run:
+    """One training run's moving parts, from the first step to the export; its methods are the
+    loop's phases."""
 
-    with stop:
-        for epoch in range(state.epoch, opts.epochs):
-            task.model.train()
-            for i, batch in enumerate(task.train_batches(epoch)):
-                if i < state.batch_in_epoch:  # already trained before the checkpoint
-                    continue
-                if opts.max_steps and state.step >= opts.max_steps:
-                    break
-                step = state.step
-                _at(fault, f"{step}")  # fault injection for the resume and error tests
-                lrs = {"lr_encoder": runner.lr(), "lr_cf": s.cf.lr()}  # the rates this step uses
-                t = time.perf_counter()
-                # the step's scalars (loss, counts, finite check, traffic) travel in one
-                # collective inside the step
-                res = strategy.step(batch.slice(rank, world), step)
-                _at(fault, f"during-{step}")
-                seconds = time.perf_counter() - t
-                state.train_seconds += seconds
-                # the encoder's tokens this step, every rank's (a second small collective: a
-                # window end's are known only once it has run, after the step's agreement)
-                tokens = dict(zip(TOKEN_COUNTERS, runner.comm.sum_ints(runner.take_tokens())))
-                totals = res.totals
-                fwd, bwd = totals.item_forwards, totals.item_backwards
-                occurrences = batch.occurrences()  # every rank holds the global batch
-                unique = len(torch.unique(batch.items[batch.items >= 0]))
-                counters["occurrences"] += occurrences
-                counters["unique"] += unique
-                counters["item_forwards"] += fwd
-                counters["item_backwards"] += bwd
-                for key, value in tokens.items():
-                    counters[key] += value
-                for key, per_rank in (("comm_bytes_sent", totals.bytes_sent),
-                                      ("comm_bytes_received", totals.bytes_received)):  # fmt: skip
-                    counters[key] = [
-                        a + b for a, b in zip(counters.get(key) or [0] * world, per_rank)
-                    ]
-                state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
-                evaluated = {}
-                # the last step's evaluation is the final one, after the loop
-                if (
-                    opts.eval_every
-                    and state.step % opts.eval_every == 0
-                    and state.step < total_steps
-                ):
-                    valid = check_valid(accelerator, opts, s, state, epoch, fault)
-                    state.evals.append({"step": state.step, "epoch": epoch, "valid": valid})
-                    _report_valid(accelerator, opts, valid, f"step {state.step}", state.step)
-                    evaluated = {"valid": valid}
-                history.append({"step": step, "epoch": epoch, "loss": res.loss, "occurrences": occurrences,
-                                "unique": unique, "item_forwards": fwd, "item_backwards": bwd, **tokens,
-                                "comm_bytes_sent": totals.bytes_sent, "comm_bytes_received": totals.bytes_received,
-                                "encoder_updated": res.encoder_updated, "skipped": res.skipped,
-                                "encoder_skipped": res.encoder_skipped,
-                                "seconds": seconds, **lrs, "rss_bytes": resident_bytes(), **evaluated,
-                                **({"window": res.window_stats} if res.window_stats else {})})  # fmt: skip
-                if res.skipped or res.encoder_skipped:
-                    state.skipped_steps += 1
-                    state.bad_in_a_row += 1
-                    what = "encoder gradient" if res.encoder_skipped else "loss or gradient"
-                    dropped = "step" if res.skipped else "encoder update"
-                    _say(accelerator, f"step {step}: non-finite {what}, {dropped} skipped "
-                                      f"({state.bad_in_a_row} in a row)")  # fmt: skip
-                    if opts.report_to != "none":
-                        accelerator.log(
-                            {"train/skipped_steps": state.skipped_steps}, step=state.step
-                        )
-                    if state.bad_in_a_row > opts.max_bad_steps:
-                        path = _checkpoint(accelerator, state, opts, record)
-                        raise TrainingStopped(
-                            f"{state.bad_in_a_row} non-finite steps in a row (last: step {step}), more than "
-                            f"--max-bad-steps {opts.max_bad_steps}; the last good state is saved in {path}"
-                        )
-                else:
-                    state.bad_in_a_row = 0
-                ratio = occurrences / max(unique, 1)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{res.loss:.4f}", r=f"{ratio:.1f}")
-                if opts.report_to != "none" and state.step % opts.log_every == 0:
-                    traffic = {f"train/{key}/rank{r}": v for key in ("comm_bytes_sent", "comm_bytes_received")
-                               for r, v in enumerate(counters[key])}  # fmt: skip
-                    accelerator.log({"train/loss": res.loss, "train/item_forwards": fwd,
-                                     **{f"train/{k}": v for k, v in lrs.items() if v is not None},
-                                     "train/item_backwards": bwd, "train/occurrence_unique_ratio": ratio,
-                                     "train/items_per_s": counters["occurrences"] / max(state.train_seconds, 1e-9)}
-                                    | traffic, step=state.step)  # fmt: skip
-                if opts.save_every and state.step % opts.save_every == 0:
-                    _checkpoint(accelerator, state, opts, record)
-                stop_if_asked()  # a signal that came during this step (or before it)
-            if opts.max_steps and state.step >= opts.max_steps and epoch < opts.epochs - 1:
-                break
-            if epoch < opts.epochs - 1:
-                if state.evals and state.evals[-1]["step"] == state.step:  # --eval-every's
-                    valid = state.evals[-1]["valid"]
-                else:
-                    valid = check_valid(accelerator, opts, s, state, epoch, fault)
-                    _report_valid(accelerator, opts, valid, f"epoch {epoch}", state.step)
-                epochs.append({"epoch": epoch, "step": state.step, "train_seconds": state.train_seconds,
-                               "valid": valid})  # fmt: skip
-            state.epoch, state.batch_in_epoch = epoch + 1, 0
-            if epoch < opts.epochs - 1:
-                stop_if_asked()  # one that came during the epoch's evaluation
-        metrics = _finish(accelerator, opts, s, state, history, progress, fault, stop_if_asked)
-        # the export is complete: a signal that came while it was written ends the run now
-        signum = _agreed_stop(stop, comm)
-        if signum is not None and accelerator.is_main_process:
-            print(f"stopped by {_who(stop, signum)} during the export, after step {state.step}; "
-                  f"the export is complete ({opts.output_dir}/metrics.json)", file=sys.stderr,
-                  flush=True)  # fmt: skip
+    opts: Options
+    accelerator: object
+    s: Session
+    record: dict
+    state: TrainState
+    history: HistoryLog
+    progress: object  # a tqdm bar on the main process with --progress, else None
+    stop: StopRequest
+    callbacks: Sequence[Callback]
+    total_steps: int
+
+    # -- start -----------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, opts: Options, checked: Checked, accelerator, callbacks) -> Run:
+        """Agree on the checkpoint to resume, load data and models, clean the output folder,
+        start the trackers, restore the checkpoint."""
+        rank, world = accelerator.process_index, accelerator.num_processes
+        check_shared_output_dir(Comm(rank, world, accelerator.device), opts.output_dir)
+        resume_from = None
+        if opts.resume:  # every rank checks its own files; all agree on one checkpoint
+            say = _print if accelerator.is_main_process else (lambda text: None)
+            resume_from = choose_resume(checked.candidates, opts.resume != "latest", say, rank,
+                                        world)  # fmt: skip
+        with accelerator.main_process_first():  # generate the default data set once
+            data = load_data(opts)
+        s = setup(opts, data, accelerator, checked.ds_raw)
+        if accelerator.is_main_process:  # only now: every check has passed and data loaded
+            if opts.overwrite_output_dir:
+                clear_output_dir(opts.output_dir)
+            remove_partials(opts.output_dir)  # exports an interrupted run left unfinished
         accelerator.wait_for_everyone()
-    # Free the engine before the process group goes (torch 2.13 gloo can abort at exit
-    # otherwise); end_training also closes the trackers.
-    del strategy, runner, s
-    gc.collect()
-    accelerator.end_training()
-    if signum is not None:
-        raise Interrupted("stopped during the export", said=True, code=128 + signum)
-    return metrics
+        _start_trackers(accelerator, opts, checked.offline_note)
+        _say(accelerator, f"{opts.task}: {len(data.catalogue)} items, {s.steps_per_epoch} "
+                          f"steps/epoch, strategy {opts.strategy}, {world} process(es) on "
+                          f"{accelerator.device}, {s.tokens.mean_tokens():.1f} tokens/item")  # fmt: skip
+        total_steps = run_steps(opts, s.steps_per_epoch)
+        progress = _progress_bar(accelerator, opts, total_steps)
+        state = TrainState(s.strategy)
+        _restore(accelerator, opts, s, state, resume_from)
+        if progress is not None:
+            progress.update(state.step)
+        history = HistoryLog(
+            opts.output_dir, accelerator.is_main_process, state.step if resume_from else None
+        )
+        # A stop signal, from the first step to the end of the export: every rank finishes what
+        # it is doing (a step, the final evaluation, the export), a checkpoint keeps what was
+        # trained, and the run exits with 128 + the signal's number. A second one stops at once.
+        stop = StopRequest(STOP_SIGNALS if opts.save_on_signal else (signal.SIGINT,))
+        return cls(opts, accelerator, s, checked.record, state, history, progress, stop,
+                   tuple(callbacks), total_steps)  # fmt: skip
 
+    @property
+    def comm(self) -> Comm:
+        return self.s.runner.comm
 
-def _finish(accelerator, opts: Options, s: Session, state: TrainState, history: HistoryLog,
-            progress, fault: tuple[str | None, str], stop_if_asked) -> dict:  # fmt: skip
-    """After the last step: Multi-step's last window, the final evaluation and the export;
-    returns the metrics. A stop signal before the export keeps the trained state in a
-    checkpoint (``stop_if_asked``), whose resumed run only evaluates and exports."""
-    task, runner, strategy, data = s.task, s.runner, s.strategy, s.data
-    counters, epochs = state.counters, state.epochs
-    t = time.perf_counter()
-    tail = strategy.finish(state.step)  # Multi-step: a last partial window updates the encoder
-    state.train_seconds += time.perf_counter() - t
-    if tail is not None:
+    def _event(self, event: str) -> None:
+        for callback in self.callbacks:
+            callback(event, self.comm.rank)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def out_of_steps(self) -> bool:
+        """Whether --max-steps is reached."""
+        return bool(self.opts.max_steps) and self.state.step >= self.opts.max_steps
+
+    def train_epoch(self, epoch: int) -> None:
+        """The epoch's batches not trained yet (a resume skips those before its checkpoint),
+        up to --max-steps."""
+        self.s.task.model.train()
+        for i, batch in enumerate(self.s.task.train_batches(epoch)):
+            if i < self.state.batch_in_epoch:  # already trained before the checkpoint
+                continue
+            if self.out_of_steps():
+                break
+            self.train_step(epoch, i, batch)
+
+    def train_step(self, epoch: int, i: int, batch) -> None:
+        """One step (batch ``i`` of ``epoch``), then what follows it: counters, evaluation,
+        the history line, the non-finite policy, logging, a checkpoint, the stop check."""
+        state, s = self.state, self.s
+        step = state.step
+        self._event(f"{step}")
+        lrs = {"lr_encoder": s.runner.lr(), "lr_cf": s.cf.lr()}  # the rates this step uses
+        t = time.perf_counter()
+        # the step's scalars (loss, counts, finite check, traffic) travel in one collective
+        res = s.strategy.step(batch.slice(self.comm.rank, self.comm.world), step)
+        self._event(f"during-{step}")
+        seconds = time.perf_counter() - t
+        state.train_seconds += seconds
+        seen = self._count(res, batch)
+        state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
+        evaluated = self._evaluate_every(epoch)
+        totals = res.totals
+        window = {"window": res.window_stats} if res.window_stats else {}
+        self.history.append({"step": step, "epoch": epoch, "loss": res.loss, **seen,
+                             "comm_bytes_sent": totals.bytes_sent,
+                             "comm_bytes_received": totals.bytes_received,
+                             "encoder_updated": res.encoder_updated, "skipped": res.skipped,
+                             "encoder_skipped": res.encoder_skipped, "seconds": seconds, **lrs,
+                             "rss_bytes": resident_bytes(), **evaluated, **window})  # fmt: skip
+        self._non_finite(res, step)
+        self._log_step(res, seen, lrs)
+        if self.opts.save_every and state.step % self.opts.save_every == 0:
+            self.checkpoint()
+        self.stop_if_asked()  # a signal that came during this step (or before it)
+
+    def _count(self, res: StepResult, batch) -> dict:
+        """Add the step's counts, every rank's, to the run's counters; the step's own."""
+        # the encoder's tokens (a second small collective: a window end's are known only once
+        # it has run, after the step's agreement)
+        tokens = dict(zip(TOKEN_COUNTERS, self.comm.sum_ints(self.s.runner.take_tokens())))
+        totals = res.totals
+        seen = {
+            "occurrences": batch.occurrences(),  # every rank holds the global batch
+            "unique": len(torch.unique(batch.items[batch.items >= 0])),
+            "item_forwards": totals.item_forwards,
+            "item_backwards": totals.item_backwards,
+            **tokens,
+        }
+        counters = self.state.counters
+        for key, value in seen.items():
+            counters[key] += value
+        for key, per_rank in (
+            ("comm_bytes_sent", totals.bytes_sent),
+            ("comm_bytes_received", totals.bytes_received),
+        ):
+            before = counters.get(key) or [0] * self.comm.world
+            counters[key] = [a + b for a, b in zip(before, per_rank)]
+        return seen
+
+    def _evaluate_every(self, epoch: int) -> dict:
+        """--eval-every's evaluation when it is due (the last step's is the final one, after
+        the loop): ``{"valid": metrics}``, else {}."""
+        opts, state = self.opts, self.state
+        due = opts.eval_every and state.step % opts.eval_every == 0
+        if not due or state.step >= self.total_steps:
+            return {}
+        valid = self.check_valid(epoch)
+        state.evals.append({"step": state.step, "epoch": epoch, "valid": valid})
+        _report_valid(self.accelerator, opts, valid, f"step {state.step}", state.step)
+        return {"valid": valid}
+
+    def _non_finite(self, res: StepResult, step: int) -> None:
+        """The run's side of the non-finite policy (``gram_scale.nonfinite``): a skipped step
+        is counted and said; too many in a row stop the run with a checkpoint."""
+        bad = BadSteps(self.state, self.opts.max_bad_steps)
+        said = bad.record(res.skipped, res.encoder_skipped, step)
+        if said is None:
+            return
+        _say(self.accelerator, said)
+        if self.opts.report_to != "none":
+            self.accelerator.log({"train/skipped_steps": self.state.skipped_steps},
+                                 step=self.state.step)  # fmt: skip
+        if bad.too_many():
+            raise TrainingStopped(bad.stop_message(step, self.checkpoint()))
+
+    def _log_step(self, res: StepResult, seen: dict, lrs: dict) -> None:
+        """The progress bar, and the trackers every --log-every steps."""
+        state, counters = self.state, self.state.counters
+        ratio = seen["occurrences"] / max(seen["unique"], 1)
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{res.loss:.4f}", r=f"{ratio:.1f}")
+        if self.opts.report_to == "none" or state.step % self.opts.log_every:
+            return
+        traffic = {
+            f"train/{key}/rank{r}": v
+            for key in ("comm_bytes_sent", "comm_bytes_received")
+            for r, v in enumerate(counters[key])
+        }
+        rates = {f"train/{k}": v for k, v in lrs.items() if v is not None}
+        speed = counters["occurrences"] / max(state.train_seconds, 1e-9)
+        self.accelerator.log(
+            {"train/loss": res.loss, "train/item_forwards": seen["item_forwards"], **rates,
+             "train/item_backwards": seen["item_backwards"],
+             "train/occurrence_unique_ratio": ratio, "train/items_per_s": speed} | traffic,
+            step=state.step,
+        )  # fmt: skip
+
+    def end_epoch(self, epoch: int) -> None:
+        """Between epochs: the epoch's valid evaluation (--eval-every's when it fell on this
+        step), the epoch record, the stop check."""
+        state, last = self.state, epoch == self.opts.epochs - 1
+        if not last:
+            if state.evals and state.evals[-1]["step"] == state.step:  # --eval-every's
+                valid = state.evals[-1]["valid"]
+            else:
+                valid = self.check_valid(epoch)
+                _report_valid(self.accelerator, self.opts, valid, f"epoch {epoch}", state.step)
+            state.epochs.append({"epoch": epoch, "step": state.step,
+                                 "train_seconds": state.train_seconds, "valid": valid})  # fmt: skip
+        state.epoch, state.batch_in_epoch = epoch + 1, 0
+        if not last:
+            self.stop_if_asked()  # one that came during the epoch's evaluation
+
+    def check_valid(self, epoch: int) -> dict:
+        """Valid metrics of the models as they are now; with --save-best a better one is
+        staged as the export, with its test metrics. Every rank calls it.
+
+        Under Multi-step mid-window this is the encoder as it stands: the window's table
+        updates reach it only at the window end (the CF model has already learned on them)."""
+        opts, s, state, accelerator = self.opts, self.s, self.state, self.accelerator
+        vectors = catalogue_vectors(s.task, s.runner) if needs_vectors(s.task, ("valid",)) else None
+        valid = evaluate(s.task, vectors, "valid")
+        if not (opts.save_best and better(valid, state.best, s.task.main_metric)):
+            return valid
+        test = evaluate(s.task, vectors, "test")
+        state.best = {"step": state.step, "epoch": epoch, "valid": valid, "test": test}
+        encoder_state, full = export_tensors(accelerator, opts, s, vectors)
+        if accelerator.is_main_process:
+
+            def write(tmp):
+                export_run(tmp, s.encoder, s.tokenizer, encoder_state, s.task.model,
+                           s.data.catalogue.ids, full, None, opts)  # fmt: skip
+                self._event(f"stage-{state.step}")
+
+            stage_best(opts.output_dir, state.step, write)
+        return valid
+
+    def checkpoint(self) -> Path:
+        """A checkpoint of the current step, with the staged best export when there is one."""
+        opts = self.opts
+        best = Path(opts.output_dir) / BEST_DIR if opts.save_best else None
+        return save_checkpoint(self.accelerator, self.state, opts.output_dir,
+                               opts.keep_checkpoints, self.record, best)  # fmt: skip
+
+    # -- stop signals ----------------------------------------------------------------------
+
+    def stop_if_asked(self, when: str = "") -> None:
+        """End the run here if a stop signal came to any rank (all ranks agree)."""
+        if (signum := _agreed_stop(self.stop, self.comm)) is not None:
+            self._stop(signum, when)
+
+    def _stop(self, signum: int, when: str) -> None:
+        """End the run on a stop signal, between steps or before the export: checkpoint (with
+        --save-on-signal or --save-every), then raise ``Interrupted`` with exit code 128 + the
+        signal number. ``when``: where the run was, said before "after step N"."""
+        opts, state = self.opts, self.state
+        where = "no checkpoint written (--no-save-on-signal and --save-every 0)"
+        if opts.save_on_signal or opts.save_every:
+            path = checkpoint_root(opts.output_dir) / f"step-{state.step:08d}"
+            if not (opts.save_every and state.step % opts.save_every == 0):  # not saved yet
+                path = self.checkpoint()
+            where = f"checkpoint {path} (continue with --resume latest)"
+        if self.progress is not None:
+            self.progress.close()
+        message = f"stopped by {_who(self.stop, signum)} {when}after step {state.step}; {where}"
+        if self.accelerator.is_main_process:
+            # said before the ranks part: a launcher tears the group down when the first exits
+            print(message, file=sys.stderr, flush=True)
+        self.accelerator.wait_for_everyone()
+        raise Interrupted(message, said=True, code=128 + signum)
+
+    def stop_after_export(self) -> int | None:
+        """A signal that came while the export was written ends the run now (the export is
+        complete); its number, or None."""
+        signum = _agreed_stop(self.stop, self.comm)
+        if signum is not None and self.accelerator.is_main_process:
+            print(f"stopped by {_who(self.stop, signum)} during the export, after step "
+                  f"{self.state.step}; the export is complete ({self.opts.output_dir}/"
+                  "metrics.json)", file=sys.stderr, flush=True)  # fmt: skip
+        self.accelerator.wait_for_everyone()
+        return signum
+
+    # -- finish ----------------------------------------------------------------------------
+
+    def finish(self) -> dict:
+        """After the last step: Multi-step's last window, the final evaluation and the export;
+        returns the metrics. A stop signal before the export keeps the trained state in a
+        checkpoint, whose resumed run only evaluates and exports."""
+        state, task = self.state, self.s.task
+        self._last_updates()
+        # from here on the trained state is final: a checkpoint of it skips training on resume
+        self.stop_if_asked("before the final evaluation, ")
+        self._event("eval")
+        # one encode serves valid, test and the exported item vectors
+        final = needs_vectors(task, ("valid", "test"), export=self.opts.export)
+        vectors = catalogue_vectors(task, self.s.runner) if final else None
+        valid = evaluate(task, vectors, "valid")
+        test = evaluate(task, vectors, "test")
+        self.stop_if_asked("in the final evaluation, ")
+        if self.progress is not None:
+            self.progress.close()
+        state.epochs.append({"epoch": len(state.epochs), "step": state.step,
+                             "train_seconds": state.train_seconds, "valid": valid})  # fmt: skip
+        best = self._best(valid, test)
+        staged = best is not None and best["step"] != state.step
+        metrics = self._metrics(valid, test, best, staged)
+        self.history.close()
+        self._report_final(valid, test, best, staged)
+        self._export(metrics, vectors, best, staged)
+        return metrics
+
+    def _last_updates(self) -> None:
+        """The strategy's pending work (Multi-step: a last partial window updates the
+        encoder), timed and counted with training."""
+        runner, counters = self.s.runner, self.state.counters
+        t = time.perf_counter()
+        tail = self.s.strategy.finish(self.state.step)
+        self.state.train_seconds += time.perf_counter() - t
+        if tail is None:
+            return
         fwd, bwd, *tokens = runner.comm.sum_ints(
             [tail.item_forwards, tail.item_backwards, *runner.take_tokens()]
         )
@@ -484,89 +615,137 @@ def _finish(accelerator, opts: Options, s: Session, state: TrainState, history: 
         counters["item_backwards"] += bwd
         for key, value in zip(TOKEN_COUNTERS, tokens):
             counters[key] += value
-    # from here on the trained state is final: a checkpoint of it skips training on resume
-    stop_if_asked("before the final evaluation, ")
-    step, train_seconds, world = state.step, state.train_seconds, runner.comm.world
-    _at(fault, "eval")
-    # one encode serves valid, test and the exported item vectors
-    final = needs_vectors(task, ("valid", "test"), export=opts.export)
-    vectors = catalogue_vectors(task, runner) if final else None
-    valid = evaluate(task, vectors, "valid")
-    test = evaluate(task, vectors, "test")
-    stop_if_asked("in the final evaluation, ")
-    if progress is not None:
-        progress.close()
-    epochs.append(
-        {"epoch": len(epochs), "step": step, "train_seconds": train_seconds, "valid": valid}
-    )
-    # --save-best: the export (and the metrics that describe it) is the best evaluation's; the
-    # last model's when it is the best, or when no evaluation could be scored
-    best = state.best
-    if opts.save_best and (best is None or better(valid, best, task.main_metric)):
-        best = {"step": step, "epoch": len(epochs) - 1, "valid": valid, "test": test}
-        best = best if "skipped" not in valid else None
-    staged = opts.save_best and best is not None and best["step"] != step
-    metrics = {
-        "valid": best["valid"] if staged else valid,
-        "test": best["test"] if staged else test,
-        "steps": step,
-        "train_seconds": train_seconds,
-        "processes": world,
-        "counters": counters,
-        "skipped_steps": state.skipped_steps,
-        "occurrence_unique_ratio": counters["occurrences"] / max(counters["unique"], 1),
-        "encoder_peak_activation_bytes": runner.peak_activation_bytes,
-        "encoder_recomputed_rows": runner.comm.sum_int(runner.item_recomputes),
-        "encoder_numerics": runner.numerics(),
-        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        "peak_rss_bytes_per_rank": _peak_rss_per_rank(runner.comm),
-        "epochs": epochs,
-        "history_file": HISTORY_FILE,  # one line per step, streamed while training
-    }
-    if opts.eval_every:
-        metrics["evals"] = state.evals
-    if opts.save_best:  # valid and test above are the exported model's
-        metrics["best_step"] = None if best is None else best["step"]
-        metrics["best_valid"] = None if best is None else best["valid"][task.main_metric]
-        metrics["last_valid"], metrics["last_test"] = valid, test
-    history.close()
-    _say(accelerator, "final valid " + _fmt(valid))
-    _say(accelerator, "final test  " + _fmt(test))
-    if staged:
-        _say(accelerator, f"best valid (step {best['step']}, exported) " + _fmt(best["valid"]))
-        _say(accelerator, f"best test  (step {best['step']}, exported) " + _fmt(best["test"]))
-    if opts.report_to != "none":
-        final = {f"{split}/{k}": v for split, m in (("valid", valid), ("test", test))
-                 for k, v in m.items() if "skipped" not in m}  # fmt: skip
-        accelerator.log(final, step=step)
 
-    # gathered on the main process only, which writes it
-    encoder_state = None
-    if opts.export and not staged:
-        encoder_state, vectors = export_tensors(accelerator, opts, s, vectors)
-    if accelerator.is_main_process:
+    def _best(self, valid: dict, test: dict) -> dict | None:
+        """--save-best: the best evaluation, whose model the export holds (the last model when
+        it is the best, or when no evaluation could be scored); None without --save-best."""
+        if not self.opts.save_best:
+            return None
+        best, step = self.state.best, self.state.step
+        if best is None or better(valid, best, self.s.task.main_metric):
+            best = {"step": step, "epoch": len(self.state.epochs) - 1, "valid": valid,
+                    "test": test}  # fmt: skip
+            best = best if "skipped" not in valid else None
+        return best
+
+    def _metrics(self, valid: dict, test: dict, best: dict | None, staged: bool) -> dict:
+        """The run's metrics.json: the exported model's valid and test metrics, counters,
+        memory and timing."""
+        state, runner, key = self.state, self.s.runner, self.s.task.main_metric
+        counters = state.counters
+        metrics = {
+            "valid": best["valid"] if staged else valid,
+            "test": best["test"] if staged else test,
+            "steps": state.step,
+            "train_seconds": state.train_seconds,
+            "processes": runner.comm.world,
+            "counters": counters,
+            "skipped_steps": state.skipped_steps,
+            "occurrence_unique_ratio": counters["occurrences"] / max(counters["unique"], 1),
+            "encoder_peak_activation_bytes": runner.peak_activation_bytes,
+            "encoder_recomputed_rows": runner.comm.sum_int(runner.item_recomputes),
+            "encoder_numerics": runner.numerics(),
+            "cuda_peak_bytes": torch.cuda.max_memory_allocated()
+            if torch.cuda.is_available()
+            else None,
+            "peak_rss_bytes_per_rank": _peak_rss_per_rank(runner.comm),
+            "epochs": state.epochs,
+            "history_file": HISTORY_FILE,  # one line per step, streamed while training
+        }
+        if self.opts.eval_every:
+            metrics["evals"] = state.evals
+        if self.opts.save_best:  # valid and test above are the exported model's
+            metrics["best_step"] = None if best is None else best["step"]
+            metrics["best_valid"] = None if best is None else best["valid"][key]
+            metrics["last_valid"], metrics["last_test"] = valid, test
+        return metrics
+
+    def _report_final(self, valid: dict, test: dict, best: dict | None, staged: bool) -> None:
+        """The final metrics on stdout and to the trackers."""
+        accelerator = self.accelerator
+        _say(accelerator, "final valid " + _fmt(valid))
+        _say(accelerator, "final test  " + _fmt(test))
         if staged:
-            found = best_step(opts.output_dir)
-            if found != best["step"]:  # a bug: the checkpoint and the staging keep them together
-                raise RuntimeError(f"staged best export is of step {found}, not {best['step']}")
+            _say(accelerator, f"best valid (step {best['step']}, exported) " + _fmt(best["valid"]))
+            _say(accelerator, f"best test  (step {best['step']}, exported) " + _fmt(best["test"]))
+        if self.opts.report_to != "none":
+            final = {
+                f"{split}/{k}": v
+                for split, m in (("valid", valid), ("test", test))
+                for k, v in m.items()
+                if "skipped" not in m
+            }
+            accelerator.log(final, step=self.state.step)
+
+    def _export(self, metrics: dict, vectors, best: dict | None, staged: bool) -> None:
+        """Write the export (the staged best's, or the last model's) and metrics.json, from the
+        main process; every rank calls it (gathering a ZeRO-3 encoder is a collective)."""
+        opts, s, accelerator = self.opts, self.s, self.accelerator
+        encoder_state = None
+        if opts.export and not staged:
+            encoder_state, vectors = export_tensors(accelerator, opts, s, vectors)
+        if accelerator.is_main_process:
+            if staged:
+                found = best_step(opts.output_dir)
+                if found != best["step"]:  # a bug: checkpoint and staging keep them together
+                    raise RuntimeError(f"staged best export is of step {found}, not {best['step']}")
 
             def write(tmp):
-                take_best(opts.output_dir, tmp)
-                export_run(tmp, None, s.tokenizer, None, task.model, data.catalogue.ids, None,
-                           metrics, opts)  # fmt: skip
-                _at(fault, "export")
-        else:
+                if staged:
+                    take_best(opts.output_dir, tmp)
+                    export_run(tmp, None, s.tokenizer, None, s.task.model, s.data.catalogue.ids,
+                               None, metrics, opts)  # fmt: skip
+                else:
+                    export_run(tmp, s.encoder if opts.export else None, s.tokenizer,
+                               encoder_state, s.task.model, s.data.catalogue.ids, vectors,
+                               metrics, opts)  # fmt: skip
+                self._event("export")
 
-            def write(tmp):
-                export_run(tmp, s.encoder if opts.export else None, s.tokenizer, encoder_state,
-                           task.model, data.catalogue.ids, vectors, metrics, opts)  # fmt: skip
-                _at(fault, "export")
+            publish(opts.output_dir, write)
+            shutil.rmtree(Path(opts.output_dir) / BEST_DIR, ignore_errors=True)
+            print(f"wrote {opts.output_dir}/metrics.json", flush=True)
+        accelerator.wait_for_everyone()
 
-        publish(opts.output_dir, write)
-        shutil.rmtree(Path(opts.output_dir) / BEST_DIR, ignore_errors=True)
-        print(f"wrote {opts.output_dir}/metrics.json", flush=True)
-    accelerator.wait_for_everyone()
-    return metrics
+    def close(self) -> None:
+        """Free the engine before the process group goes (torch 2.13 gloo can abort at exit
+        otherwise); end_training also closes the trackers."""
+        self.s = None
+        gc.collect()
+        self.accelerator.end_training()
+
+
+def _progress_bar(accelerator, opts: Options, total: int):
+    """A tqdm bar on stderr, on the main process with --progress; else None."""
+    if not (opts.progress and accelerator.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", file=sys.stderr, dynamic_ncols=True)
+
+
+def _start_trackers(accelerator, opts: Options, offline_note: str | None) -> None:
+    """The trackers of --report-to (none by default), on the main process."""
+    if opts.report_to == "none":
+        return
+    Path(opts.output_dir).mkdir(parents=True, exist_ok=True)
+    init = {"wandb": {"dir": opts.output_dir}} if opts.report_to == "wandb" else {}
+    accelerator.init_trackers("gram-scale", config=vars(opts), init_kwargs=init)
+    if offline_note:
+        _say(accelerator, offline_note)
+
+
+def _restore(accelerator, opts: Options, s: Session, state: TrainState, resume_from) -> None:
+    """Register what checkpoints hold and restore it from ``resume_from`` (None: a fresh
+    start); the staged best export follows the checkpoint."""
+    accelerator.register_for_checkpointing(s.task.model, s.cf.optimizer, s.cf.scheduler, state)
+    if s.runner.engine is None and s.runner.optimizer is not None:  # an engine saves itself
+        accelerator.register_for_checkpointing(s.encoder, s.runner.optimizer, s.runner.scheduler)
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from)
+        _say(accelerator, f"resumed from {resume_from} at step {state.step}")
+    if opts.save_best and accelerator.is_main_process:
+        # the best staged as of the checkpoint; a fresh start drops what an earlier try staged
+        restore_best(opts.output_dir, resume_from)
 
 
 def _peak_rss_per_rank(comm) -> list[int]:
@@ -575,37 +754,6 @@ def _peak_rss_per_rank(comm) -> list[int]:
 
     mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])  # KiB on Linux
     return [int(v) for v in comm.gather_rows(mine).tolist()]
-
-
-def _fault(rank: int) -> tuple[str | None, str]:
-    """``GRAM_FAULT_KILL=RANK:WHEN[:WHAT][,RANK:WHEN[:WHAT]...]``: entry k makes that rank fail
-    on elastic attempt k (the first entry on the first attempt, so a restart does not hit the
-    same fault again). WHEN: ``N`` before step N (0-based), ``during-N`` inside step N (after
-    its computation), ``stage-N`` while staging the best export after N steps, ``eval`` in the
-    final evaluation, ``export`` while the export is written. WHAT: a signal to send itself
-    (default SIGKILL), ``RuntimeError`` (a bug) or ``OOM``. ``(when, what)``, when None if
-    nothing is due."""
-    entries = [e for e in os.environ.get("GRAM_FAULT_KILL", "").split(",") if e]
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if attempt >= len(entries):
-        return None, "SIGKILL"
-    fault_rank, when, *what = entries[attempt].split(":")
-    return (when if int(fault_rank) == rank else None), (what[0] if what else "SIGKILL")
-
-
-def _at(fault: tuple[str | None, str], when: str) -> None:
-    """Inject ``_fault``'s failure if it is due at ``when``."""
-    if fault[0] == when:
-        _inject(fault[1])
-
-
-def _inject(what: str) -> None:
-    """The failure of ``GRAM_FAULT_KILL`` (fault injection for the resume and error tests)."""
-    if what == "RuntimeError":
-        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x32 and 64x32)")
-    if what == "OOM":
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    os.kill(os.getpid(), signal.Signals[what])
 
 
 def _agreed_stop(stop: StopRequest, comm) -> int | None:
@@ -619,27 +767,6 @@ def _who(stop: StopRequest, signum: int) -> str:
     """The stop signal's name, and whether it came to another process."""
     name = signal.Signals(signum).name
     return name if stop.received == signum else f"{name} on another process"
-
-
-def _stop(accelerator, opts: Options, state: TrainState, record: dict, progress,
-          stop: StopRequest, signum: int, when: str = "") -> None:  # fmt: skip
-    """End the run on a stop signal, between steps or before the export: checkpoint (with
-    --save-on-signal or --save-every), then raise ``Interrupted`` with exit code 128 + the
-    signal number. ``when``: where the run was, said before "after step N"."""
-    where = "no checkpoint written (--no-save-on-signal and --save-every 0)"
-    if opts.save_on_signal or opts.save_every:
-        path = checkpoint_root(opts.output_dir) / f"step-{state.step:08d}"
-        if not (opts.save_every and state.step % opts.save_every == 0):  # not saved yet
-            path = _checkpoint(accelerator, state, opts, record)
-        where = f"checkpoint {path} (continue with --resume latest)"
-    if progress is not None:
-        progress.close()
-    message = f"stopped by {_who(stop, signum)} {when}after step {state.step}; {where}"
-    if accelerator.is_main_process:
-        # said before the ranks part: a launcher tears the group down when the first one exits
-        print(message, file=sys.stderr, flush=True)
-    accelerator.wait_for_everyone()
-    raise Interrupted(message, said=True, code=128 + signum)
 
 
 def _fmt(m: dict) -> str:

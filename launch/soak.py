@@ -28,11 +28,12 @@ def _port() -> str:
 
 
 def launch(args: list[str], env: dict, restarts: int) -> subprocess.CompletedProcess:
-    """``launch/train.py ARGS`` on 2 CPU ranks with elastic restarts."""
+    """``launch/train.py ARGS`` on 2 CPU ranks with elastic restarts, with the tests' fault
+    injection (``GRAM_FAULT_KILL``, ``tests/faults.py``) installed."""
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     cmd = [accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml"),
            "--num_processes", "2", "--main_process_port", _port(), "--max_restarts", str(restarts),
-           str(ROOT / "launch/train.py"), *args]  # fmt: skip
+           str(ROOT / "tests/fault_train.py"), *args]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
 
 

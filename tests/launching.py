@@ -17,6 +17,7 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TWO_CPU = str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")
 TRAIN = ROOT / "launch" / "train.py"
 TRAIN_MANY = ROOT / "tests" / "train_many.py"
+FAULT_TRAIN = ROOT / "tests" / "fault_train.py"  # launch/train.py with GRAM_FAULT_KILL
 
 
 def env() -> dict:
@@ -34,7 +35,10 @@ def env() -> dict:
 
 def run(args: list[str], processes: int = 1, timeout: int = 600, check: bool = True, extra_env=None,
         launcher_args: list[str] = (), script: Path = TRAIN):  # fmt: skip
-    """``launch/train.py ARGS`` (or another script) on 1 process, or on N via accelerate launch."""
+    """``launch/train.py ARGS`` (or another script) on 1 process, or on N via accelerate launch;
+    with ``GRAM_FAULT_KILL`` in ``extra_env``, the train script with its fault injection."""
+    if script == TRAIN and "GRAM_FAULT_KILL" in (extra_env or {}):
+        script = FAULT_TRAIN
     script = str(script)
     if processes == 1:
         cmd = [sys.executable, script, *args]

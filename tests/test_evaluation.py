@@ -8,6 +8,7 @@ import json
 import signal
 
 import pytest
+from faults import fault_callbacks
 from launching import max_diff, metrics, outputs
 from tiny import fake_valid_auc as fake_auc
 from tiny import options
@@ -20,7 +21,7 @@ from gram_scale.trainer import train
 def run(kt_dir, tiny_encoder, out, **kw) -> dict:
     opts = options(data=str(kt_dir), encoder=str(tiny_encoder), precision="fp64",
                    output_dir=str(out), **kw)  # fmt: skip
-    return train(opts)
+    return train(opts, fault_callbacks())  # GRAM_FAULT_KILL's, when a test sets it
 
 
 @pytest.mark.parametrize("strategy", ["single", "multi"])
@@ -87,7 +88,7 @@ def test_save_best_survives_a_resume(fake_valid_auc, kt_dir, tiny_encoder, tmp_p
         run(kt_dir, tiny_encoder, cut, **kw)
     assert stopped.value.code == 128 + signal.SIGTERM
     monkeypatch.delenv("GRAM_FAULT_KILL")
-    kept = {step: json.loads((cut / "checkpoints" / f"step-{step:08d}" / "best" / "best.json")
+    kept = {step: json.loads((cut / "checkpoints" / f"step-{step:08d}" / ".best" / "best.json")
                              .read_text())["step"] for step in (3, 4)}  # fmt: skip
     assert kept == {3: 2, 4: 4}  # each checkpoint holds the best as of its step
     resumed = run(kt_dir, tiny_encoder, cut, resume="latest", **kw)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import fault_callbacks
 from launching import ROOT, env, history, max_diff, metrics, outputs, run
 from tiny import options, params
 
@@ -64,7 +65,8 @@ PHASES = dict(strategy="multi", window="3", max_steps=5, eval_every=2, save_best
 
 
 def train_in_process(kt_dir, encoder, out, **kw) -> dict:
-    return train(options(data=str(kt_dir), encoder=str(encoder), output_dir=str(out), **kw))
+    opts = options(data=str(kt_dir), encoder=str(encoder), output_dir=str(out), **kw)
+    return train(opts, fault_callbacks())  # GRAM_FAULT_KILL's, when a test sets it
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,7 @@ def test_a_signal_while_staging_the_best_keeps_it(uninterrupted, kt_dir, tiny_en
     assert "stopped by SIGTERM after step 2;" in line
     ((step, folder),) = list_checkpoints(out / "checkpoints")
     assert step == 2 and verify(folder) is None
-    assert (folder / "best" / "best.json").is_file()
+    assert (folder / ".best" / "best.json").is_file()
     train_in_process(kt_dir, tiny_encoder, out, resume="latest", **PHASES)
     assert_same_end(uninterrupted, out)
 
@@ -180,7 +182,7 @@ def test_a_real_failure_is_reported_as_itself(what, kt_dir, tiny_encoder, tmp_pa
         assert "--gradient-checkpointing" in line
     else:
         assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in line
-    assert "Traceback" in log.read_text() and "_inject" in log.read_text()
+    assert "Traceback" in log.read_text() and "inject_fault" in log.read_text()
 
 
 def test_a_failing_rank_says_what_failed_and_its_peer_that_it_was_lost(kt_dir, tiny_encoder,
