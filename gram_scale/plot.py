@@ -17,6 +17,7 @@ from pathlib import Path
 from gram_scale.config import OneLineParser
 from gram_scale.errors import InputError, run_command
 from gram_scale.history import HISTORY_FILE
+from gram_scale.strategies import strategy_class
 
 PLOT_FILE = "history.png"
 _COUNTS = ("interactions", "impressions")  # metrics that are sizes, not scores
@@ -151,7 +152,7 @@ def plot(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
     if s["lr_encoder"] or s["lr_cf"]:
         lrs.legend(loc="upper right", fontsize="small")
 
-    what = "Multi-step window ends" if s["strategy"] == "multi" else "encoder updates"
+    what = strategy_class(s["strategy"]).updates
     updates.eventplot([s["updates"]], lineoffsets=0.5, linelengths=0.8, colors="C3")
     updates.set_yticks([])
     updates.set_title(f"{what}: {len(s['updates'])} of {s['steps']} steps", fontsize="small")

@@ -46,32 +46,6 @@ def run_steps(opts, steps_per_epoch: int) -> int:
     return min(total, opts.max_steps) if opts.max_steps else total
 
 
-def encoder_steps(opts, steps_per_epoch: int, n_items: int, step_items: int) -> int:
-    """Encoder optimizer steps of the run: one per training step; for Multi-step an estimate of
-    the window-end mini-batches, ``--encoder-epochs`` times each.
-
-    A window of w steps touches T items, known only once it has run: here T is taken as at
-    most the catalogue (``n_items``) and at most w times one step's unique items
-    (``step_items``, e.g. the first batch's). It makes ceil(T / batch) mini-batches: with auto
-    at most min(w, ceil(T / 16)), so about the run's steps when a window's items outnumber its
-    steps 16 to 1, and fewer when they do not (a long window over a small catalogue). The last
-    partial window counts with the steps it takes. A short estimate is harmless (later steps
-    keep the last rate), a long one leaves the decay unfinished."""
-    from gram_scale.strategies.multi import regress_batches, window_steps  # they import this
-
-    steps = run_steps(opts, steps_per_epoch)
-    if opts.strategy != "multi":
-        return steps
-    window = window_steps(opts.window_spec(), steps_per_epoch)
-    size = opts.regress_batch()
-
-    def batches(w: int) -> int:
-        return regress_batches(min(n_items, w * step_items), w, size) if w else 0
-
-    per_pass = (steps // window) * batches(window) + batches(steps % window)
-    return per_pass * opts.encoder_epochs
-
-
 def make_scheduler(optimizer, opts, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR of ``--lr-schedule`` / ``--warmup-steps`` over ``total`` optimizer steps."""
     schedule = Schedule(opts.lr_schedule, opts.warmup_steps, total)

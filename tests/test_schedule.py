@@ -10,7 +10,9 @@ from tiny import options, replace
 
 from gram_scale.data.load import load_data
 from gram_scale.engine import fill_ds_config
-from gram_scale.schedule import Schedule, encoder_steps, run_steps
+from gram_scale.schedule import Schedule, run_steps
+from gram_scale.strategies.multi import window_encoder_steps as encoder_steps
+from gram_scale.strategies.single import SingleStep
 from gram_scale.trainer import setup
 
 
@@ -35,7 +37,7 @@ def test_total_steps_per_optimizer():
     """30 CF steps in windows of 4 (7 windows and a 2-step tail), 2 regression passes."""
     opts = options(epochs=3, strategy="multi", window="4", encoder_epochs=2)
     assert run_steps(opts, 10) == 30
-    assert encoder_steps(replace(opts, strategy="single"), 10, 60, 50) == 30
+    assert SingleStep.encoder_steps(replace(opts, strategy="single"), 10, None) == 30
     # auto: 60 items in mini-batches of max(16, 60 / 4): 4 per window, 2 in the 2-step tail
     assert encoder_steps(opts, 10, 60, 50) == 30 * 2
     assert encoder_steps(replace(opts, max_steps=8), 10, 60, 50) == 8 * 2

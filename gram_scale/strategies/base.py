@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
 
 from gram_scale.data.batches import Batch, gather
+from gram_scale.nonfinite import cf_step_is_bad
 
 
 @dataclass
@@ -22,6 +22,36 @@ class Totals:
     item_backwards: int  # encoder rows back-propagated, all ranks
     bytes_sent: list[int]  # per rank: item bytes of the step, to other ranks
     bytes_received: list[int]  # per rank: item bytes of the step, from other ranks
+
+
+@dataclass
+class StepSums:
+    """What a rank adds into the step's one scalar collective, by name: every field is summed
+    over ranks. The list fields hold one slot per rank (``Comm.per_rank``: a rank fills its
+    own), so the sum holds every rank's value."""
+
+    loss_sum: float  # this rank's summed loss terms
+    count: int  # its loss terms
+    bad: int  # 1 when its loss or a gradient is not finite
+    forwards_ok: int  # encoder rows it encodes if the step goes ahead ...
+    backwards_ok: int  # ... and back-propagates
+    forwards_skipped: int  # encoder rows it encodes if the step is skipped ...
+    backwards_skipped: int  # ... and back-propagates
+    sent: list[int]  # item bytes it sent to other ranks so far in the step, per rank
+    received: list[int]  # item bytes it received, per rank
+    sent_if_ok: list[int]  # item bytes still to send if the step goes ahead, per rank
+    received_if_ok: list[int]  # item bytes still to receive, per rank
+
+    def summed(self, comm) -> StepSums:
+        """Every rank's record added up, field by field, in one collective."""
+        values = [getattr(self, f.name) for f in fields(self)]
+        flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
+        out, at, total = comm.sum_floats(flat), 0, {}
+        for f, v in zip(fields(self), values):
+            n = len(v) if isinstance(v, list) else 1
+            total[f.name] = out[at : at + n] if isinstance(v, list) else out[at]
+            at += n
+        return StepSums(**total)
 
 
 @dataclass
@@ -60,6 +90,13 @@ class Strategy(Protocol):
     """What the trainer asks of a training strategy."""
 
     name: str
+    updates: str  # what its encoder steps are called, e.g. in plots
+
+    @staticmethod
+    def encoder_steps(opts, steps_per_epoch: int, task) -> int:
+        """Encoder optimizer steps the run will take (its learning-rate schedule's length),
+        asked before the strategy is built."""
+        ...
 
     def step(self, batch: Batch, step: int) -> StepResult:
         """One training step on this rank's slice of the global batch."""
@@ -114,27 +151,33 @@ class CFUpdate:
         """The step's one scalar collective: loss, loss terms, the finite check, encoder row
         counts and per-rank traffic. Scales the CF and item gradients by the global
         count when the step goes ahead; returns the totals and the scaled item gradients."""
-        bad = not math.isfinite(loss_sum) or not bool(torch.isfinite(grads).all())
         cf_grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not bad and cf_grads:  # a NaN or an infinity anywhere makes the norm non-finite
-            bad = not bool(torch.isfinite(torch.nn.utils.get_total_norm(cf_grads)))
+        bad = cf_step_is_bad(loss_sum, grads, cf_grads)
         sent, received = self.comm.take_train_traffic()
-        local = [loss_sum, count, int(bad), plan.forwards_ok, plan.backwards_ok,
-                 plan.forwards_skipped, plan.backwards_skipped,
-                 *self.comm.per_rank(sent), *self.comm.per_rank(received),
-                 *self.comm.per_rank(plan.traffic_ok[0]), *self.comm.per_rank(plan.traffic_ok[1])]  # fmt: skip
-        v = self.comm.sum_floats(local)
-        w = self.comm.world
-        ok = v[2] == 0
-        total = max(int(v[1]), 1)
+        per_rank = self.comm.per_rank
+        v = StepSums(
+            loss_sum=loss_sum,
+            count=count,
+            bad=int(bad),
+            forwards_ok=plan.forwards_ok,
+            backwards_ok=plan.backwards_ok,
+            forwards_skipped=plan.forwards_skipped,
+            backwards_skipped=plan.backwards_skipped,
+            sent=per_rank(sent),
+            received=per_rank(received),
+            sent_if_ok=per_rank(plan.traffic_ok[0]),
+            received_if_ok=per_rank(plan.traffic_ok[1]),
+        ).summed(self.comm)
+        ok = v.bad == 0
+        total = max(int(v.count), 1)
         totals = Totals(
             ok=ok,
-            count=int(v[1]),
-            loss=v[0] / total,
-            item_forwards=int(v[3] if ok else v[5]),
-            item_backwards=int(v[4] if ok else v[6]),
-            bytes_sent=[int(a + ok * b) for a, b in zip(v[7 : 7 + w], v[7 + 2 * w : 7 + 3 * w])],
-            bytes_received=[int(a + ok * b) for a, b in zip(v[7 + w : 7 + 2 * w], v[7 + 3 * w :])],
+            count=int(v.count),
+            loss=v.loss_sum / total,
+            item_forwards=int(v.forwards_ok if ok else v.forwards_skipped),
+            item_backwards=int(v.backwards_ok if ok else v.backwards_skipped),
+            bytes_sent=[int(a + ok * b) for a, b in zip(v.sent, v.sent_if_ok)],
+            bytes_received=[int(a + ok * b) for a, b in zip(v.received, v.received_if_ok)],
         )
         if ok:
             for p in self.model.parameters():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from gram_scale.data.batches import Batch, occurrence_index
 from gram_scale.exchange import by_call, in_order
+from gram_scale.schedule import run_steps
 from gram_scale.strategies.base import CFUpdate, Plan, StepResult, check_counts
 
 
@@ -17,6 +18,12 @@ class EndToEnd:
     """No deduplication: each rank encodes each of its occurrences with its own graph."""
 
     name = "e2e"
+    updates = "encoder updates"  # what its encoder steps are called (plots)
+
+    @staticmethod
+    def encoder_steps(opts, steps_per_epoch: int, task) -> int:
+        """One encoder step per training step."""
+        return run_steps(opts, steps_per_epoch)
 
     def __init__(self, runner, cf: CFUpdate, opts, steps_per_epoch: int):
         self.runner, self.cf, self.comm = runner, cf, runner.comm

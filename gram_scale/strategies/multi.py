@@ -77,10 +77,41 @@ def _items_of(batches: list[Batch]) -> torch.Tensor:
     return torch.unique(torch.cat([torch.zeros(0, dtype=torch.long), *found]))
 
 
+def window_encoder_steps(opts, steps_per_epoch: int, n_items: int, step_items: int) -> int:
+    """Encoder optimizer steps of a Multi-step run: an estimate of the window-end
+    mini-batches, ``--encoder-epochs`` times each.
+
+    A window of w steps touches T items, known only once it has run: here T is taken as at
+    most the catalogue (``n_items``) and at most w times one step's unique items
+    (``step_items``, e.g. the first batch's). It makes ceil(T / batch) mini-batches: with auto
+    at most min(w, ceil(T / 16)), so about the run's steps when a window's items outnumber its
+    steps 16 to 1, and fewer when they do not (a long window over a small catalogue). The last
+    partial window counts with the steps it takes. A short estimate is harmless (later steps
+    keep the last rate), a long one leaves the decay unfinished."""
+    steps = run_steps(opts, steps_per_epoch)
+    window = window_steps(opts.window_spec(), steps_per_epoch)
+    size = opts.regress_batch()
+
+    def batches(w: int) -> int:
+        return regress_batches(min(n_items, w * step_items), w, size) if w else 0
+
+    per_pass = (steps // window) * batches(window) + batches(steps % window)
+    return per_pass * opts.encoder_epochs
+
+
 class MultiStep:
     """CF steps on table rows; the encoder catches up at every window end."""
 
     name = "multi"
+    updates = "Multi-step window ends"  # what its encoder steps are called (plots)
+
+    @staticmethod
+    def encoder_steps(opts, steps_per_epoch: int, task) -> int:
+        """The window-end mini-batches of the run (``window_encoder_steps``), estimated from
+        the first batch's unique items."""
+        first = next(task.train_batches(0), None)
+        step_items = 0 if first is None else len(torch.unique(first.items[first.items >= 0]))
+        return window_encoder_steps(opts, steps_per_epoch, len(task.data.catalogue), step_items)
 
     def __init__(self, runner, cf: CFUpdate, opts, steps_per_epoch: int):
         self.runner, self.cf, self.comm = runner, cf, runner.comm

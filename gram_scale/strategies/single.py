@@ -19,6 +19,7 @@ import torch
 
 from gram_scale.data.batches import Batch, unique_index
 from gram_scale.exchange import ItemExchange, by_call, in_order, padded_calls
+from gram_scale.schedule import run_steps
 from gram_scale.strategies.base import CFUpdate, Plan, StepResult, check_counts
 
 
@@ -27,6 +28,12 @@ class SingleStep:
     gradients back; each owner back-propagates once per item."""
 
     name = "single"
+    updates = "encoder updates"  # what its encoder steps are called (plots)
+
+    @staticmethod
+    def encoder_steps(opts, steps_per_epoch: int, task) -> int:
+        """One encoder step per training step."""
+        return run_steps(opts, steps_per_epoch)
 
     def __init__(self, runner, cf: CFUpdate, opts, steps_per_epoch: int):
         self.runner, self.cf, self.comm = runner, cf, runner.comm
