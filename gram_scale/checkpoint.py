@@ -20,6 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
+from gram_scale.atomic import replace_folder, restore_old
 from gram_scale.errors import InputError
 
 MANIFEST = "manifest.json"
@@ -268,7 +269,8 @@ def _show(value) -> str:
     return "none" if value is None else str(value)
 
 
-BEST_DIR = "best"  # inside a checkpoint: the best-so-far export of --save-best
+BEST_DIR = ".best"  # --save-best's best-so-far export: in the output folder until the run
+# ends, and inside each checkpoint (the best as of its step)
 
 
 def link_or_copy(src: str | Path, dest: str | Path) -> None:
@@ -310,11 +312,7 @@ def save(accelerator, state: TrainState, output_dir: str | Path, keep: int,
     write_manifest(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        old = root / f".old-{final.name}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, final)
         for _, stale in list_checkpoints(root)[keep:]:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -326,12 +324,7 @@ def _tidy(root: Path) -> None:
     put back a checkpoint that was renamed away and not replaced, drop one that was."""
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    for old in root.glob(".old-step-*"):
-        current = root / old.name.removeprefix(".old-")
-        if current.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, current)
+    restore_old(root, "step-*")
 
 
 def load(accelerator, folder: Path) -> None:

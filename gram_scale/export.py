@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gram_scale.checkpoint import BEST_DIR as CHECKPOINT_BEST_DIR
-from gram_scale.checkpoint import link_or_copy, link_tree
+from gram_scale.atomic import OLD, replace_folder, temp_folder
+from gram_scale.checkpoint import BEST_DIR, link_or_copy, link_tree
 from gram_scale.encoder import save_encoder, save_lora_encoder
 from gram_scale.errors import InputError
 from gram_scale.history import HISTORY_FILE
@@ -27,7 +27,6 @@ VECTORS_FILE = "item_vectors.safetensors"
 METRICS_FILE = "metrics.json"
 OPTIONS_FILE = "options.json"
 CHECKPOINTS_DIR = "checkpoints"
-BEST_DIR = ".best"  # --save-best: the best-so-far export, until the run ends
 BEST_RECORD = "best.json"  # inside it: the step it is of
 # What a run leaves in its output folder (trackers included: wandb/, and TensorBoard's run
 # folder named after the project). An earlier run is recognised by these, and
@@ -144,10 +143,11 @@ def clear_output_dir(output_dir: str | Path) -> None:
 
 
 def remove_partials(output_dir: str | Path) -> None:
-    """Remove the unfinished exports (``.partial-*``) that an interrupted run left behind."""
+    """Remove the unfinished exports (``.partial-*``, and ``.old-*`` left by a replacement)
+    that an interrupted run left behind."""
     out = Path(output_dir)
     if out.is_dir():
-        for entry in out.glob(".partial-*"):
+        for entry in [*out.glob(".partial-*"), *out.glob(OLD + "*")]:
             _remove(entry, tolerant=True)
 
 
@@ -178,16 +178,16 @@ def _share_like_json(folder: Path) -> None:
 def publish(output_dir: str | Path, write) -> None:
     """Call ``write(tmp_folder)``, then move each entry it made into ``output_dir``."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    tmp = temp_folder(out, ".partial-")
     try:
         write(tmp)
         _share_like_json(tmp)
         for entry in sorted(tmp.iterdir()):
             dest = out / entry.name
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest)
-            os.replace(entry, dest)
+            if entry.is_dir() and dest.is_dir() and not dest.is_symlink():
+                replace_folder(entry, dest)
+            else:
+                os.replace(entry, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -195,23 +195,17 @@ def publish(output_dir: str | Path, write) -> None:
 def stage_best(output_dir: str | Path, step: int, write) -> None:
     """Call ``write(tmp_folder)`` and make that folder ``OUTPUT/.best`` (the best-so-far export
     of ``step``). The previous one is renamed away first and deleted only once the new one is in
-    place; a crash in between leaves a ``.partial-`` folder that the next start removes, and a
-    resume takes its best from the checkpoint anyway."""
+    place (``replace_folder``); a crash in between leaves a ``.partial-`` or ``.old-`` folder
+    that the next start removes, and a resume takes its best from the checkpoint anyway."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
-    old = out / f".partial-old{BEST_DIR}"
+    tmp = temp_folder(out, ".partial-")
     try:
         write(tmp)
         write_json(tmp / BEST_RECORD, {"step": step})
         _share_like_json(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if (out / BEST_DIR).exists():
-            os.replace(out / BEST_DIR, old)
-        os.replace(tmp, out / BEST_DIR)
+        replace_folder(tmp, out / BEST_DIR)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def best_step(output_dir: str | Path) -> int | None:
@@ -225,8 +219,13 @@ def restore_best(output_dir: str | Path, checkpoint: Path | None) -> None:
     interrupted run staged after that checkpoint."""
     best = Path(output_dir) / BEST_DIR
     shutil.rmtree(best, ignore_errors=True)
-    if checkpoint is not None and (checkpoint / CHECKPOINT_BEST_DIR).is_dir():
-        link_tree(checkpoint / CHECKPOINT_BEST_DIR, best)
+    if checkpoint is None:
+        return
+    kept = checkpoint / BEST_DIR
+    if not kept.is_dir():
+        kept = checkpoint / "best"  # where checkpoints of gram-scale 0.1.0 keep it
+    if kept.is_dir():
+        link_tree(kept, best)
 
 
 def take_best(output_dir: str | Path, folder: Path) -> None:

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from gram_scale.atomic import write_file
+
 HISTORY_FILE = "history.jsonl"
 
 
@@ -56,16 +58,18 @@ def cut_to(path: Path, step: int) -> None:
     if not path.is_file():
         path.write_text("")
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
-        for line in src:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("step", step) < step:
-                dst.write(line if line.endswith("\n") else line + "\n")
-    os.replace(tmp, path)
+
+    def keep(dst) -> None:
+        with open(path, encoding="utf-8") as src:
+            for line in src:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("step", step) < step:
+                    dst.write(line if line.endswith("\n") else line + "\n")
+
+    write_file(path, keep)
 
 
 def read_history(output_dir: str | Path) -> list[dict]:

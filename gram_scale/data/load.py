@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from gram_scale.atomic import create_folder_once
 
 
 def default_data_dir(opts) -> Path:
@@ -31,20 +30,7 @@ def generate_once(folder: Path, write: Callable[[Path], None]) -> Path:
 
     Written beside the target and renamed: a crash never leaves a half-written data set, and
     of several processes racing, one rename wins and the others' identical copies go."""
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return create_folder_once(folder, write)
 
 
 def load_data(opts):

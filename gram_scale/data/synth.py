@@ -20,11 +20,11 @@ import math
 import os
 import random
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from gram_scale.atomic import write_file
 from gram_scale.errors import EXIT_INPUT_ERROR
 
 # Level 0 is the easiest. No word appears in two lists, so a word decides its level.
@@ -126,17 +126,8 @@ def hidden_groups(n_groups: int, seed: int) -> tuple[tuple[str, ...], ...]:
 
 
 def _write_atomic(path: Path, write: Callable[[TextIO], None]) -> None:
-    """Write via a temp file in the same folder and os.replace, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers never see half a file (``atomic.write_file``); shared like any data file."""
+    write_file(path, write, mode=0o644)
 
 
 def _check(condition: bool, message: str) -> None:
