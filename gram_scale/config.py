@@ -317,6 +317,18 @@ def parse_regress_batch(text: str) -> int | None:
 
 def validate(opts: Options) -> Options:
     """Check every value once; the first bad one raises InputError naming the flag."""
+    _check_choices(opts)
+    _check_counts(opts)
+    _check_rates(opts)
+    parse_window(opts.window)
+    parse_regress_batch(opts.regress_batch_size)
+    parse_count("--cf-refresh", opts.cf_refresh, minimum=0)
+    _check_paths(opts)
+    _check_conflicts(opts)
+    return opts
+
+
+def _check_choices(opts: Options) -> None:
     for f in dataclasses.fields(opts):
         choices = f.metadata.get("choices")
         if choices and getattr(opts, f.name) not in choices:
@@ -325,6 +337,9 @@ def validate(opts: Options) -> Options:
                 None,
                 f"must be one of {', '.join(choices)}, got {getattr(opts, f.name)!r}",
             )
+
+
+def _check_counts(opts: Options) -> None:
     positive = ["max_tokens", "encoder_batch_size", "encoder_epochs", "epochs", "batch_size",
                 "seq_len", "history_len", "negatives", "cf_layers", "cf_heads", "eval_batch_size",
                 "log_every"]  # fmt: skip
@@ -350,6 +365,9 @@ def validate(opts: Options) -> Options:
         )
     if opts.max_steps < 0:
         raise InputError("--max-steps", None, f"must be 0 or more, got {opts.max_steps}")
+
+
+def _check_rates(opts: Options) -> None:
     for name in ("lr_encoder", "lr_cf", "table_lr"):
         if not getattr(opts, name) > 0:
             raise InputError(_flag(name), None, f"must be positive, got {getattr(opts, name)}")
@@ -385,9 +403,9 @@ def validate(opts: Options) -> Options:
             raise InputError(_flag(f.name), None, f"must be a finite number, got {value}")
     if not 0 <= opts.seed <= SEED_MAX:
         raise InputError("--seed", None, f"must be in 0..{SEED_MAX}, got {opts.seed}")
-    parse_window(opts.window)
-    parse_regress_batch(opts.regress_batch_size)
-    parse_count("--cf-refresh", opts.cf_refresh, minimum=0)
+
+
+def _check_paths(opts: Options) -> None:
     if not opts.output_dir.strip():
         raise InputError("--output-dir", None, "is empty; name a folder (e.g. outputs/run)")
     _check_cache_dir(opts.cache_dir)
@@ -398,8 +416,6 @@ def validate(opts: Options) -> Options:
         raise InputError(opts.encoder, None, "not a Hugging Face model folder (no config.json)")
     if opts.config.lower() != "none" and not Path(opts.config).is_file():
         raise InputError(opts.config, None, "DeepSpeed config file not found")
-    _check_conflicts(opts)
-    return opts
 
 
 def _check_cache_dir(cache_dir: str) -> None:
