@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from gram_scale.encoder import ContentEncoder
+from gram_scale.encoder.model import ContentEncoder
 from gram_scale.errors import InputError
 from gram_scale.exchange import Comm
 from gram_scale.optim import make_optimizer

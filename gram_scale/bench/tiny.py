@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from gram_scale.encoder import default_encoder_path
+from gram_scale.encoder.loading import default_encoder_path
 
 
 def make_tiny_bert(
