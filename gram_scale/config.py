@@ -264,7 +264,8 @@ class Options:
 
     def resolved_encoder(self) -> str:
         """The encoder folder: ``--encoder``, else the packaged all-MiniLM-L6-v2."""
-        from gram_scale.encoder import default_encoder_path  # imports torch: only when asked
+        # imports torch: only when asked
+        from gram_scale.encoder.loading import default_encoder_path
 
         return self.encoder or default_encoder_path()
 

@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from gram_scale.encoder import ContentEncoder
+from gram_scale.encoder.model import ContentEncoder
 from gram_scale.errors import InputError
 from gram_scale.exchange import Comm
 from gram_scale.optim import make_optimizer
@@ -87,12 +87,6 @@ def read_ds_config(path: str) -> dict | None:
 
 _POSITIVE_INTS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                   "steps_per_print")  # fmt: skip
-_ZERO_BOOLS = ("overlap_comm", "contiguous_gradients", "reduce_scatter", "allgather_partitions",
-               "round_robin_gradients", "stage3_gather_16bit_weights_on_model_save")  # fmt: skip
-_ZERO_SIZES = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
-               "stage3_param_persistence_threshold", "stage3_max_live_parameters",
-               "stage3_max_reuse_distance", "sub_group_size")  # fmt: skip
-_OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
 def _is_number(v) -> bool:
@@ -101,8 +95,15 @@ def _is_number(v) -> bool:
 
 def check_ds_config(cfg: dict, path: str, opts, world: int) -> int:
     """Refuse DeepSpeed settings that DeepSpeed itself would only reject after data and encoder
-    loading, with a traceback: stage, precision, value types, optimizer, batch arithmetic.
-    Returns the ZeRO stage. Each message names the key."""
+    loading, with a traceback. Returns the ZeRO stage. Each message names the key.
+
+    The ZeRO, fp16 and bf16 sections, as they will be filled, go through DeepSpeed's own config
+    models (types, ranges, choices, unknown keys). Checked here is what those models leave out:
+    the stage (Accelerate and the trainer read the raw value, where the model would also take
+    ``true`` or ``"2"``), the batch sizes and gradient clipping (DeepSpeed reads them as they
+    are), fp16/bf16 ``enabled`` (read raw too), the optimizer (DeepSpeed looks at it only when
+    building it), ``"auto"`` only where we fill it, and the run's own constraints: precision,
+    GPU, offloading needs and the batch arithmetic."""
 
     def bad(key: str, problem: str):
         return InputError(path, None, f"{key}: {problem}")
@@ -120,26 +121,24 @@ def check_ds_config(cfg: dict, path: str, opts, world: int) -> int:
     clip = cfg.get("gradient_clipping", "auto")
     if clip != "auto" and (not _is_number(clip) or clip < 0):
         raise bad("gradient_clipping", f'must be a number >= 0 or "auto", got {clip!r}')
-    for key in _ZERO_BOOLS:
-        if key in zero and not isinstance(zero[key], bool):
-            raise bad(f"zero_optimization.{key}", f"must be true or false, got {zero[key]!r}")
-    for key in _ZERO_SIZES:
-        v = zero.get(key, "auto")
-        if v != "auto" and (not _is_number(v) or v < 0):
-            raise bad(f"zero_optimization.{key}", f'must be a number or "auto", got {v!r}')
-    for key in ("offload_optimizer", "offload_param"):
-        section = zero.get(key)
-        if section is None:
-            continue
-        device = section.get("device", "none") if isinstance(section, dict) else None
-        if device not in _OFFLOAD_DEVICES:
-            raise bad(f"zero_optimization.{key}.device",
-                      f"must be one of {', '.join(_OFFLOAD_DEVICES)}, got {device!r}")  # fmt: skip
-        if device == "nvme" and not section.get("nvme_path"):
-            raise bad(f"zero_optimization.{key}.nvme_path", "is needed with device nvme")
-        if key == "offload_param" and device != "none" and stage != 3:
-            raise bad(f"zero_optimization.{key}", f"needs stage 3, the config has stage {stage}")
-    enabled = {}
+    _check_precision_switches(cfg, bad)
+    _check_optimizer(cfg, opts, bad)
+    # The config DeepSpeed will get (refused here if it has an "auto" we do not fill). Hidden
+    # size 1 stands in for the encoder's, not read yet: what it sizes is valid for any width.
+    try:
+        filled = fill_ds_config(cfg, opts, world, hidden=1)
+    except InputError as exc:
+        raise InputError(path, None, exc.problem) from None
+    _check_with_deepspeed_models(filled, path)
+    _check_offload(filled["zero_optimization"], stage, bad)
+    _check_precision(filled, opts, bad)
+    _check_batch(cfg, opts, world, bad)
+    return stage
+
+
+def _check_precision_switches(cfg: dict, bad) -> None:
+    """fp16 and bf16 are objects whose ``enabled`` is true, false or "auto" (DeepSpeed's models
+    would also take "yes" or 1, but the trainer and Accelerate read the raw value)."""
     for key in ("fp16", "bf16"):
         section = cfg.get(key, {})
         if not isinstance(section, dict):
@@ -147,9 +146,89 @@ def check_ds_config(cfg: dict, path: str, opts, world: int) -> int:
         v = section.get("enabled", False)
         if v != "auto" and not isinstance(v, bool):
             raise bad(f"{key}.enabled", f'must be true, false or "auto", got {v!r}')
-        enabled[key] = v is True or (v == "auto" and key == "bf16" and opts.precision == "bf16")
-    if opts.precision == "bf16":
-        enabled["bf16"] = True
+
+
+def _check_optimizer(cfg: dict, opts, bad) -> None:
+    """An optimizer section DeepSpeed can build, and none with ``--optimizer sgd``."""
+    if "optimizer" not in cfg:
+        return
+    if opts.optimizer == "sgd":
+        raise bad("optimizer", "--optimizer sgd needs a config without an optimizer section")
+    opt = cfg["optimizer"]
+    kind = opt.get("type") if isinstance(opt, dict) else None
+    if not isinstance(kind, str) or not _known_optimizer(kind):
+        raise bad("optimizer.type", f"not an optimizer DeepSpeed knows: {kind!r}")
+    if not isinstance(opt.get("params", {}), dict):
+        raise bad("optimizer.params", "must be an object")
+    lr = opt.get("params", {}).get("lr", "auto")
+    if lr != "auto" and not _is_number(lr):
+        raise bad("optimizer.params.lr", f'must be a number or "auto", got {lr!r}')
+
+
+def _check_with_deepspeed_models(cfg: dict, path: str) -> None:
+    """The ZeRO, fp16 and bf16 sections through the models DeepSpeed parses them with: a wrong
+    type, a value out of range or not among the choices, an unknown key (nested ones too)."""
+    import logging
+
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.utils import logger
+    from pydantic import ValidationError
+
+    models = {
+        "zero_optimization": DeepSpeedZeroConfig,
+        "fp16": DeepSpeedFP16Config,
+        "bf16": DeepSpeedBF16Config,
+    }
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # what it logs (deprecated keys) comes again at engine build
+    try:
+        for key, model in models.items():
+            if key not in cfg:
+                continue
+            try:
+                model(**cfg[key])
+            except ValidationError as exc:
+                raise InputError(path, None, _validation_problem(key, exc.errors()[0])) from None
+            except (AssertionError, ValueError, TypeError) as exc:  # raised after validation
+                raise InputError(path, None, f"{key}: {str(exc).splitlines()[0]}") from None
+    finally:
+        logger.setLevel(level)
+
+
+def _validation_problem(section: str, error: dict) -> str:
+    """One pydantic error of a config section as ``key.path: problem, got value``."""
+    key = ".".join([section, *(str(part) for part in error["loc"])])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: DeepSpeed has no such setting"
+    problem = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    problem = problem.removeprefix(f"{key} ")  # some of DeepSpeed's messages name the key
+    problem = problem.replace("Input should be", "must be", 1)
+    if problem[1:2].islower():  # a sentence, not a name such as ZeRO
+        problem = problem[0].lower() + problem[1:]
+    if not error["loc"]:  # a check across the section's keys
+        return f"{key}: {problem}"
+    got = error["input"]
+    if ", got " in problem:  # pydantic's words already say what it got
+        return f"{key}: {problem} ({got!r})"
+    return f"{key}: {problem}, got {got!r}"
+
+
+def _check_offload(zero: dict, stage: int, bad) -> None:
+    """Offloading that DeepSpeed's models let through: NVMe without a path, and parameter
+    offloading below stage 3."""
+    for key in ("offload_optimizer", "offload_param"):
+        section = zero.get(key) or {}
+        device = section.get("device", "none")
+        if device == "nvme" and not section.get("nvme_path"):
+            raise bad(f"zero_optimization.{key}.nvme_path", "is needed with device nvme")
+        if key == "offload_param" and device != "none" and stage != 3:
+            raise bad(f"zero_optimization.{key}", f"needs stage 3, the config has stage {stage}")
+
+
+def _check_precision(cfg: dict, opts, bad) -> None:
+    """fp16 and bf16, as filled, against each other, the machine and ``--precision``."""
+    enabled = {key: cfg.get(key, {}).get("enabled") is True for key in ("fp16", "bf16")}
     if enabled["fp16"] and enabled["bf16"]:
         raise bad("fp16.enabled", "fp16 and bf16 cannot both be enabled")
     if enabled["fp16"] and not torch.cuda.is_available():
@@ -161,18 +240,10 @@ def check_ds_config(cfg: dict, path: str, opts, world: int) -> int:
     if opts.precision == "fp64" and (enabled["fp16"] or enabled["bf16"]):
         key = "fp16" if enabled["fp16"] else "bf16"
         raise bad(f"{key}.enabled", "is on, but --precision fp64 runs the encoder in float64")
-    if "optimizer" in cfg:
-        if opts.optimizer == "sgd":
-            raise bad("optimizer", "--optimizer sgd needs a config without an optimizer section")
-        opt = cfg["optimizer"]
-        kind = opt.get("type") if isinstance(opt, dict) else None
-        if not isinstance(kind, str) or not _known_optimizer(kind):
-            raise bad("optimizer.type", f"not an optimizer DeepSpeed knows: {kind!r}")
-        if not isinstance(opt.get("params", {}), dict):
-            raise bad("optimizer.params", "must be an object")
-        lr = opt.get("params", {}).get("lr", "auto")
-        if lr != "auto" and not _is_number(lr):
-            raise bad("optimizer.params.lr", f'must be a number or "auto", got {lr!r}')
+
+
+def _check_batch(cfg: dict, opts, world: int, bad) -> None:
+    """``train_batch_size`` equals micro batch x accumulation x processes, as DeepSpeed asserts."""
     micro = cfg.get("train_micro_batch_size_per_gpu", "auto")
     micro = opts.encoder_batch_size if micro == "auto" else micro
     accum = cfg.get("gradient_accumulation_steps", "auto")
@@ -182,7 +253,6 @@ def check_ds_config(cfg: dict, path: str, opts, world: int) -> int:
         raise bad("train_batch_size", f"{total} is not train_micro_batch_size_per_gpu {micro} x "
                                       f"gradient_accumulation_steps {accum} x {world} process(es) "
                                       '(set it to "auto")')  # fmt: skip
-    return stage
 
 
 def _known_optimizer(name: str) -> bool:

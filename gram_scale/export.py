@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from gram_scale.atomic import OLD, replace_folder, temp_folder
 from gram_scale.checkpoint import BEST_DIR, link_or_copy, link_tree
-from gram_scale.encoder import save_encoder, save_lora_encoder
+from gram_scale.encoder.lora import save_lora_encoder
+from gram_scale.encoder.saving import save_encoder
 from gram_scale.errors import InputError
 from gram_scale.history import HISTORY_FILE
 

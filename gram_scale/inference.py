@@ -21,7 +21,9 @@ from torch import nn
 
 from gram_scale.config import Options
 from gram_scale.data.items import Catalogue, TokenCache
-from gram_scale.encoder import POOLING_FILE, ContentEncoder, load_encoder
+from gram_scale.encoder.loading import load_encoder
+from gram_scale.encoder.model import ContentEncoder
+from gram_scale.encoder.saving import POOLING_FILE
 from gram_scale.errors import InputError
 from gram_scale.exchange import Comm, OwnedVectors
 from gram_scale.export import CF_FILE, ENCODER_DIR, METRICS_FILE, OPTIONS_FILE, VECTORS_FILE

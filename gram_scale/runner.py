@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from gram_scale.encoder import ContentEncoder, row_keys
+from gram_scale.encoder.dropout import row_keys
+from gram_scale.encoder.model import ContentEncoder
 from gram_scale.exchange import Comm, OwnedVectors, Piece, in_order, owned, pieces
 from gram_scale.nonfinite import finite_norm
 

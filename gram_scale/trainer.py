@@ -28,14 +28,10 @@ from gram_scale.checkpoint import save as save_checkpoint
 from gram_scale.config import Options
 from gram_scale.data.items import TokenCache
 from gram_scale.data.load import data_fingerprint, load_data
-from gram_scale.encoder import (
-    apply_lora,
-    check_encoder_folder,
-    check_tokenizer,
-    enable_gradient_checkpointing,
-    load_encoder,
-    resolve_attention,
-)
+from gram_scale.encoder.checks import check_encoder_folder, check_tokenizer
+from gram_scale.encoder.dropout import enable_gradient_checkpointing
+from gram_scale.encoder.loading import load_encoder, resolve_attention
+from gram_scale.encoder.lora import apply_lora
 from gram_scale.engine import (
     build_runner,
     check_ds_config,

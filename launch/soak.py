@@ -44,8 +44,8 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=5)
     p.add_argument("--every", type=int, default=3, help="steps between kills (at most)")
     a = p.parse_args()
+    from gram_scale.bench.tiny import make_tiny_bert
     from gram_scale.data.synth import write_kt
-    from gram_scale.encoder import make_tiny_bert
     from gram_scale.history import read_history
     from tests.launching import max_diff, metrics, outputs
 

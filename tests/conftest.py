@@ -63,7 +63,7 @@ def news_dir(tmp_path_factory) -> Path:
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer hidden-32 Llama (attention dropout 0.1); its tokenizer has no pad token and pads
     on the left."""
-    from gram_scale.encoder import make_tiny_decoder
+    from tiny import make_tiny_decoder
 
     return make_tiny_decoder(tmp_path_factory.mktemp("llama") / "tiny-llama", "llama")
 
@@ -71,6 +71,6 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     """A 2-layer hidden-32 GPT-2 (dropout 0.1); its tokenizer has no pad token, pads right."""
-    from gram_scale.encoder import make_tiny_decoder
+    from tiny import make_tiny_decoder
 
     return make_tiny_decoder(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2", "gpt2")

@@ -17,7 +17,9 @@ from tiny import options, params, replace
 
 from gram_scale.data.items import TokenCache
 from gram_scale.data.load import load_data
-from gram_scale.encoder import ContentEncoder, load_encoder, lora_targets, pool, position_ids
+from gram_scale.encoder.loading import load_encoder
+from gram_scale.encoder.lora import lora_targets
+from gram_scale.encoder.model import ContentEncoder, pool, position_ids
 from gram_scale.errors import InputError
 from gram_scale.schedule import Schedule
 from gram_scale.trainer import setup, train

@@ -200,16 +200,16 @@ def test_guard_recompute_with_other_masks_is_caught(task_opts, monkeypatch):
     Single-step place an item at different rows), the test above fails."""
     import torch.nn.functional as F
 
-    from gram_scale import encoder
+    from gram_scale.encoder import dropout
 
     def other_masks():
         active = F.dropout
-        if not isinstance(active, encoder._KeyedDropout):
-            return encoder.contextlib.nullcontext(), encoder.contextlib.nullcontext()
-        other = encoder._KeyedDropout(encoder.torch.arange(len(active.row_keys)), active.calls)
-        return encoder.contextlib.nullcontext(), encoder._installed(other)
+        if not isinstance(active, dropout._KeyedDropout):
+            return dropout.contextlib.nullcontext(), dropout.contextlib.nullcontext()
+        other = dropout._KeyedDropout(dropout.torch.arange(len(active.row_keys)), active.calls)
+        return dropout.contextlib.nullcontext(), dropout._installed(other)
 
-    monkeypatch.setattr(encoder, "replay_context", other_masks)
+    monkeypatch.setattr(dropout, "replay_context", other_masks)
     opts, data, nodrop = task_opts
     opts = replace(with_dropout(opts, nodrop, True), gradient_checkpointing=True)
     assert single_vs_e2e(opts, data, 3) > 100 * TOL

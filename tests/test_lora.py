@@ -13,7 +13,7 @@ from tiny import options
 
 from gram_scale.data.items import TokenCache
 from gram_scale.data.load import load_data
-from gram_scale.encoder import pool
+from gram_scale.encoder.model import pool
 from gram_scale.exchange import Comm
 from gram_scale.tasks import make_task
 

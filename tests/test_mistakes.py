@@ -161,6 +161,32 @@ def test_deepspeed_config_semantics_refused(changes, parts, capsys, kt_dir, tiny
     refused(capsys, args, tmp_path / "out", str(cfg), *parts)
 
 
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        (
+            {"zero_optimization.stage3_max_live_parameters": "many"},
+            "zero_optimization.stage3_max_live_parameters: must be a valid integer",
+        ),
+        (
+            {"zero_optimization.offload_optimizer": {"device": "cpu", "pin_mem": True}},
+            "zero_optimization.offload_optimizer.pin_mem: DeepSpeed has no such setting",
+        ),
+    ],
+    ids=["string-count", "unknown-nested-key"],
+)
+def test_deepspeed_config_checked_by_deepspeeds_models(
+    changes, problem, capsys, kt_dir, tiny_encoder, tmp_path, monkeypatch
+):
+    """What DeepSpeed's own config models refuse (a string where a count goes, a key DeepSpeed
+    does not know inside an offload section) is one line: the file, the key path, the problem."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps(_zero2(**changes)))
+    args = [*common(kt_dir, tiny_encoder), "--config", str(cfg), "--encoder-batch-size", "16"]
+    refused(capsys, args, tmp_path / "out", f"{cfg}: {problem}")
+
+
 def test_deepspeed_config_against_precision_and_optimizer(capsys, kt_dir, tiny_encoder, tmp_path,
                                                           monkeypatch):  # fmt: skip
     monkeypatch.chdir(Path(__file__).resolve().parents[1])

@@ -8,7 +8,7 @@ import torch
 from tiny import options, replace
 
 from gram_scale.data.load import load_data
-from gram_scale.encoder import load_encoder
+from gram_scale.encoder.loading import load_encoder
 from gram_scale.errors import InputError
 from gram_scale.trainer import setup
 

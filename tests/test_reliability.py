@@ -326,7 +326,7 @@ _ZERO_SKIP = """
 import sys, torch
 from gram_scale.config import parse_options
 from gram_scale.engine import build_runner, make_accelerator, read_ds_config
-from gram_scale.encoder import load_encoder
+from gram_scale.encoder.loading import load_encoder
 opts = parse_options(["--encoder", sys.argv[1], "--config", sys.argv[2], "--lr-encoder", "1e-2"])
 raw = read_ds_config(opts.config)
 encoder, _ = load_encoder(opts.encoder)

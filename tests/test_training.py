@@ -45,7 +45,7 @@ def test_export_reproduces_item_vectors(kt_dir, tiny_encoder, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
     from gram_scale.data.kt import load_kt
-    from gram_scale.encoder import pool
+    from gram_scale.encoder.model import pool
 
     out = tmp_path / "run"
     metrics = train(options(data=str(kt_dir), encoder=str(tiny_encoder), export=True, output_dir=str(out),

@@ -1,4 +1,5 @@
-"""Tiny models and data for fast tests: a 2-layer BERT with MiniLM's tokenizer, small synth sets."""
+"""Tiny models and data for fast tests: a 2-layer BERT with MiniLM's tokenizer, 2-layer decoders,
+small synth sets."""
 
 from __future__ import annotations
 
@@ -7,13 +8,47 @@ from pathlib import Path
 
 import torch
 
+from gram_scale.bench.tiny import make_tiny_bert, write_decoder_tokenizer
 from gram_scale.config import Options, validate
-from gram_scale.encoder import make_tiny_bert
 
 
 def make_tiny_encoder(folder: Path, dropout: float = 0.1, hidden: int = 32, seed: int = 0) -> Path:
     """A randomly initialised BERT folder (hidden 32, 2 layers) with the MiniLM tokenizer."""
     return make_tiny_bert(folder, dropout=dropout, hidden=hidden, seed=seed)
+
+
+def make_tiny_decoder(
+    folder: str | Path, kind: str = "llama", dropout: float = 0.1, hidden: int = 32, seed: int = 0
+) -> Path:
+    """A randomly initialised 2-layer decoder-only folder, Llama or GPT-2 shaped, with the
+    MiniLM vocabulary and a tokenizer without a pad token (left-padding for Llama, as Llama
+    tokenizers do, right-padding for GPT-2)."""
+    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=30522, hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            max_position_embeddings=64, attention_dropout=dropout,
+        )  # fmt: skip
+        model_class, side = LlamaModel, "left"
+    elif kind == "gpt2":
+        config = GPT2Config(
+            vocab_size=30522, n_embd=hidden, n_layer=2, n_head=2, n_positions=64,
+            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        )  # fmt: skip
+        model_class, side = GPT2Model, "right"
+    else:
+        raise ValueError(f"unknown decoder kind {kind!r}")
+
+    def write(tmp: Path) -> None:
+        model_class(config).save_pretrained(str(tmp))
+        write_decoder_tokenizer(tmp, side)
+
+    from gram_scale.data.load import generate_once
+
+    return generate_once(Path(folder), write)
 
 
 def options(**kw) -> Options:

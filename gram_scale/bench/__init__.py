@@ -4,6 +4,7 @@
 change: ``workloads`` (what each workload trains and its data), ``children`` (running one
 training run in its own process), ``costs`` (the epoch-time cost model and the Multi-step
 overhead, measured in process), ``report`` (table rows, targets, ``results.md`` and the plot),
-``llm`` (the 1B-parameter memory workload) and ``cli``. Generated data and the tiny encoder go
-into the cache folder (``--cache-dir``, ``$GRAM_CACHE`` or ``~/.cache``).
+``llm`` (the 1B-parameter memory workload), ``tiny`` (tiny model folders, which the tests build
+too) and ``cli``. Generated data and the tiny encoder go into the cache folder (``--cache-dir``,
+``$GRAM_CACHE`` or ``~/.cache``).
 """

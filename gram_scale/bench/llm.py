@@ -40,8 +40,8 @@ def build_model(folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaModel
 
+    from gram_scale.bench.tiny import write_decoder_tokenizer
     from gram_scale.data.load import generate_once
-    from gram_scale.encoder import write_decoder_tokenizer
 
     def write(tmp: Path) -> None:
         torch.manual_seed(0)

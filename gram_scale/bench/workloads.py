@@ -397,7 +397,8 @@ def prepare_data(name: str, workload: Workload, cache: Path) -> Path:
 
 def prepare_encoder(workload: Workload, cache: Path, override: str) -> str:
     """The encoder folder: ``--encoder`` if given, else the workload's."""
-    from gram_scale.encoder import default_encoder_path, make_tiny_bert
+    from gram_scale.bench.tiny import make_tiny_bert
+    from gram_scale.encoder.loading import default_encoder_path
 
     if override:
         return override
