@@ -58,8 +58,9 @@ class ItemTable:
         self._keys = torch.empty(0, dtype=torch.long)  # sorted item rows
         self._slots = torch.empty(0, dtype=torch.long)  # slot of each sorted key
         self._items = torch.empty(0, dtype=torch.long)  # item of each slot, insertion order
-        self._names = ("base", "grads", "delta", "m", "v") if optimizer == "adam" else (
-            "base", "grads")  # fmt: skip
+        self._names = (
+            ("base", "grads", "delta", "m", "v") if optimizer == "adam" else ("base", "grads")
+        )
         for name in self._names:
             setattr(self, name, self._alloc(capacity))
         self.steps = torch.zeros(capacity, dtype=torch.long, device=self.device)

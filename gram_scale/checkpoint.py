@@ -33,8 +33,18 @@ class TrainState:
     """Loop position and run records, saved with every checkpoint."""
 
     # the plain-data fields saved and restored (the strategy's state travels beside them)
-    FIELDS = ("step", "epoch", "batch_in_epoch", "train_seconds", "counters", "epochs",
-              "skipped_steps", "bad_in_a_row", "evals", "best")  # fmt: skip
+    FIELDS = (
+        "step",
+        "epoch",
+        "batch_in_epoch",
+        "train_seconds",
+        "counters",
+        "epochs",
+        "skipped_steps",
+        "bad_in_a_row",
+        "evals",
+        "best",
+    )
 
     def __init__(self, strategy):
         self.strategy = strategy
@@ -42,9 +52,16 @@ class TrainState:
         self.epoch = 0
         self.batch_in_epoch = 0  # batches of ``epoch`` already trained
         self.train_seconds = 0.0
-        self.counters = {"occurrences": 0, "unique": 0, "item_forwards": 0, "item_backwards": 0,
-                         "tokens_forward": 0, "padded_forward": 0, "tokens_backward": 0,
-                         "padded_backward": 0}  # fmt: skip
+        self.counters = {
+            "occurrences": 0,
+            "unique": 0,
+            "item_forwards": 0,
+            "item_backwards": 0,
+            "tokens_forward": 0,
+            "padded_forward": 0,
+            "tokens_backward": 0,
+            "padded_backward": 0,
+        }
         self.epochs: list[dict] = []
         self.skipped_steps = 0
         self.bad_in_a_row = 0
@@ -192,8 +209,9 @@ def resume_candidates(output_dir: str | Path, resume: str) -> list[Path]:
     return [folder]
 
 
-def choose_resume(candidates: list[Path], explicit: bool, say=print, rank: int = 0,
-                  world: int = 1) -> Path | None:  # fmt: skip
+def choose_resume(
+    candidates: list[Path], explicit: bool, say=print, rank: int = 0, world: int = 1
+) -> Path | None:
     """The newest candidate that every rank finds intact. Each rank checks only the files it
     wrote; one collective gathers the verdicts, so every rank picks the same checkpoint even
     when one of them cannot read its shard (a transient error, a disk that is not shared).
@@ -247,9 +265,12 @@ def check_compatible(folder: Path, record: dict) -> None:
             continue
         theirs = saved.get(name)
         if isinstance(value, dict) and isinstance(theirs, dict):  # named part by part (files)
-            diffs += [f"{name} {key}: checkpoint {_show(theirs.get(key))}, this run "
-                      f"{_show(value.get(key))}" for key in sorted(value.keys() | theirs.keys())
-                      if theirs.get(key) != value.get(key)]  # fmt: skip
+            diffs += [
+                f"{name} {key}: checkpoint {_show(theirs.get(key))}, this run "
+                f"{_show(value.get(key))}"
+                for key in sorted(value.keys() | theirs.keys())
+                if theirs.get(key) != value.get(key)
+            ]
         elif theirs != value:
             diffs.append(f"{name}: checkpoint {_show(theirs)}, this run {_show(value)}")
     if diffs:
@@ -287,8 +308,14 @@ def link_tree(src: Path, dest: Path) -> None:
     shutil.copytree(src, dest, copy_function=link_or_copy)
 
 
-def save(accelerator, state: TrainState, output_dir: str | Path, keep: int,
-         record: dict | None = None, best: Path | None = None) -> Path:  # fmt: skip
+def save(
+    accelerator,
+    state: TrainState,
+    output_dir: str | Path,
+    keep: int,
+    record: dict | None = None,
+    best: Path | None = None,
+) -> Path:
     """Write a checkpoint of the current step on every rank; atomic by rename. ``record``
     (what the run is) goes into ``run.json`` for resume checks; ``best`` (a staged best-so-far
     export, when there is one) is kept beside the state, so a resume restores the best that

@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
         return exc.code
     except KeyboardInterrupt:  # Ctrl-C outside the training steps, or a second one
         if _main_process():
-            print("interrupted (SIGINT): stopped at once; checkpoints written so far stay usable",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                "interrupted (SIGINT): stopped at once; checkpoints written so far stay usable",
+                file=sys.stderr,
+                flush=True,
+            )
         return EXIT_INTERRUPTED
     except Exception as exc:
         import torch.distributed as dist
@@ -68,12 +71,18 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
         distributed = dist.is_available() and dist.is_initialized()
         rank = dist.get_rank() if distributed else int(os.environ.get("RANK", "0"))
         if distributed and _collective_failed(exc):  # a peer died or timed out
-            print(f"error: rank {rank}: lost another process of the run ({_first_line(exc)}); "
-                  "the latest checkpoint stays usable (--resume latest)", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            print(
+                f"error: rank {rank}: lost another process of the run ({_first_line(exc)}); "
+                "the latest checkpoint stays usable (--resume latest)",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(EXIT_PEER_LOST)  # skip interpreter teardown: the process group is broken
-        print(f"error: rank {rank}: {_describe(exc)} ({_save_traceback(exc, opts, rank)})",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"error: rank {rank}: {_describe(exc)} ({_save_traceback(exc, opts, rank)})",
+            file=sys.stderr,
+            flush=True,
+        )
         if distributed:  # the peers wait in a collective: end now so the launcher stops them
             os._exit(EXIT_FAILED)
         return EXIT_FAILED

@@ -341,9 +341,20 @@ def _check_choices(opts: Options) -> None:
 
 
 def _check_counts(opts: Options) -> None:
-    positive = ["max_tokens", "encoder_batch_size", "encoder_epochs", "epochs", "batch_size",
-                "seq_len", "history_len", "negatives", "cf_layers", "cf_heads", "eval_batch_size",
-                "log_every"]  # fmt: skip
+    positive = [
+        "max_tokens",
+        "encoder_batch_size",
+        "encoder_epochs",
+        "epochs",
+        "batch_size",
+        "seq_len",
+        "history_len",
+        "negatives",
+        "cf_layers",
+        "cf_heads",
+        "eval_batch_size",
+        "log_every",
+    ]
     for name in positive:
         if getattr(opts, name) < 1:
             raise InputError(_flag(name), None, f"must be at least 1, got {getattr(opts, name)}")
@@ -440,8 +451,11 @@ def _check_tracker(report_to: str) -> None:
     """Refuse a tracker whose package is missing: accelerate would only warn and track nothing."""
     packages = TRACKER_PACKAGES.get(report_to, ())
     if packages and not any(importlib.util.find_spec(name) for name in packages):
-        raise InputError("--report-to", None, f"{report_to} is not installed "
-                         f"(pip install {packages[0]}), or use --report-to none")  # fmt: skip
+        raise InputError(
+            "--report-to",
+            None,
+            f"{report_to} is not installed (pip install {packages[0]}), or use --report-to none",
+        )
 
 
 def _check_conflicts(opts: Options) -> None:

@@ -36,8 +36,12 @@ def read_catalogue(path: Path, use_abstract: bool) -> Catalogue:
     raise InputError(path, None, "expected a KT items.csv (item_id,text) or a MIND news.tsv")
 
 
-def embed(run_dir: str | os.PathLike, items: str | os.PathLike, out: str | os.PathLike,
-          device: str | None = None) -> int:  # fmt: skip
+def embed(
+    run_dir: str | os.PathLike,
+    items: str | os.PathLike,
+    out: str | os.PathLike,
+    device: str | None = None,
+) -> int:
     """Encode the items of ``items`` with the run's encoder into ``out``; returns their count."""
     from safetensors.torch import save_file
 
@@ -47,8 +51,9 @@ def embed(run_dir: str | os.PathLike, items: str | os.PathLike, out: str | os.Pa
     check_run_folder(Path(run_dir))
     out = Path(out)
     if out.is_dir():
-        raise InputError("--out", None, f"{out} is a folder; name the file to write "
-                         f"(e.g. {out / VECTORS_FILE})")  # fmt: skip
+        raise InputError(
+            "--out", None, f"{out} is a folder; name the file to write (e.g. {out / VECTORS_FILE})"
+        )
     check_writable(out.parent, "--out")
     path = Path(items)
     if not path.is_file():
@@ -58,8 +63,11 @@ def embed(run_dir: str | os.PathLike, items: str | os.PathLike, out: str | os.Pa
     vectors = run.encode_items(catalogue.texts).detach().cpu().contiguous()
 
     def write(folder: Path) -> None:  # written beside the target, then renamed into place
-        save_file({"vectors": vectors}, str(folder / out.name),
-                  metadata={"ids": json.dumps(catalogue.ids)})  # fmt: skip
+        save_file(
+            {"vectors": vectors},
+            str(folder / out.name),
+            metadata={"ids": json.dumps(catalogue.ids)},
+        )
 
     publish(out.parent, write)
     print(f"wrote {len(catalogue)} vectors of dimension {vectors.shape[1]} to {out}", flush=True)

@@ -85,8 +85,12 @@ def read_ds_config(path: str) -> dict | None:
     return cfg
 
 
-_POSITIVE_INTS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                  "steps_per_print")  # fmt: skip
+_POSITIVE_INTS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "steps_per_print",
+)
 
 
 def _is_number(v) -> bool:
@@ -250,9 +254,12 @@ def _check_batch(cfg: dict, opts, world: int, bad) -> None:
     accum = 1 if accum == "auto" else accum
     total = cfg.get("train_batch_size", "auto")
     if total != "auto" and total != micro * accum * world:
-        raise bad("train_batch_size", f"{total} is not train_micro_batch_size_per_gpu {micro} x "
-                                      f"gradient_accumulation_steps {accum} x {world} process(es) "
-                                      '(set it to "auto")')  # fmt: skip
+        raise bad(
+            "train_batch_size",
+            f"{total} is not train_micro_batch_size_per_gpu {micro} x "
+            f"gradient_accumulation_steps {accum} x {world} process(es) "
+            '(set it to "auto")',
+        )
 
 
 def _known_optimizer(name: str) -> bool:
@@ -280,8 +287,13 @@ def _init_process_group(timeout) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, store=dist.PrefixStore(f"gram-attempt-{attempt}", store),
-                            rank=rank, world_size=world, timeout=timeout)  # fmt: skip
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"gram-attempt-{attempt}", store),
+        rank=rank,
+        world_size=world,
+        timeout=timeout,
+    )
 
 
 @contextlib.contextmanager
@@ -325,8 +337,14 @@ def make_accelerator(opts, ds_raw: dict | None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         launched = True
     if launched and not torch.cuda.is_available():
         # Without this every CPU rank believes it is rank 0 of 1 under DeepSpeed.
@@ -362,8 +380,9 @@ def in_process_device() -> torch.device:
     return torch.device(os.environ.get("GRAM_DEVICE") or "cpu")
 
 
-def build_runner(accelerator, encoder: ContentEncoder, tokens, opts, ds_raw: dict | None,
-                 total_steps: int = 1) -> EncoderRunner:  # fmt: skip
+def build_runner(
+    accelerator, encoder: ContentEncoder, tokens, opts, ds_raw: dict | None, total_steps: int = 1
+) -> EncoderRunner:
     """Wrap the encoder: a DeepSpeed engine when configured, else a module with its optimizer;
     either way with the LR schedule over ``total_steps`` encoder optimizer steps.
 

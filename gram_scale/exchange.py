@@ -213,8 +213,9 @@ class ItemExchange:
 
     def fetch(self, served_rows: torch.Tensor) -> torch.Tensor:
         """Rows of this rank's local items, given the rows of ``served`` (owner side)."""
-        back = self.comm.all_to_all(served_rows[self.asked_index.to(served_rows.device)],
-                                    self.recv, self.send)  # fmt: skip
+        back = self.comm.all_to_all(
+            served_rows[self.asked_index.to(served_rows.device)], self.recv, self.send
+        )
         out = back.new_empty((self.n_local, *back.shape[1:]))
         out[self.order.to(back.device)] = back
         self._grad_bytes = self.comm.a2a_bytes(out, self.send, self.recv)

@@ -32,8 +32,19 @@ BEST_RECORD = "best.json"  # inside it: the step it is of
 # What a run leaves in its output folder (trackers included: wandb/, and TensorBoard's run
 # folder named after the project). An earlier run is recognised by these, and
 # --overwrite-output-dir removes exactly these; anything else in the folder is left alone.
-RUN_ENTRIES = (METRICS_FILE, OPTIONS_FILE, ENCODER_DIR, ADAPTER_DIR, CF_FILE, VECTORS_FILE,
-               CHECKPOINTS_DIR, HISTORY_FILE, BEST_DIR, "wandb", "gram-scale")  # fmt: skip
+RUN_ENTRIES = (
+    METRICS_FILE,
+    OPTIONS_FILE,
+    ENCODER_DIR,
+    ADAPTER_DIR,
+    CF_FILE,
+    VECTORS_FILE,
+    CHECKPOINTS_DIR,
+    HISTORY_FILE,
+    BEST_DIR,
+    "wandb",
+    "gram-scale",
+)
 
 
 def nearest_existing(path: Path) -> Path:
@@ -65,8 +76,9 @@ def check_output_dir(opts) -> None:
         how = "--overwrite-output-dir to replace it"
         if CHECKPOINTS_DIR in earlier:
             how += " or --resume latest to continue it"
-        raise InputError("--output-dir", None,
-                         f"{out} holds an earlier run ({', '.join(earlier)}); add {how}")  # fmt: skip
+        raise InputError(
+            "--output-dir", None, f"{out} holds an earlier run ({', '.join(earlier)}); add {how}"
+        )
 
 
 def check_writable(folder: str | Path, flag: str) -> None:
@@ -127,10 +139,14 @@ def check_shared_output_dir(comm, output_dir: str | Path) -> None:
 
         who = [r for r, b in enumerate(blind) if b]
         here = f" (this is rank {comm.rank} on {socket.gethostname()})" if blind[comm.rank] else ""
-        raise InputError("--output-dir", None, f"{output_dir} is not the same folder on every "
-                         f"node: rank(s) {', '.join(map(str, who))} cannot see what the main "
-                         f"process writes there{here}; use a folder on a file system that every "
-                         "node shares")  # fmt: skip
+        raise InputError(
+            "--output-dir",
+            None,
+            f"{output_dir} is not the same folder on every "
+            f"node: rank(s) {', '.join(map(str, who))} cannot see what the main "
+            f"process writes there{here}; use a folder on a file system that every "
+            "node shares",
+        )
 
 
 def clear_output_dir(output_dir: str | Path) -> None:
@@ -257,13 +273,29 @@ def _clean(obj):
     return obj
 
 
-def export_run(folder: Path, encoder, tokenizer, encoder_state, cf_model, ids: list[str],
-               vectors: torch.Tensor, metrics: dict, opts) -> None:  # fmt: skip
+def export_run(
+    folder: Path,
+    encoder,
+    tokenizer,
+    encoder_state,
+    cf_model,
+    ids: list[str],
+    vectors: torch.Tensor,
+    metrics: dict,
+    opts,
+) -> None:
     """Write every output of a finished run into ``folder``."""
     if encoder is not None:
         if opts.lora:
-            save_lora_encoder(opts.resolved_encoder(), opts, tokenizer, encoder_state,
-                              folder / ENCODER_DIR, folder / ADAPTER_DIR, encoder.pooling)  # fmt: skip
+            save_lora_encoder(
+                opts.resolved_encoder(),
+                opts,
+                tokenizer,
+                encoder_state,
+                folder / ENCODER_DIR,
+                folder / ADAPTER_DIR,
+                encoder.pooling,
+            )
         else:
             save_encoder(encoder, tokenizer, folder / ENCODER_DIR, state_dict=encoder_state)
         cf_state = {k: v.detach().cpu().contiguous() for k, v in cf_model.state_dict().items()}

@@ -51,12 +51,20 @@ def check_run_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise InputError(folder, None, "is a file, not a run's output folder")
     if not (folder / OPTIONS_FILE).is_file():
-        raise InputError(folder, None, f"not a finished gram-scale run (no {OPTIONS_FILE}; a "
-                         "run writes it with its exports when it ends)")  # fmt: skip
+        raise InputError(
+            folder,
+            None,
+            f"not a finished gram-scale run (no {OPTIONS_FILE}; a "
+            "run writes it with its exports when it ends)",
+        )
     missing = [n for n in (f"{ENCODER_DIR}/config.json", CF_FILE) if not (folder / n).is_file()]
     if missing:
-        raise InputError(folder, None, f"the run exported no models (no {', '.join(missing)}; "
-                         "was it trained with --no-export?)")  # fmt: skip
+        raise InputError(
+            folder,
+            None,
+            f"the run exported no models (no {', '.join(missing)}; "
+            "was it trained with --no-export?)",
+        )
 
 
 def default_device() -> torch.device:
@@ -199,8 +207,9 @@ class Run:
         return s[0] if single else s
 
 
-def load_run(path: str | os.PathLike, device: str | torch.device | None = None,
-             comm: Comm | None = None) -> Run:  # fmt: skip
+def load_run(
+    path: str | os.PathLike, device: str | torch.device | None = None, comm: Comm | None = None
+) -> Run:
     """Load a finished run's exported models (the best evaluation's with ``--save-best``: the
     run put them in place of the last ones) on ``device`` (default: ``default_device()``);
     ``comm``: the ranks that share its encoding (default: this process alone)."""
@@ -217,8 +226,9 @@ def load_run(path: str | os.PathLike, device: str | torch.device | None = None,
     # as the run held it: bf16 weights under DeepSpeed, float64 for fp64 (the autocast of bf16
     # without DeepSpeed comes with the encoder runner)
     dtype = torch.bfloat16 if opts.precision == "bf16" and opts.config.lower() != "none" else None
-    encoder, tokenizer = load_encoder(str(folder / ENCODER_DIR), pooling, dtype,
-                                      opts.attn_implementation, opts.keyed_dropout)  # fmt: skip
+    encoder, tokenizer = load_encoder(
+        str(folder / ENCODER_DIR), pooling, dtype, opts.attn_implementation, opts.keyed_dropout
+    )
     if opts.precision == "fp64":
         encoder.double()
     encoder.requires_grad_(False)
@@ -229,7 +239,8 @@ def load_run(path: str | os.PathLike, device: str | torch.device | None = None,
     try:
         task.model.load_state_dict(load_file(str(folder / CF_FILE)))
     except RuntimeError as exc:
-        raise InputError(folder / CF_FILE, None, f"does not fit the run's CF model "
-                         f"({str(exc).splitlines()[0]})") from None  # fmt: skip
+        raise InputError(
+            folder / CF_FILE, None, f"does not fit the run's CF model ({str(exc).splitlines()[0]})"
+        ) from None
     task.model.to(device, opts.vector_dtype()).eval()
     return Run(folder, opts, metrics, encoder, tokenizer, task.model, device, comm)

@@ -66,8 +66,14 @@ def impression_rows(impressions: list[tuple[torch.Tensor, torch.Tensor]]) -> tor
         labels = labels.long()
         if labels.sum() == 0 or labels.sum() == len(labels):
             continue  # AUC undefined; MIND's scorer skips these as well
-        rows.append([auc(labels, scores), mrr(labels, scores), ndcg(labels, scores, 5),
-                     ndcg(labels, scores, 10)])  # fmt: skip
+        rows.append(
+            [
+                auc(labels, scores),
+                mrr(labels, scores),
+                ndcg(labels, scores, 5),
+                ndcg(labels, scores, 10),
+            ]
+        )
     return torch.tensor(rows, dtype=torch.double).reshape(-1, len(_IMPRESSION_METRICS))
 
 

@@ -16,5 +16,6 @@ def make_optimizer(params, opts, lr: float, fused: bool = True) -> torch.optim.O
     can turn rounding noise on a near-zero coordinate into a full step."""
     if opts.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=opts.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay,
-                             fused=True if fused else None)  # fmt: skip
+    return torch.optim.AdamW(
+        params, lr=lr, weight_decay=opts.weight_decay, fused=True if fused else None
+    )

@@ -95,8 +95,12 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise InputError(None, None, "gram_scale.plot needs matplotlib: pip install matplotlib "
-                         "(or the bench extra: pip install 'gram-scale[bench]')") from None  # fmt: skip
+        raise InputError(
+            None,
+            None,
+            "gram_scale.plot needs matplotlib: pip install matplotlib "
+            "(or the bench extra: pip install 'gram-scale[bench]')",
+        ) from None
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
@@ -123,8 +127,10 @@ def plot(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
         width = max(1, len(y) // 50)  # a running mean over 2% of the steps shows the trend
         loss.plot(x, y, lw=0.6, alpha=0.4 if width > 1 else 1.0, color="C0", label="loss")
         if width > 1:
-            smooth = [sum(y[max(0, i - width + 1) : i + 1]) / (i - max(0, i - width + 1) + 1)
-                      for i in range(len(y))]  # fmt: skip
+            smooth = [
+                sum(y[max(0, i - width + 1) : i + 1]) / (i - max(0, i - width + 1) + 1)
+                for i in range(len(y))
+            ]
             loss.plot(x, smooth, color="C0", label=f"mean of {width} steps")
     for step in s["skipped"]:
         loss.axvline(step, color="red", lw=0.5, alpha=0.5)

@@ -63,8 +63,12 @@ def _data_path(run, data: str | None, split: str | None) -> tuple[Path, str]:
     """The data path to score and its layout, checked against the run's task."""
     if data is None:
         if split is None:
-            raise InputError("--data", None, "missing: give the data to score, or --split "
-                             "valid|test to score the run's own split")  # fmt: skip
+            raise InputError(
+                "--data",
+                None,
+                "missing: give the data to score, or --split "
+                "valid|test to score the run's own split",
+            )
         from gram_scale.data.load import default_data_dir
 
         path = Path(run.opts.data) if run.opts.data else default_data_dir(run.opts)
@@ -77,22 +81,34 @@ def _data_path(run, data: str | None, split: str | None) -> tuple[Path, str]:
     if layout is None:
         raise InputError(path, None, f"no data of a {task} run here (expected {_WANTED[task]})")
     if (task == "kt") != (layout == "kt"):
-        raise InputError(path, None, f"is {_KINDS[layout]}, but {run.folder} is a {task} run "
-                         f"(it scores {_WANTED[task]})")  # fmt: skip
+        raise InputError(
+            path,
+            None,
+            f"is {_KINDS[layout]}, but {run.folder} is a {task} run (it scores {_WANTED[task]})",
+        )
     if split is not None and (layout == "mind-split" or path.is_file()):
-        raise InputError("--split", None, f"picks a split of the run's training data folder; "
-                         f"{path} is already the data to score (drop --split)")  # fmt: skip
+        raise InputError(
+            "--split",
+            None,
+            f"picks a split of the run's training data folder; "
+            f"{path} is already the data to score (drop --split)",
+        )
     if split is None and layout == "mind":
-        raise InputError(path, None, "is a MIND training data folder (train/, dev/): add --split "
-                         "valid|test, or give a split folder with behaviors.tsv and news.tsv")  # fmt: skip
+        raise InputError(
+            path,
+            None,
+            "is a MIND training data folder (train/, dev/): add --split "
+            "valid|test, or give a split folder with behaviors.tsv and news.tsv",
+        )
     return path, layout
 
 
 def _fmt(metrics: dict) -> str:
     if "skipped" in metrics:
         return f"skipped: {metrics['skipped']}"
-    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in metrics.items())  # fmt: skip
+    return " ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+    )
 
 
 def _measured(task, split: str, samples: list, predictions: list, standalone: bool, comm):
@@ -115,8 +131,9 @@ def ranks(scores: torch.Tensor) -> list[int]:
     return out.tolist()
 
 
-def top_k(users: torch.Tensor, vectors: torch.Tensor, exclude: torch.Tensor, k: int,
-          chunk: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def top_k(
+    users: torch.Tensor, vectors: torch.Tensor, exclude: torch.Tensor, k: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each user's ``k`` best catalogue rows by ``users @ vectors.T``, best first, leaving out
     the rows in ``exclude`` [U, H] (-1 = none); streamed over ``chunk`` catalogue rows at a time,
     so memory holds U x (k + chunk) scores, never U x catalogue. ``(scores, rows)``, [U, k'] with
@@ -154,8 +171,18 @@ def _user_topk(task, impressions: list, keys: list, vectors: torch.Tensor, k: in
             yield name, row_i[keep].tolist(), row_s[keep].tolist()
 
 
-def _write_news(folder: Path, data, split: str, scores: list, keys: list, topk, task, vectors,
-                chunk: int, metrics: dict | None) -> None:  # fmt: skip
+def _write_news(
+    folder: Path,
+    data,
+    split: str,
+    scores: list,
+    keys: list,
+    topk,
+    task,
+    vectors,
+    chunk: int,
+    metrics: dict | None,
+) -> None:
     from gram_scale.export import write_json
 
     text = folder / PREDICTION_FILE
@@ -169,8 +196,9 @@ def _write_news(folder: Path, data, split: str, scores: list, keys: list, topk, 
         with open(folder / TOPK_FILE, "w", encoding="utf-8") as f:
             imps = getattr(data, split)
             for user, rows, s in _user_topk(task, imps, keys, vectors, topk, chunk):
-                f.write(f"{user}\t{' '.join(ids[r] for r in rows)}\t"
-                        f"{' '.join(f'{v:.6g}' for v in s)}\n")  # fmt: skip
+                f.write(
+                    f"{user}\t{' '.join(ids[r] for r in rows)}\t{' '.join(f'{v:.6g}' for v in s)}\n"
+                )
     if metrics is not None:
         write_json(folder / METRICS_FILE, metrics)
 
@@ -193,8 +221,9 @@ def _news(run, path: Path, split: str | None, topk: int, chunk: int):
     if split is not None:
         from gram_scale.data.mind import load_mind
 
-        data = load_mind(path, use_abstract=run.opts.use_abstract, seed=run.opts.seed,
-                         keep_ids=True)  # fmt: skip
+        data = load_mind(
+            path, use_abstract=run.opts.use_abstract, seed=run.opts.seed, keep_ids=True
+        )
         keys, labeled, name = data.keys[split], True, split
     else:
         from gram_scale.data.mind import read_split
@@ -237,8 +266,12 @@ def unknown_windows(sequences: list, seq_len: int) -> tuple[list, list[tuple[int
         for t in (~known).nonzero().flatten().tolist():
             k = int(before[t])
             start = k - k % seq_len
-            windows.append((torch.cat([known_items[start:k], items[t : t + 1]]),
-                            torch.cat([known_correct[start:k], torch.zeros(1, dtype=torch.long)])))  # fmt: skip
+            windows.append(
+                (
+                    torch.cat([known_items[start:k], items[t : t + 1]]),
+                    torch.cat([known_correct[start:k], torch.zeros(1, dtype=torch.long)]),
+                )
+            )
             where.append((u, t))
     return windows, where
 
@@ -251,8 +284,14 @@ def _kt(run, path: Path, split: str | None, items: str | None):
         from gram_scale.data.kt import load_kt
 
         o = run.opts
-        data = load_kt(path, seed=o.seed, valid_frac=o.valid_frac, test_frac=o.test_frac,
-                       cold_frac=o.cold_frac, keep_ids=True)  # fmt: skip
+        data = load_kt(
+            path,
+            seed=o.seed,
+            valid_frac=o.valid_frac,
+            test_frac=o.test_frac,
+            cold_frac=o.cold_frac,
+            keep_ids=True,
+        )
         users, sequences, name = data.users[split], getattr(data, split), split
     else:
         from gram_scale.data.kt import read_interactions, read_items
@@ -314,14 +353,27 @@ def _record(run, path: Path, name: str, metrics: dict, vectors) -> dict:
     """metrics.json of a prediction: the metrics, what they are of, and the catalogue items
     each rank encoded."""
     encoded = run.comm.sum_ints(run.comm.per_rank(len(vectors.items)))
-    return {"run": str(run.folder), "data": str(path), "split": name,
-            "best_step": run.metrics.get("best_step"), "metrics": metrics,
-            "processes": run.comm.world, "encoded_items_per_process": encoded}  # fmt: skip
+    return {
+        "run": str(run.folder),
+        "data": str(path),
+        "split": name,
+        "best_step": run.metrics.get("best_step"),
+        "metrics": metrics,
+        "processes": run.comm.world,
+        "encoded_items_per_process": encoded,
+    }
 
 
-def predict(run_dir: str | os.PathLike, out: str | os.PathLike, data: str | None = None,
-            split: str | None = None, topk: int = 0, chunk: int = 16384,
-            items: str | None = None, device: str | None = None) -> dict | None:  # fmt: skip
+def predict(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    data: str | None = None,
+    split: str | None = None,
+    topk: int = 0,
+    chunk: int = 16384,
+    items: str | None = None,
+    device: str | None = None,
+) -> dict | None:
     """Score ``data`` (or the run's own ``split``) with the run in ``run_dir``, write the
     predictions into ``out``; returns the metrics (None for unlabelled news)."""
     from gram_scale.export import check_writable, publish
@@ -361,20 +413,38 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = OneLineParser(prog="gram-predict", description="Score data with a finished run.")
     parser.add_argument("--run", required=True, help="a finished run's output folder")
-    parser.add_argument("--data", help="what to score: news, a MIND split folder (behaviors.tsv, "
-                        "news.tsv); kt, a folder with items.csv and interactions.csv or an "
-                        "interactions CSV (default with --split: the run's data)")  # fmt: skip
+    parser.add_argument(
+        "--data",
+        help="what to score: news, a MIND split folder (behaviors.tsv, "
+        "news.tsv); kt, a folder with items.csv and interactions.csv or an "
+        "interactions CSV (default with --split: the run's data)",
+    )
     parser.add_argument("--out", required=True, help="folder for the predictions")
-    parser.add_argument("--split", choices=SPLITS, help="score the run's own valid or test split "
-                        "of its training data folder (the run's seed and fractions)")  # fmt: skip
-    parser.add_argument("--items", help="kt: the items.csv of an interactions file (default: "
-                        "items.csv beside it)")  # fmt: skip
-    parser.add_argument("--topk", type=int, default=0, help="news: also write each user's K best "
-                        "news of the catalogue, clicked ones left out (topk.tsv)")  # fmt: skip
-    parser.add_argument("--chunk", type=int, default=16384, help="--topk: catalogue items per "
-                        "matrix product (bounds its memory)")  # fmt: skip
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU when there is "
-                        "one)")  # fmt: skip
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="score the run's own valid or test split "
+        "of its training data folder (the run's seed and fractions)",
+    )
+    parser.add_argument(
+        "--items", help="kt: the items.csv of an interactions file (default: items.csv beside it)"
+    )
+    parser.add_argument(
+        "--topk",
+        type=int,
+        default=0,
+        help="news: also write each user's K best "
+        "news of the catalogue, clicked ones left out (topk.tsv)",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=16384,
+        help="--topk: catalogue items per matrix product (bounds its memory)",
+    )
+    parser.add_argument(
+        "--device", help="cpu, cuda, cuda:1 ... (default: the GPU when there is one)"
+    )
 
     def body() -> None:
         a = parser.parse_args(argv)

@@ -51,8 +51,16 @@ class FrozenCache:
 class EncoderRunner:
     """Encodes item rows, back-propagates item gradients through the encoder, steps it."""
 
-    def __init__(self, encoder: ContentEncoder, tokens, comm: Comm, opts, engine=None,
-                 optimizer=None, scheduler=None):  # fmt: skip
+    def __init__(
+        self,
+        encoder: ContentEncoder,
+        tokens,
+        comm: Comm,
+        opts,
+        engine=None,
+        optimizer=None,
+        scheduler=None,
+    ):
         self.encoder = encoder  # the plain module (inside the engine when there is one)
         self.engine = engine  # DeepSpeed engine, or None
         self.optimizer = optimizer
@@ -87,8 +95,11 @@ class EncoderRunner:
     def lockstep(self) -> bool:
         """Whether every rank must make the same encoder calls, empty ones too: under ZeRO-3 on
         several ranks each call gathers the sharded parameters collectively."""
-        return (self.engine is not None and self.comm.world > 1
-                and self.engine.zero_optimization_stage() == 3)  # fmt: skip
+        return (
+            self.engine is not None
+            and self.comm.world > 1
+            and self.engine.zero_optimization_stage() == 3
+        )
 
     @property
     def module(self):
@@ -107,11 +118,13 @@ class EncoderRunner:
         weights = next(self.encoder.parameters()).dtype
         accum = self.engine.get_data_types()[1] if self.engine is not None else weights
         name = lambda t: str(t).removeprefix("torch.")  # noqa: E731
-        return {"weights": name(weights),
-                "compute": name(torch.bfloat16 if self.autocast else weights),
-                "grad_accum": name(accum),
-                "attention": getattr(self.encoder.model.config, "_attn_implementation", None),
-                "built_partitioned": getattr(self.encoder, "built_partitioned", False)}  # fmt: skip
+        return {
+            "weights": name(weights),
+            "compute": name(torch.bfloat16 if self.autocast else weights),
+            "grad_accum": name(accum),
+            "attention": getattr(self.encoder.model.config, "_attn_implementation", None),
+            "built_partitioned": getattr(self.encoder, "built_partitioned", False),
+        }
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
@@ -269,8 +282,9 @@ class EncoderRunner:
             surrogate.backward()
         self._pending_backward = True
 
-    def backward_kept(self, calls: list[Piece], outs: list[torch.Tensor],
-                      grads: list[torch.Tensor]) -> None:  # fmt: skip
+    def backward_kept(
+        self, calls: list[Piece], outs: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> None:
         """Back-propagate the graphs of several calls kept together (each call's rows with its
         gradients) in one backward, the end of the accumulation: ZeRO-3 gathers and releases
         parameters by module hooks that expect one backward after the forwards it covers."""

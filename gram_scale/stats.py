@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             mean, worst = r["exchange_bytes_per_rank_step"], r["exchange_max_bytes_rank_step"]
             union = r["allgather_bytes_per_rank_step"]
-            print(f"{r['world']:>6}  {_size(mean):>14}  {_size(worst):>13}  {_size(union):>17}  "
-                  f"{union / max(mean, 1):>6.1f}")  # fmt: skip
+            print(
+                f"{r['world']:>6}  {_size(mean):>14}  {_size(worst):>13}  {_size(union):>17}  "
+                f"{union / max(mean, 1):>6.1f}"
+            )
     return 0
 
 

@@ -160,8 +160,9 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
     plain 1 process."""
     # bf16 runs under a DeepSpeed engine, which casts the encoder anyway: load it in bf16
     dtype = torch.bfloat16 if opts.precision == "bf16" and ds_raw is not None else None
-    encoder, tokenizer = load_encoder(opts.resolved_encoder(), opts.pooling, dtype,
-                                      opts.attn_implementation, opts.keyed_dropout)  # fmt: skip
+    encoder, tokenizer = load_encoder(
+        opts.resolved_encoder(), opts.pooling, dtype, opts.attn_implementation, opts.keyed_dropout
+    )
     tokens = TokenCache.build(tokenizer, data.catalogue.texts, opts.max_tokens)
     if opts.precision == "fp64":
         encoder.double()
@@ -318,13 +319,7 @@ class Run:
     def start(cls, opts: Options, checked: Checked, accelerator, callbacks) -> Run:
         """Agree on the checkpoint to resume, load data and models, clean the output folder,
         start the trackers, restore the checkpoint."""
-        rank, world = accelerator.process_index, accelerator.num_processes
-        check_shared_output_dir(Comm(rank, world, accelerator.device), opts.output_dir)
-        resume_from = None
-        if opts.resume:  # every rank checks its own files; all agree on one checkpoint
-            say = _print if accelerator.is_main_process else (lambda text: None)
-            resume_from = choose_resume(checked.candidates, opts.resume != "latest", say, rank,
-                                        world)  # fmt: skip
+        resume_from = _agree_resume(accelerator, opts, checked.candidates)
         with accelerator.main_process_first():  # generate the default data set once
             data = load_data(opts)
         s = setup(opts, data, accelerator, checked.ds_raw)
@@ -334,9 +329,7 @@ class Run:
             remove_partials(opts.output_dir)  # exports an interrupted run left unfinished
         accelerator.wait_for_everyone()
         _start_trackers(accelerator, opts, checked.offline_note)
-        _say(accelerator, f"{opts.task}: {len(data.catalogue)} items, {s.steps_per_epoch} "
-                          f"steps/epoch, strategy {opts.strategy}, {world} process(es) on "
-                          f"{accelerator.device}, {s.tokens.mean_tokens():.1f} tokens/item")  # fmt: skip
+        _say(accelerator, _header(opts, s, accelerator))
         total_steps = run_steps(opts, s.steps_per_epoch)
         progress = _progress_bar(accelerator, opts, total_steps)
         state = TrainState(s.strategy)
@@ -350,8 +343,8 @@ class Run:
         # it is doing (a step, the final evaluation, the export), a checkpoint keeps what was
         # trained, and the run exits with 128 + the signal's number. A second one stops at once.
         stop = StopRequest(STOP_SIGNALS if opts.save_on_signal else (signal.SIGINT,))
-        return cls(opts, accelerator, s, checked.record, state, history, progress, stop,
-                   tuple(callbacks), total_steps)  # fmt: skip
+        parts = (opts, accelerator, s, checked.record, state, history, progress, stop)
+        return cls(*parts, tuple(callbacks), total_steps)
 
     @property
     def comm(self) -> Comm:
@@ -394,14 +387,7 @@ class Run:
         seen = self._count(res, batch)
         state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, i + 1
         evaluated = self._evaluate_every(epoch)
-        totals = res.totals
-        window = {"window": res.window_stats} if res.window_stats else {}
-        self.history.append({"step": step, "epoch": epoch, "loss": res.loss, **seen,
-                             "comm_bytes_sent": totals.bytes_sent,
-                             "comm_bytes_received": totals.bytes_received,
-                             "encoder_updated": res.encoder_updated, "skipped": res.skipped,
-                             "encoder_skipped": res.encoder_skipped, "seconds": seconds, **lrs,
-                             "rss_bytes": resident_bytes(), **evaluated, **window})  # fmt: skip
+        self.history.append(_history_line(step, epoch, res, seen, seconds, lrs, evaluated))
         self._non_finite(res, step)
         self._log_step(res, seen, lrs)
         if self.opts.save_every and state.step % self.opts.save_every == 0:
@@ -453,8 +439,9 @@ class Run:
             return
         _say(self.accelerator, said)
         if self.opts.report_to != "none":
-            self.accelerator.log({"train/skipped_steps": self.state.skipped_steps},
-                                 step=self.state.step)  # fmt: skip
+            self.accelerator.log(
+                {"train/skipped_steps": self.state.skipped_steps}, step=self.state.step
+            )
         if bad.too_many():
             raise TrainingStopped(bad.stop_message(step, self.checkpoint()))
 
@@ -475,11 +462,17 @@ class Run:
         rates = {f"train/{k}": v for k, v in lrs.items() if v is not None}
         speed = counters["occurrences"] / max(state.train_seconds, 1e-9)
         self.accelerator.log(
-            {"train/loss": res.loss, "train/item_forwards": seen["item_forwards"], **rates,
-             "train/item_backwards": seen["item_backwards"],
-             "train/occurrence_unique_ratio": ratio, "train/items_per_s": speed} | traffic,
+            {
+                "train/loss": res.loss,
+                "train/item_forwards": seen["item_forwards"],
+                **rates,
+                "train/item_backwards": seen["item_backwards"],
+                "train/occurrence_unique_ratio": ratio,
+                "train/items_per_s": speed,
+            }
+            | traffic,
             step=state.step,
-        )  # fmt: skip
+        )
 
     def end_epoch(self, epoch: int) -> None:
         """Between epochs: the epoch's valid evaluation (--eval-every's when it fell on this
@@ -491,8 +484,14 @@ class Run:
             else:
                 valid = self.check_valid(epoch)
                 _report_valid(self.accelerator, self.opts, valid, f"epoch {epoch}", state.step)
-            state.epochs.append({"epoch": epoch, "step": state.step,
-                                 "train_seconds": state.train_seconds, "valid": valid})  # fmt: skip
+            state.epochs.append(
+                {
+                    "epoch": epoch,
+                    "step": state.step,
+                    "train_seconds": state.train_seconds,
+                    "valid": valid,
+                }
+            )
         state.epoch, state.batch_in_epoch = epoch + 1, 0
         if not last:
             self.stop_if_asked()  # one that came during the epoch's evaluation
@@ -514,8 +513,17 @@ class Run:
         if accelerator.is_main_process:
 
             def write(tmp):
-                export_run(tmp, s.encoder, s.tokenizer, encoder_state, s.task.model,
-                           s.data.catalogue.ids, full, None, opts)  # fmt: skip
+                export_run(
+                    tmp,
+                    s.encoder,
+                    s.tokenizer,
+                    encoder_state,
+                    s.task.model,
+                    s.data.catalogue.ids,
+                    full,
+                    None,
+                    opts,
+                )
                 self._event(f"stage-{state.step}")
 
             stage_best(opts.output_dir, state.step, write)
@@ -525,8 +533,9 @@ class Run:
         """A checkpoint of the current step, with the staged best export when there is one."""
         opts = self.opts
         best = Path(opts.output_dir) / BEST_DIR if opts.save_best else None
-        return save_checkpoint(self.accelerator, self.state, opts.output_dir,
-                               opts.keep_checkpoints, self.record, best)  # fmt: skip
+        return save_checkpoint(
+            self.accelerator, self.state, opts.output_dir, opts.keep_checkpoints, self.record, best
+        )
 
     # -- stop signals ----------------------------------------------------------------------
 
@@ -560,9 +569,13 @@ class Run:
         complete); its number, or None."""
         signum = _agreed_stop(self.stop, self.comm)
         if signum is not None and self.accelerator.is_main_process:
-            print(f"stopped by {_who(self.stop, signum)} during the export, after step "
-                  f"{self.state.step}; the export is complete ({self.opts.output_dir}/"
-                  "metrics.json)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"stopped by {_who(self.stop, signum)} during the export, after step "
+                f"{self.state.step}; the export is complete ({self.opts.output_dir}/"
+                "metrics.json)",
+                file=sys.stderr,
+                flush=True,
+            )
         self.accelerator.wait_for_everyone()
         return signum
 
@@ -585,8 +598,14 @@ class Run:
         self.stop_if_asked("in the final evaluation, ")
         if self.progress is not None:
             self.progress.close()
-        state.epochs.append({"epoch": len(state.epochs), "step": state.step,
-                             "train_seconds": state.train_seconds, "valid": valid})  # fmt: skip
+        state.epochs.append(
+            {
+                "epoch": len(state.epochs),
+                "step": state.step,
+                "train_seconds": state.train_seconds,
+                "valid": valid,
+            }
+        )
         best = self._best(valid, test)
         staged = best is not None and best["step"] != state.step
         metrics = self._metrics(valid, test, best, staged)
@@ -619,8 +638,7 @@ class Run:
             return None
         best, step = self.state.best, self.state.step
         if best is None or better(valid, best, self.s.task.main_metric):
-            best = {"step": step, "epoch": len(self.state.epochs) - 1, "valid": valid,
-                    "test": test}  # fmt: skip
+            best = {"step": step, "epoch": len(self.state.epochs) - 1, "valid": valid, "test": test}
             best = best if "skipped" not in valid else None
         return best
 
@@ -687,14 +705,20 @@ class Run:
                     raise RuntimeError(f"staged best export is of step {found}, not {best['step']}")
 
             def write(tmp):
-                if staged:
+                if staged:  # its encoder and vectors are in place already
                     take_best(opts.output_dir, tmp)
-                    export_run(tmp, None, s.tokenizer, None, s.task.model, s.data.catalogue.ids,
-                               None, metrics, opts)  # fmt: skip
-                else:
-                    export_run(tmp, s.encoder if opts.export else None, s.tokenizer,
-                               encoder_state, s.task.model, s.data.catalogue.ids, vectors,
-                               metrics, opts)  # fmt: skip
+                encoder = s.encoder if opts.export and not staged else None
+                export_run(
+                    tmp,
+                    encoder,
+                    s.tokenizer,
+                    encoder_state,
+                    s.task.model,
+                    s.data.catalogue.ids,
+                    None if staged else vectors,
+                    metrics,
+                    opts,
+                )
                 self._event("export")
 
             publish(opts.output_dir, write)
@@ -708,6 +732,51 @@ class Run:
         self.s = None
         gc.collect()
         self.accelerator.end_training()
+
+
+def _agree_resume(accelerator, opts: Options, candidates: list[Path]) -> Path | None:
+    """Refuse an output folder some node cannot see; the checkpoint every rank finds intact
+    (each checks its own files; all agree on one), None without --resume."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    check_shared_output_dir(Comm(rank, world, accelerator.device), opts.output_dir)
+    if not opts.resume:
+        return None
+    say = _print if accelerator.is_main_process else (lambda text: None)
+    return choose_resume(candidates, opts.resume != "latest", say, rank, world)
+
+
+def _header(opts: Options, s: Session, accelerator) -> str:
+    """The run's first line: data, strategy, processes, tokens per item."""
+    return (
+        f"{opts.task}: {len(s.data.catalogue)} items, {s.steps_per_epoch} steps/epoch, strategy "
+        f"{opts.strategy}, {accelerator.num_processes} process(es) on {accelerator.device}, "
+        f"{s.tokens.mean_tokens():.1f} tokens/item"
+    )
+
+
+def _history_line(
+    step: int, epoch: int, res: StepResult, seen: dict, seconds: float, lrs: dict, evaluated: dict
+) -> dict:
+    """The history file's record of one step (``seen``: its counts, ``evaluated``: an
+    --eval-every evaluation)."""
+    window = {"window": res.window_stats} if res.window_stats else {}
+    totals = res.totals
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": res.loss,
+        **seen,
+        "comm_bytes_sent": totals.bytes_sent,
+        "comm_bytes_received": totals.bytes_received,
+        "encoder_updated": res.encoder_updated,
+        "skipped": res.skipped,
+        "encoder_skipped": res.encoder_skipped,
+        "seconds": seconds,
+        **lrs,
+        "rss_bytes": resident_bytes(),
+        **evaluated,
+        **window,
+    }
 
 
 def _progress_bar(accelerator, opts: Options, total: int):

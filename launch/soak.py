@@ -31,9 +31,20 @@ def launch(args: list[str], env: dict, restarts: int) -> subprocess.CompletedPro
     """``launch/train.py ARGS`` on 2 CPU ranks with elastic restarts, with the tests' fault
     injection (``GRAM_FAULT_KILL``, ``tests/faults.py``) installed."""
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml"),
-           "--num_processes", "2", "--main_process_port", _port(), "--max_restarts", str(restarts),
-           str(ROOT / "tests/fault_train.py"), *args]  # fmt: skip
+    cmd = [
+        accelerate,
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs/cpu_2proc.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        _port(),
+        "--max_restarts",
+        str(restarts),
+        str(ROOT / "tests/fault_train.py"),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
 
 
@@ -58,10 +69,35 @@ def main() -> int:
         step += rng.randint(2, a.every)
         kills.append((rng.randrange(2), step))
     total = step + 3
-    common = ["--data", str(work / "kt"), "--encoder", str(encoder), "--max-tokens", "16",
-              "--epochs", "3", "--max-steps", str(total), "--batch-size", "8", "--seq-len", "20",
-              "--strategy", "multi", "--window", "3", "--save-every", "2", "--cf-dropout", "0.1",
-              "--config", "ds_configs/zero2.json", "--precision", "fp64", "--no-progress"]  # fmt: skip
+    common = [
+        "--data",
+        str(work / "kt"),
+        "--encoder",
+        str(encoder),
+        "--max-tokens",
+        "16",
+        "--epochs",
+        "3",
+        "--max-steps",
+        str(total),
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "20",
+        "--strategy",
+        "multi",
+        "--window",
+        "3",
+        "--save-every",
+        "2",
+        "--cf-dropout",
+        "0.1",
+        "--config",
+        "ds_configs/zero2.json",
+        "--precision",
+        "fp64",
+        "--no-progress",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     t = time.perf_counter()
     r = launch([*common, "--output-dir", str(work / "full")], env, 0)
@@ -72,8 +108,11 @@ def main() -> int:
     spec = ",".join(f"{rank}:{s}" for rank, s in kills)
     print("kills (rank before step):", ", ".join(f"rank {rank} @ {s}" for rank, s in kills))
     t = time.perf_counter()
-    r = launch([*common, "--output-dir", str(work / "soak"), "--resume", "latest"],
-               dict(env, GRAM_FAULT_KILL=spec), a.kills)  # fmt: skip
+    r = launch(
+        [*common, "--output-dir", str(work / "soak"), "--resume", "latest"],
+        dict(env, GRAM_FAULT_KILL=spec),
+        a.kills,
+    )
     seconds = time.perf_counter() - t
     resumes = [line for line in r.stdout.splitlines() if line.startswith("resumed from")]
     print(f"restarted run: exit {r.returncode} in {seconds:.0f} s; {len(resumes)} resumes:")
@@ -86,8 +125,10 @@ def main() -> int:
     same = metrics(work / "full")["test"] == metrics(work / "soak")["test"]
     steps = [h["step"] for h in read_history(work / "soak")] == list(range(total))
     ok = diff < 1e-10 and same and steps and len(resumes) == a.kills
-    print(f"max abs difference of every exported tensor: {diff:.3g} (limit 1e-10); test metrics "
-          f"identical: {same}; history steps 0..{total - 1} once each: {steps}")  # fmt: skip
+    print(
+        f"max abs difference of every exported tensor: {diff:.3g} (limit 1e-10); test metrics "
+        f"identical: {same}; history steps 0..{total - 1} once each: {steps}"
+    )
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

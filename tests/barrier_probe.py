@@ -18,8 +18,11 @@ LATE = 1.5
 
 def main(config: str) -> None:
     opts = SimpleNamespace(dist_timeout=60, report_to="none", output_dir=None)
-    ds_raw = None if config == "none" else {"train_micro_batch_size_per_gpu": 1,
-                                            "zero_optimization": {"stage": 2}}  # fmt: skip
+    ds_raw = (
+        None
+        if config == "none"
+        else {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}
+    )
     accelerator = make_accelerator(opts, ds_raw)
     late = accelerator.process_index == 1
     t = time.perf_counter()
@@ -32,8 +35,11 @@ def main(config: str) -> None:
         if accelerator.is_main_process:
             time.sleep(LATE)  # the others enter only after this
     waited_first = time.perf_counter() - t
-    print(f"rank {accelerator.process_index} {accelerator.distributed_type} "
-          f"barrier {waited_barrier:.2f} first {waited_first:.2f}", flush=True)  # fmt: skip
+    print(
+        f"rank {accelerator.process_index} {accelerator.distributed_type} "
+        f"barrier {waited_barrier:.2f} first {waited_first:.2f}",
+        flush=True,
+    )
     accelerator.end_training()
 
 

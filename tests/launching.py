@@ -33,8 +33,15 @@ def env() -> dict:
     return e
 
 
-def run(args: list[str], processes: int = 1, timeout: int = 600, check: bool = True, extra_env=None,
-        launcher_args: list[str] = (), script: Path = TRAIN):  # fmt: skip
+def run(
+    args: list[str],
+    processes: int = 1,
+    timeout: int = 600,
+    check: bool = True,
+    extra_env=None,
+    launcher_args: list[str] = (),
+    script: Path = TRAIN,
+):
     """``launch/train.py ARGS`` (or another script) on 1 process, or on N via accelerate launch;
     with ``GRAM_FAULT_KILL`` in ``extra_env``, the train script with its fault injection."""
     if script == TRAIN and "GRAM_FAULT_KILL" in (extra_env or {}):
@@ -43,8 +50,19 @@ def run(args: list[str], processes: int = 1, timeout: int = 600, check: bool = T
     if processes == 1:
         cmd = [sys.executable, script, *args]
     else:
-        cmd = [ACCELERATE, "launch", "--config_file", TWO_CPU, "--num_processes", str(processes),
-               "--main_process_port", str(_free_port()), *launcher_args, script, *args]  # fmt: skip
+        cmd = [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            TWO_CPU,
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            str(_free_port()),
+            *launcher_args,
+            script,
+            *args,
+        ]
     e = env()
     e.update(extra_env or {})
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=e, timeout=timeout)
@@ -64,8 +82,13 @@ def run_many(runs: list[list[str]], processes: int, timeout: int = 600) -> list[
     todo = list(range(len(runs)))
     while todo:
         try:
-            r = run([json.dumps([runs[i] for i in todo])], processes, timeout * len(todo),
-                    check=False, script=TRAIN_MANY)  # fmt: skip
+            r = run(
+                [json.dumps([runs[i] for i in todo])],
+                processes,
+                timeout * len(todo),
+                check=False,
+                script=TRAIN_MANY,
+            )
             what, stdout, stderr = f"exit {r.returncode}", r.stdout, r.stderr
         except subprocess.TimeoutExpired as exc:
             what, stdout, stderr = f"timed out after {exc.timeout} s", exc.stdout, exc.stderr
@@ -74,8 +97,10 @@ def run_many(runs: list[list[str]], processes: int, timeout: int = 600) -> list[
             break
         # the first unfinished run failed; it is reported with what the launch printed up to then
         failed, todo = todo[done], todo[done + 1 :]
-        failures[failed] = (f"run {done + 1} of the launch failed: {what}\n"
-                            f"{_text(stdout)[-3000:]}\n{_text(stderr)[-6000:]}")  # fmt: skip
+        failures[failed] = (
+            f"run {done + 1} of the launch failed: {what}\n"
+            f"{_text(stdout)[-3000:]}\n{_text(stderr)[-6000:]}"
+        )
     return failures
 
 
@@ -95,8 +120,11 @@ def _free_port() -> int:
 def outputs(folder: Path) -> dict[str, torch.Tensor]:
     """Every exported tensor of a run (encoder, CF model, item vectors), by prefixed name."""
     out = {}
-    for prefix, f in (("enc.", "encoder/model.safetensors"), ("cf.", "cf_model.safetensors"),
-                      ("vec.", "item_vectors.safetensors")):  # fmt: skip
+    for prefix, f in (
+        ("enc.", "encoder/model.safetensors"),
+        ("cf.", "cf_model.safetensors"),
+        ("vec.", "item_vectors.safetensors"),
+    ):
         out.update({prefix + k: v.double() for k, v in load_file(str(Path(folder) / f)).items()})
     return out
 

@@ -23,12 +23,32 @@ from gram_scale.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = {
-    "strategy", "window", "extrapolated", "steps", "epochs_done", "time_per_epoch_s",
-    "time_per_epoch_s_repeats", "speedup", "occurrences_per_epoch", "item_forwards_per_epoch",
-    "item_backwards_per_epoch", "counters", "occurrence_unique_ratio", "occurrences_per_backward",
-    "peak_rss_bytes", "encoder_activation_bytes", "cuda_peak_bytes", "valid", "test", "curve",
-    "runs", "frozen", "seeds", "valid_per_seed", "test_per_seed",
-}  # fmt: skip
+    "strategy",
+    "window",
+    "extrapolated",
+    "steps",
+    "epochs_done",
+    "time_per_epoch_s",
+    "time_per_epoch_s_repeats",
+    "speedup",
+    "occurrences_per_epoch",
+    "item_forwards_per_epoch",
+    "item_backwards_per_epoch",
+    "counters",
+    "occurrence_unique_ratio",
+    "occurrences_per_backward",
+    "peak_rss_bytes",
+    "encoder_activation_bytes",
+    "cuda_peak_bytes",
+    "valid",
+    "test",
+    "curve",
+    "runs",
+    "frozen",
+    "seeds",
+    "valid_per_seed",
+    "test_per_seed",
+}
 RUNS = WORKLOADS["tiny"].runs
 LABELS = [run.label for run in RUNS]
 
@@ -36,16 +56,30 @@ LABELS = [run.label for run in RUNS]
 def _bench(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     # One thread per run: the test checks counts, not speed, and shares 2 cores with other tests.
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "gram_scale.bench", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "gram_scale.bench", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProcess]:
     """One run of the tiny workload into a temporary folder and cache."""
     tmp = tmp_path_factory.mktemp("bench")
-    r = _bench("--workload", "tiny", "--out", str(tmp / "out"), "--cache-dir", str(tmp / "cache"),
-               "--repeats", "1")  # fmt: skip
+    r = _bench(
+        "--workload",
+        "tiny",
+        "--out",
+        str(tmp / "out"),
+        "--cache-dir",
+        str(tmp / "cache"),
+        "--repeats",
+        "1",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / "out", json.loads((tmp / "out" / "results.json").read_text()), r
 
@@ -190,19 +224,40 @@ def test_windows_differ(tiny):
 
 
 def _fake_run(steps: int, seconds: float, auc: float, seed: int = 0) -> dict:
-    counters = {"occurrences": 30 * steps, "unique": 10 * steps, "item_forwards": 30 * steps,
-                "item_backwards": 30 * steps}  # fmt: skip
-    metrics = {"steps": steps, "train_seconds": seconds, "counters": counters,
-               "occurrence_unique_ratio": 3.0, "encoder_peak_activation_bytes": 1000 * steps,
-               "cuda_peak_bytes": None, "valid": {"auc": auc}, "test": {"auc": auc},
-               "epochs": [{"train_seconds": seconds, "valid": {"auc": auc}}]}  # fmt: skip
-    return {"metrics": metrics, "rss": 1 << 20, "wall": seconds + 1, "other_cores": 0.0,
-            "dir": "d", "argv": [], "seed": seed}  # fmt: skip
+    counters = {
+        "occurrences": 30 * steps,
+        "unique": 10 * steps,
+        "item_forwards": 30 * steps,
+        "item_backwards": 30 * steps,
+    }
+    metrics = {
+        "steps": steps,
+        "train_seconds": seconds,
+        "counters": counters,
+        "occurrence_unique_ratio": 3.0,
+        "encoder_peak_activation_bytes": 1000 * steps,
+        "cuda_peak_bytes": None,
+        "valid": {"auc": auc},
+        "test": {"auc": auc},
+        "epochs": [{"train_seconds": seconds, "valid": {"auc": auc}}],
+    }
+    return {
+        "metrics": metrics,
+        "rss": 1 << 20,
+        "wall": seconds + 1,
+        "other_cores": 0.0,
+        "dir": "d",
+        "argv": [],
+        "seed": seed,
+    }
 
 
 def test_seeds_average_accuracy_and_time_takes_the_median():
-    runs = [_fake_run(10, 1.0, 0.70, seed=0), _fake_run(10, 3.0, 0.60, seed=0),
-            _fake_run(10, 2.0, 0.80, seed=1)]  # fmt: skip
+    runs = [
+        _fake_run(10, 1.0, 0.70, seed=0),
+        _fake_run(10, 3.0, 0.60, seed=0),
+        _fake_run(10, 2.0, 0.80, seed=1),
+    ]
     row = summarise(runs, 10, extrapolated=False)
     assert row["seeds"] == [0, 1]
     # each seed's first repeat: (0.70 + 0.80) / 2; the second repeat of seed 0 is timing only
@@ -216,8 +271,12 @@ def test_table_rates_come_from_the_counters():
     backward / training seconds; padded / real = padded / real forward tokens. A run from before
     the token counters shows none."""
     run = _fake_run(10, 4.0, 0.7)
-    run["metrics"]["counters"] |= {"tokens_forward": 600, "padded_forward": 900,
-                                   "tokens_backward": 200, "padded_backward": 300}  # fmt: skip
+    run["metrics"]["counters"] |= {
+        "tokens_forward": 600,
+        "padded_forward": 900,
+        "tokens_backward": 200,
+        "padded_backward": 300,
+    }
     row = summarise([run], 10, extrapolated=False)
     assert row["items_per_s"] == 300 / 4.0 and row["encoder_tokens_per_s"] == 800 / 4.0
     assert row["padded_per_real_token"] == 1.5
@@ -236,14 +295,28 @@ def test_extrapolated_e2e_has_no_accuracy():
         rows[name] = summarise([_fake_run(20, 2.0, 0.7)], spe, extrapolated=False)
     for row in rows.values():
         row["speedup"] = e2e["time_per_epoch_s"] / row["time_per_epoch_s"]
-    result = {"workload": "fake", "order": list(rows), "description": "d", "epochs": 2,
-              "steps_per_epoch": spe, "repeats": 1, "total_seconds": 1.0, "strategies": rows,
-              "bound": None,
-              "stats": {"occurrences": 300, "distinct_items": 20},
-              "predicted": {"R_batch": 3.0, "R_epoch": 15.0},
-              "machine": {"cpu": "c", "cores": 2, "gpu": None, "torch_threads": 2,
-                          "load_average_at_start": 0.0, "versions": {"python": "3"},
-                          "date": "today"}}  # fmt: skip
+    result = {
+        "workload": "fake",
+        "order": list(rows),
+        "description": "d",
+        "epochs": 2,
+        "steps_per_epoch": spe,
+        "repeats": 1,
+        "total_seconds": 1.0,
+        "strategies": rows,
+        "bound": None,
+        "stats": {"occurrences": 300, "distinct_items": 20},
+        "predicted": {"R_batch": 3.0, "R_epoch": 15.0},
+        "machine": {
+            "cpu": "c",
+            "cores": 2,
+            "gpu": None,
+            "torch_threads": 2,
+            "load_average_at_start": 0.0,
+            "versions": {"python": "3"},
+            "date": "today",
+        },
+    }
     result["targets"] = targets(result)
     auc = [t for t in result["targets"] if "AUC" in t["name"]]
     assert len(auc) == 1 and auc[0]["met"] is None and "extrapolated" in auc[0]["text"]
@@ -254,16 +327,18 @@ def test_extrapolated_e2e_has_no_accuracy():
 
 @pytest.mark.parametrize(
     "args, flag",
-    [(["--workload", "nope"], "--workload"),
-     (["--workload", "tiny", "--repeats", "0"], "--repeats"),
-     (["--workload", "tiny", "--e2e-steps", "-1"], "--e2e-steps"),
-     (["--workload", "tiny", "--epochs", "x"], "--epochs"),
-     (["--workload", "tiny", "--seeds", "0,x"], "--seeds"),
-     (["--workload", "tiny", "--seeds", "1,1"], "--seeds"),
-     (["--workload", "tiny", "--reuse", "e2e,nope"], "--reuse"),
-     (["--workload", "tiny", "--jobs", "0"], "--jobs"),
-     (["--workload", "tiny", "--data-seed", "-1"], "--data-seed")],
-)  # fmt: skip
+    [
+        (["--workload", "nope"], "--workload"),
+        (["--workload", "tiny", "--repeats", "0"], "--repeats"),
+        (["--workload", "tiny", "--e2e-steps", "-1"], "--e2e-steps"),
+        (["--workload", "tiny", "--epochs", "x"], "--epochs"),
+        (["--workload", "tiny", "--seeds", "0,x"], "--seeds"),
+        (["--workload", "tiny", "--seeds", "1,1"], "--seeds"),
+        (["--workload", "tiny", "--reuse", "e2e,nope"], "--reuse"),
+        (["--workload", "tiny", "--jobs", "0"], "--jobs"),
+        (["--workload", "tiny", "--data-seed", "-1"], "--data-seed"),
+    ],
+)
 def test_bad_flags_exit_2(args, flag):
     r = _bench(*args, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
@@ -306,8 +381,14 @@ def test_reuse_takes_only_a_run_of_the_same_flags(tmp_path):
     opts = Options(output_dir=str(tmp_path), epochs=3)
     assert reuse_child(opts) is None  # nothing trained there yet
     (tmp_path / "metrics.json").write_text(json.dumps({"steps": 7}))
-    record = {"rss": 1, "wall": 2.0, "other_cores": 0.0, "dir": str(tmp_path),
-              "argv": to_argv(opts), "date": "then"}  # fmt: skip
+    record = {
+        "rss": 1,
+        "wall": 2.0,
+        "other_cores": 0.0,
+        "dir": str(tmp_path),
+        "argv": to_argv(opts),
+        "date": "then",
+    }
     (tmp_path / RECORD).write_text(json.dumps(record))
     got = reuse_child(opts)
     assert got["reused"] is True and got["metrics"] == {"steps": 7} and got["wall"] == 2.0

@@ -43,8 +43,14 @@ def test_single_backprops_each_unique_item_once(base):
 def test_multi_backprops_each_touched_item_per_window(base, encoder_epochs):
     opts, data = base
     # no CF refresh: it would fill the next window's cache at this window's end
-    opts = replace(opts, strategy="multi", window="3", encoder_epochs=encoder_epochs,
-                   encoder_batch_size=7, cf_refresh="0")  # fmt: skip
+    opts = replace(
+        opts,
+        strategy="multi",
+        window="3",
+        encoder_epochs=encoder_epochs,
+        encoder_batch_size=7,
+        cf_refresh="0",
+    )
     s, results = run_steps(opts, data, 6)
     batches = list(s.task.train_batches(0))[:6]
     for w in range(2):
@@ -198,8 +204,14 @@ def test_multi_window_end_mini_batches(base):
     from gram_scale.strategies.multi import regress_order
 
     opts, data = base
-    opts = replace(opts, strategy="multi", window="3", encoder_epochs=2, regress_batch_size="9",
-                   encoder_batch_size=4)  # fmt: skip
+    opts = replace(
+        opts,
+        strategy="multi",
+        window="3",
+        encoder_epochs=2,
+        regress_batch_size="9",
+        encoder_batch_size=4,
+    )
     s = setup(opts, data)
     calls = []  # ("encode", items) / ("backward", last) / ("step",) at the window end
     runner = s.runner
@@ -320,8 +332,9 @@ def test_target_distance_sets_the_window_end_rate(base):
     vector| / the mean |accumulated gradient| of the window's items, so the targets lie K mean
     vector norms away on average, whatever the loss's scale; the history records it."""
     opts, data = base
-    s = setup(replace(opts, strategy="multi", window="3", target_distance=2.0, cf_refresh="0"),
-              data)  # fmt: skip
+    s = setup(
+        replace(opts, strategy="multi", window="3", target_distance=2.0, cf_refresh="0"), data
+    )
     batches = s.task.train_batches(0)
     for step in range(2):
         s.strategy.step(next(batches), step)
@@ -363,8 +376,15 @@ def test_frozen_encoder_encodes_each_item_once_per_run(base, strategy, tmp_path,
     from gram_scale.trainer import train
 
     opts, data = base
-    opts = replace(opts, strategy=strategy, freeze_encoder=True, precision="fp64", window="3",
-                   max_steps=6, encoder_batch_size=7)  # fmt: skip
+    opts = replace(
+        opts,
+        strategy=strategy,
+        freeze_encoder=True,
+        precision="fp64",
+        window="3",
+        max_steps=6,
+        encoder_batch_size=7,
+    )
     cached = train(replace(opts, output_dir=str(tmp_path / "cached")))
     history = read_history(tmp_path / "cached")
     batches = list(setup(opts, data).task.train_batches(0))[:6]
@@ -393,8 +413,11 @@ def test_frozen_encoder_encodes_each_item_once_per_run(base, strategy, tmp_path,
     assert cached["valid"]["auc"] != 0.5
 
 
-@pytest.mark.parametrize("strategy,budget", [("single", 8192), ("single", 64), ("e2e", 8192)],
-                         ids=["single-one-pass", "single-re-encoded", "e2e"])  # fmt: skip
+@pytest.mark.parametrize(
+    "strategy,budget",
+    [("single", 8192), ("single", 64), ("e2e", 8192)],
+    ids=["single-one-pass", "single-re-encoded", "e2e"],
+)
 def test_token_counters(base, strategy, budget, tmp_path):
     """The history and metrics.json count the encoder's real tokens (the texts' lengths) and
     padded tokens (rows x the longest text of each call), forward and backward: per step, a
@@ -408,8 +431,9 @@ def test_token_counters(base, strategy, budget, tmp_path):
     history = read_history(tmp_path / "run")
     s = setup(opts, data)
     lengths = s.tokens.lengths
-    want = {k: [] for k in ("tokens_forward", "padded_forward", "tokens_backward",
-                            "padded_backward")}  # fmt: skip
+    want = {
+        k: [] for k in ("tokens_forward", "padded_forward", "tokens_backward", "padded_backward")
+    }
     seen_passes = []
     for batch in list(s.task.train_batches(0))[:3]:
         valid = batch.items[batch.items >= 0]
@@ -418,8 +442,12 @@ def test_token_counters(base, strategy, budget, tmp_path):
         padded = sum(len(c) * int(lengths[rows[c]].max()) for c in cuts)
         passes = 2 if padded > budget and strategy == "single" else 1
         real = int(lengths[rows].sum())
-        for key, value in (("tokens_forward", passes * real), ("padded_forward", passes * padded),
-                           ("tokens_backward", real), ("padded_backward", padded)):  # fmt: skip
+        for key, value in (
+            ("tokens_forward", passes * real),
+            ("padded_forward", passes * padded),
+            ("tokens_backward", real),
+            ("padded_backward", padded),
+        ):
             want[key].append(value)
         seen_passes.append(passes)
     assert seen_passes == [2 if budget == 64 else 1] * 3  # the budget really decides

@@ -67,8 +67,20 @@ def test_pool_last_and_position_ids_by_hand():
 
 
 def test_cls_pooling_on_a_decoder_is_refused_in_one_line_exit_2(tiny_llama, kt_dir, tmp_path):
-    r = run(["--data", str(kt_dir), "--encoder", str(tiny_llama), "--pooling", "cls",
-             "--no-progress", "--output-dir", str(tmp_path / "out")], check=False)  # fmt: skip
+    r = run(
+        [
+            "--data",
+            str(kt_dir),
+            "--encoder",
+            str(tiny_llama),
+            "--pooling",
+            "cls",
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        check=False,
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("error: --pooling: cls") and "decoder-only (llama)" in lines[0]
@@ -80,8 +92,11 @@ def test_lora_auto_targets_by_architecture_and_unknown_names_refused(
 ):
     from transformers import AutoModel
 
-    expected = {tiny_llama: ["q_proj", "v_proj"], tiny_gpt2: ["c_attn"],
-                tiny_encoder: ["query", "value"]}  # fmt: skip
+    expected = {
+        tiny_llama: ["q_proj", "v_proj"],
+        tiny_gpt2: ["c_attn"],
+        tiny_encoder: ["query", "value"],
+    }
     for folder, targets in expected.items():
         model = AutoModel.from_pretrained(str(folder))
         assert lora_targets(model, "auto") == targets
@@ -108,8 +123,9 @@ def test_every_strategy_trains_a_decoder(decoder, strategy, kt_dir):
     assert max(float((before[k] - p).abs().max()) for k, p in params(s).items() if k in enc) > 1e-4
 
 
-def _single_vs_e2e(kind: str, folder: str, kt_dir, n_steps: int, scale_one_item=None,
-                   **kw) -> float:  # fmt: skip
+def _single_vs_e2e(
+    kind: str, folder: str, kt_dir, n_steps: int, scale_one_item=None, **kw
+) -> float:
     """Largest parameter difference between E2E and Single-step, over its allowance (<= 1 is
     equal). Llama's RMSNorm computes in float32 whatever the model's dtype, so its rounding
     (~6e-8 relative) reaches every gradient: AdamW blows that up on near-zero coordinates
@@ -121,8 +137,9 @@ def _single_vs_e2e(kind: str, folder: str, kt_dir, n_steps: int, scale_one_item=
         opts = replace(opts, optimizer="sgd", lr_encoder=0.1, lr_cf=0.1)
     data = load_data(opts)
     e2e = params(run_steps(replace(opts, strategy="e2e", **kw), data, n_steps)[0])
-    single = params(run_steps(replace(opts, strategy="single", **kw), data, n_steps,
-                              scale_one_item)[0])  # fmt: skip
+    single = params(
+        run_steps(replace(opts, strategy="single", **kw), data, n_steps, scale_one_item)[0]
+    )
     assert max_diff(e2e, params(setup(opts, data))) > 1e-4  # the steps moved the parameters
     allowed = EXACT_TOL
     if kind == "llama":
@@ -142,11 +159,43 @@ def test_single_equals_e2e_with_dropout_on(decoder, kt_dir, n_steps):
 
 def _lora_args(kt_dir, encoder, out, config: str) -> list[str]:
     # CF dropout off: its masks come from each rank's RNG (the encoder's are keyed and stay on)
-    return ["--data", str(kt_dir), "--encoder", str(encoder), "--max-tokens", "16", "--epochs", "1",
-            "--max-steps", "5", "--batch-size", "8", "--seq-len", "20", "--cf-dropout", "0",
-            "--lora", "--lora-r", "4", "--lora-dropout", "0.1", "--lr-schedule", "cosine",
-            "--warmup-steps", "2", "--max-grad-norm", "0.5", "--config", config, "--precision",
-            "fp64", *ZERO_ARGS, "--no-progress", "--output-dir", str(out)]  # fmt: skip
+    return [
+        "--data",
+        str(kt_dir),
+        "--encoder",
+        str(encoder),
+        "--max-tokens",
+        "16",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "5",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "20",
+        "--cf-dropout",
+        "0",
+        "--lora",
+        "--lora-r",
+        "4",
+        "--lora-dropout",
+        "0.1",
+        "--lr-schedule",
+        "cosine",
+        "--warmup-steps",
+        "2",
+        "--max-grad-norm",
+        "0.5",
+        "--config",
+        config,
+        "--precision",
+        "fp64",
+        *ZERO_ARGS,
+        "--no-progress",
+        "--output-dir",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +223,26 @@ def test_two_ranks_equal_one_under_zero3_lora_with_schedule_and_clipping(
     # the same options with plain torch optimizers in this process: the same run again, so the
     # engine's scheduler and clipping act as the torch ones do
     plain = tmp_path / "plain"
-    train(options(data=str(kt_dir), encoder=str(tiny_llama), max_steps=5, cf_dropout=0.0,
-                  lora=True, lora_r=4, lora_dropout=0.1, lr_encoder=0.1, lr_cf=0.1,
-                  optimizer="sgd", precision="fp64", lr_schedule="cosine", warmup_steps=2,
-                  max_grad_norm=0.5, export=True, output_dir=str(plain)))  # fmt: skip
+    train(
+        options(
+            data=str(kt_dir),
+            encoder=str(tiny_llama),
+            max_steps=5,
+            cf_dropout=0.0,
+            lora=True,
+            lora_r=4,
+            lora_dropout=0.1,
+            lr_encoder=0.1,
+            lr_cf=0.1,
+            optimizer="sgd",
+            precision="fp64",
+            lr_schedule="cosine",
+            warmup_steps=2,
+            max_grad_norm=0.5,
+            export=True,
+            output_dir=str(plain),
+        )
+    )
     assert worst_excess(plain, one, "zero3") <= 1
     # one scheduler step per optimizer step, on 2 processes as on 1 (5 steps, 2 of warmup)
     factors = [Schedule("cosine", 2, 5)(k) for k in range(5)]
@@ -212,11 +277,13 @@ def test_gpt2_lora_export_reloads_merged_and_adapter(zero3_lora, tiny_gpt2, kt_d
     tok = AutoTokenizer.from_pretrained(str(out / "encoder"))
     assert tok.pad_token == tok.eos_token == "[SEP]"
     data = load_data(options(data=str(kt_dir), batch_size=8, seq_len=20))
-    enc = tok(data.catalogue.texts, truncation=True, max_length=16, padding=True,
-              return_tensors="pt")  # fmt: skip
+    enc = tok(
+        data.catalogue.texts, truncation=True, max_length=16, padding=True, return_tensors="pt"
+    )
     saved = load_file(str(out / "item_vectors.safetensors"))["vectors"]
-    with_adapter = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_gpt2)),
-                                             str(out / "adapter"))  # fmt: skip
+    with_adapter = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(str(tiny_gpt2)), str(out / "adapter")
+    )
     for model in (AutoModel.from_pretrained(str(out / "encoder")), with_adapter):
         encoder = ContentEncoder(model.eval(), pooling)
         with torch.no_grad():
@@ -230,18 +297,29 @@ def test_llama_adapter_reloads_with_left_padding(tiny_llama, kt_dir, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
     out = tmp_path / "run"
-    train(options(data=str(kt_dir), encoder=str(tiny_llama), max_steps=3, lora=True,
-                  lr_encoder=1e-2, export=True, output_dir=str(out)))  # fmt: skip
+    train(
+        options(
+            data=str(kt_dir),
+            encoder=str(tiny_llama),
+            max_steps=3,
+            lora=True,
+            lr_encoder=1e-2,
+            export=True,
+            output_dir=str(out),
+        )
+    )
     tok = AutoTokenizer.from_pretrained(str(out / "encoder"))
     assert tok.padding_side == "left" and tok.pad_token == "[SEP]"
     data = load_data(options(data=str(kt_dir), batch_size=8, seq_len=20))
-    enc = tok(data.catalogue.texts, truncation=True, max_length=16, padding=True,
-              return_tensors="pt")  # fmt: skip
+    enc = tok(
+        data.catalogue.texts, truncation=True, max_length=16, padding=True, return_tensors="pt"
+    )
     assert int(enc["attention_mask"][:, 0].min()) == 0  # some rows really are left-padded
     saved = load_file(str(out / "item_vectors.safetensors"))["vectors"]
     merged = AutoModel.from_pretrained(str(out / "encoder"))
-    with_adapter = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_llama)),
-                                             str(out / "adapter"))  # fmt: skip
+    with_adapter = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(str(tiny_llama)), str(out / "adapter")
+    )
     for model in (merged, with_adapter):
         with torch.no_grad():
             vecs = ContentEncoder(model.eval(), "last")(enc["input_ids"], enc["attention_mask"])

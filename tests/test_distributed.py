@@ -21,11 +21,27 @@ from gram_scale.tasks import make_task
 # fewer), and a 1-step last window closed by ``finish``: the mini-batch sequence must not depend
 # on the number of ranks.
 # multi-adam: the same with table rows moved by per-row Adam (its state sharded with the rows).
-STRATEGY_ARGS = {"e2e": ["--strategy", "e2e"], "single": ["--strategy", "single"],
-                 "multi": ["--strategy", "multi", "--window", "2", "--encoder-epochs", "2",
-                           "--encoder-batch-size", "4"]}  # fmt: skip
-STRATEGY_ARGS["multi-adam"] = [*STRATEGY_ARGS["multi"], "--table-optimizer", "adam",
-                               "--table-lr", "0.05"]  # fmt: skip
+STRATEGY_ARGS = {
+    "e2e": ["--strategy", "e2e"],
+    "single": ["--strategy", "single"],
+    "multi": [
+        "--strategy",
+        "multi",
+        "--window",
+        "2",
+        "--encoder-epochs",
+        "2",
+        "--encoder-batch-size",
+        "4",
+    ],
+}
+STRATEGY_ARGS["multi-adam"] = [
+    *STRATEGY_ARGS["multi"],
+    "--table-optimizer",
+    "adam",
+    "--table-lr",
+    "0.05",
+]
 # Under ZeRO-3 one mini-batch a window, one pass (the older form; the chunks of 4 stay). ZeRO-3
 # adds each chunk's gradient partition into a float32 buffer, so a rank's chunking (which follows
 # the world size) rounds each update differently, and a window end's consecutive regression
@@ -59,12 +75,42 @@ def common(data_dir, tiny_encoder, config: str, batch_size: int = 8, task: str =
     # CF dropout is off: its masks come from each rank's RNG, so they depend on the rank layout
     # (encoder dropout is keyed by item and stays on). A collective that waits for a rank that
     # skipped a call fails after --dist-timeout instead of hanging the suite.
-    return ["--task", task, "--data", str(data_dir), "--encoder", str(tiny_encoder),
-            "--max-tokens", "16", "--epochs", "1", "--max-steps", "3",
-            "--batch-size", str(batch_size), "--seq-len", "20", "--history-len", "10",
-            "--cf-heads", "2", "--encoder-batch-size", "16", "--cf-dropout", "0",
-            "--lr-encoder", "1e-3", "--precision", "fp64", "--no-progress", "--dist-timeout", "120",
-            "--config", config_path(config), *(ZERO_ARGS if config != "none" else [])]  # fmt: skip
+    return [
+        "--task",
+        task,
+        "--data",
+        str(data_dir),
+        "--encoder",
+        str(tiny_encoder),
+        "--max-tokens",
+        "16",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        str(batch_size),
+        "--seq-len",
+        "20",
+        "--history-len",
+        "10",
+        "--cf-heads",
+        "2",
+        "--encoder-batch-size",
+        "16",
+        "--cf-dropout",
+        "0",
+        "--lr-encoder",
+        "1e-3",
+        "--precision",
+        "fp64",
+        "--no-progress",
+        "--dist-timeout",
+        "120",
+        "--config",
+        config_path(config),
+        *(ZERO_ARGS if config != "none" else []),
+    ]
 
 
 def config_path(config: str) -> str:
@@ -81,8 +127,10 @@ def worst_excess(one_dir, two_dir, config: str) -> float:
     params = [k for k in a if not k.startswith("vec.")]
     param_scale = max(float(a[k].abs().max()) for k in params)
     vector_scale = float(a["vec.vectors"].abs().max())
-    return max(max(diff[k] for k in params) / (ZERO_PARAM_REL * param_scale),
-               diff["vec.vectors"] / (ZERO_VECTOR_REL * vector_scale))  # fmt: skip
+    return max(
+        max(diff[k] for k in params) / (ZERO_PARAM_REL * param_scale),
+        diff["vec.vectors"] / (ZERO_VECTOR_REL * vector_scale),
+    )
 
 
 def last_batch_smaller_than(n_samples: int, world: int) -> int:
@@ -100,8 +148,10 @@ def kt4_dir(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("kt4") / "data"
     write_kt(folder, n_users=14, n_items=48, mean_len=24, n_unused_items=2, seed=3)
-    rows = {line.split(",", 1)[0]: i for i, line in
-            enumerate((folder / "items.csv").read_text().splitlines()[1:])}  # fmt: skip
+    rows = {
+        line.split(",", 1)[0]: i
+        for i, line in enumerate((folder / "items.csv").read_text().splitlines()[1:])
+    }
     lines = (folder / "interactions.csv").read_text().splitlines()
     keep = [ln for ln in lines[1:] if int(owner_of(torch.tensor(rows[ln.split(",")[1]]), 4)) != 3]
     (folder / "interactions.csv").write_text("\n".join([lines[0], *keep]) + "\n")
@@ -131,8 +181,14 @@ def baseline(tiny_encoder, tmp_path_factory):
 
 
 def task_of(data_dir, tiny_encoder, batch_size: int, task: str = "kt"):
-    opts = options(task=task, data=str(data_dir), encoder=str(tiny_encoder), batch_size=batch_size,
-                   seq_len=20, history_len=10)  # fmt: skip
+    opts = options(
+        task=task,
+        data=str(data_dir),
+        encoder=str(tiny_encoder),
+        batch_size=batch_size,
+        seq_len=20,
+        history_len=10,
+    )
     return make_task(opts, load_data(opts), dim=8)
 
 
@@ -221,8 +277,9 @@ def test_processes_equal_one(
         assert not (owner_of(used, 4) == 3).any()
     if strategy == "single":
         assert_global_dedup(history(out), batches, processes)
-    assert_traffic(many, history(out), batches, processes, strategy,
-                   dim=outputs(out)["vec.vectors"].shape[1])  # fmt: skip
+    assert_traffic(
+        many, history(out), batches, processes, strategy, dim=outputs(out)["vec.vectors"].shape[1]
+    )
 
 
 def news_args(news_dir, tiny_encoder) -> list[str]:

@@ -84,8 +84,11 @@ def single_vs_e2e(opts, data, n_steps: int, scale_one_item: float | None = None)
 # item in one call; three steps in calls of 16 rows (fewer than a step's unique items) whose
 # graphs fit the budget together (one forward, graphs kept); the same calls over a budget of 64
 # tokens, less than a step's (encoded without gradient, then again with, call by call).
-STEPS_AND_CHUNKS = {"1-one-call": (1, 512, 8192, False), "3-calls-kept": (3, 16, 8192, False),
-                    "3-calls-re-encoded": (3, 16, 64, True)}  # fmt: skip
+STEPS_AND_CHUNKS = {
+    "1-one-call": (1, 512, 8192, False),
+    "3-calls-kept": (3, 16, 8192, False),
+    "3-calls-re-encoded": (3, 16, 64, True),
+}
 
 
 @pytest.mark.parametrize("dropout", [True, False], ids=["dropout", "no-dropout"])
@@ -93,8 +96,9 @@ STEPS_AND_CHUNKS = {"1-one-call": (1, 512, 8192, False), "3-calls-kept": (3, 16,
 def test_single_equals_e2e(task_opts, dropout, case):
     n_steps, rows, budget, again = STEPS_AND_CHUNKS[case]
     opts, data, nodrop = task_opts
-    opts = replace(with_dropout(opts, nodrop, dropout), encoder_batch_size=rows,
-                   encoder_tokens=budget)  # fmt: skip
+    opts = replace(
+        with_dropout(opts, nodrop, dropout), encoder_batch_size=rows, encoder_tokens=budget
+    )
     s, res = run_steps(replace(opts, strategy="single"), data, n_steps)
     assert (s.runner.item_recomputes > 0) == again
     assert (max(r.unique for r in res) > rows) == (n_steps > 1)  # several calls a step
@@ -106,8 +110,9 @@ def test_guard_chunk_recompute_with_other_masks_is_caught(task_opts, monkeypatch
     from gram_scale.runner import EncoderRunner
 
     real = EncoderRunner.recompute
-    monkeypatch.setattr(EncoderRunner, "recompute",
-                        lambda self, items, salt, *a: real(self, items, salt + 1, *a))  # fmt: skip
+    monkeypatch.setattr(
+        EncoderRunner, "recompute", lambda self, items, salt, *a: real(self, items, salt + 1, *a)
+    )
     opts, data, nodrop = task_opts
     opts = replace(with_dropout(opts, nodrop, True), encoder_tokens=64)  # re-encoded calls
     assert single_vs_e2e(opts, data, 3) > 100 * TOL
@@ -117,10 +122,16 @@ def test_single_step_memory_is_one_chunk(task_opts):
     """The encoder graph kept for a backward is one call's when the step's calls do not fit
     --encoder-tokens together (then each is re-encoded), and all of them when they fit."""
     opts, data, _ = task_opts
-    for rows, budget, again in ((4, 4 * opts.max_tokens, True), (8, 8 * opts.max_tokens, True),
-                                (8, 8192, False)):  # fmt: skip
-        s, res = run_steps(replace(opts, strategy="single", encoder_batch_size=rows,
-                                   encoder_tokens=budget), data, 1)  # fmt: skip
+    for rows, budget, again in (
+        (4, 4 * opts.max_tokens, True),
+        (8, 8 * opts.max_tokens, True),
+        (8, 8192, False),
+    ):
+        s, res = run_steps(
+            replace(opts, strategy="single", encoder_batch_size=rows, encoder_tokens=budget),
+            data,
+            1,
+        )
         assert (s.runner.item_recomputes > 0) == again
         kept = s.runner.peak_activation_bytes
         items = torch.unique(next(s.task.train_batches(0)).items)[1:]  # -1 first: padding
@@ -152,17 +163,26 @@ def test_dropout_masks_matter(task_opts):
 # The targets' rate: fixed (rows at 1000, targets at 37: the regression loss is scaled by 1 /
 # the target rate, so equality holds at any rates), or set at each window end from the vectors'
 # and gradients' scale (--target-distance). No CF refresh: its replayed steps are extra CF steps.
-RULES = {"fixed-rates": dict(table_lr=1000.0, target_lr=37.0, target_distance=0.0),
-         "target-distance": dict(target_distance=4.0)}  # fmt: skip
+RULES = {
+    "fixed-rates": dict(table_lr=1000.0, target_lr=37.0, target_distance=0.0),
+    "target-distance": dict(target_distance=4.0),
+}
 
 
-def multi_vs_single(opts, data, scale_one_item: float | None = None,
-                    rule: str = "fixed-rates") -> float:  # fmt: skip
+def multi_vs_single(
+    opts, data, scale_one_item: float | None = None, rule: str = "fixed-rates"
+) -> float:
     """Largest parameter difference between Single-step and 1-step-window Multi-step."""
     # 16-item chunks, fewer than a step's unique items: the window end's chunking is exercised;
     # the auto regress batch of a 1-step window is all its items, one mini-batch
-    opts = replace(opts, window="1", encoder_batch_size=16, regress_batch_size="auto",
-                   cf_refresh=0, **RULES[rule])  # fmt: skip
+    opts = replace(
+        opts,
+        window="1",
+        encoder_batch_size=16,
+        regress_batch_size="auto",
+        cf_refresh=0,
+        **RULES[rule],
+    )
     single, _ = run_steps(replace(opts, strategy="single"), data, 3, scale_one_item)
     multi, res = run_steps(replace(opts, strategy="multi"), data, 3)
     assert all(r.unique > 16 and r.encoder_updated for r in res)
@@ -190,8 +210,10 @@ def test_single_equals_e2e_with_gradient_checkpointing(task_opts):
     checkpointed = replace(opts, gradient_checkpointing=True)
     assert single_vs_e2e(checkpointed, data, 3) < TOL
     # the recompute really happens: the encoder keeps fewer activations for its backward
-    kept = [run_steps(replace(o, strategy="single"), data, 1)[0].runner.peak_activation_bytes
-            for o in (opts, checkpointed)]  # fmt: skip
+    kept = [
+        run_steps(replace(o, strategy="single"), data, 1)[0].runner.peak_activation_bytes
+        for o in (opts, checkpointed)
+    ]
     assert kept[1] < kept[0] / 2, kept
 
 

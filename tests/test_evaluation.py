@@ -19,14 +19,16 @@ from gram_scale.trainer import train
 
 
 def run(kt_dir, tiny_encoder, out, **kw) -> dict:
-    opts = options(data=str(kt_dir), encoder=str(tiny_encoder), precision="fp64",
-                   output_dir=str(out), **kw)  # fmt: skip
+    opts = options(
+        data=str(kt_dir), encoder=str(tiny_encoder), precision="fp64", output_dir=str(out), **kw
+    )
     return train(opts, fault_callbacks())  # GRAM_FAULT_KILL's, when a test sets it
 
 
 @pytest.mark.parametrize("strategy", ["single", "multi"])
-def test_eval_every_evaluates_at_its_steps_and_changes_nothing(strategy, kt_dir, tiny_encoder,
-                                                               tmp_path):  # fmt: skip
+def test_eval_every_evaluates_at_its_steps_and_changes_nothing(
+    strategy, kt_dir, tiny_encoder, tmp_path
+):
     """Evaluations after steps 2, 4 and 6 of 7 (the 7th's is the final one), in metrics.json and
     in those steps' history lines; the one after step 4 equals the final evaluation of a run
     stopped there, and the 7-step run ends as it does without evaluations (under Multi-step the
@@ -68,7 +70,8 @@ def test_save_best_exports_the_best_step(fake_valid_auc, kt_dir, tiny_encoder, t
     four = run(kt_dir, tiny_encoder, tmp_path / "four", max_steps=4, export=True)
     assert m["test"] == four["test"]  # the exported model's test metrics
     assert {k: v for k, v in m["valid"].items() if k != "auc"} == {
-        k: v for k, v in four["valid"].items() if k != "auc"}  # fmt: skip
+        k: v for k, v in four["valid"].items() if k != "auc"
+    }
     assert max_diff(outputs(best), outputs(tmp_path / "four")) < 1e-12
     last = run(kt_dir, tiny_encoder, tmp_path / "last", max_steps=6, eval_every=2, export=True)
     assert max_diff(outputs(best), outputs(tmp_path / "last")) > 1e-6  # step 6's is not step 4's
@@ -76,8 +79,7 @@ def test_save_best_exports_the_best_step(fake_valid_auc, kt_dir, tiny_encoder, t
     assert sorted(p.name for p in best.iterdir() if p.name.startswith(".")) == []  # no staging
 
 
-def test_save_best_survives_a_resume(fake_valid_auc, kt_dir, tiny_encoder, tmp_path,
-                                     monkeypatch):  # fmt: skip
+def test_save_best_survives_a_resume(fake_valid_auc, kt_dir, tiny_encoder, tmp_path, monkeypatch):
     """Stopped by SIGTERM after step 4 (the best), resumed to step 6: the same best export and
     metrics as an uninterrupted run; the best travelled in the checkpoint."""
     kw = dict(max_steps=6, eval_every=2, save_best=True, export=True, save_every=3)
@@ -88,8 +90,12 @@ def test_save_best_survives_a_resume(fake_valid_auc, kt_dir, tiny_encoder, tmp_p
         run(kt_dir, tiny_encoder, cut, **kw)
     assert stopped.value.code == 128 + signal.SIGTERM
     monkeypatch.delenv("GRAM_FAULT_KILL")
-    kept = {step: json.loads((cut / "checkpoints" / f"step-{step:08d}" / ".best" / "best.json")
-                             .read_text())["step"] for step in (3, 4)}  # fmt: skip
+    kept = {
+        step: json.loads(
+            (cut / "checkpoints" / f"step-{step:08d}" / ".best" / "best.json").read_text()
+        )["step"]
+        for step in (3, 4)
+    }
     assert kept == {3: 2, 4: 4}  # each checkpoint holds the best as of its step
     resumed = run(kt_dir, tiny_encoder, cut, resume="latest", **kw)
     assert resumed["best_step"] == full["best_step"] == 4

@@ -96,5 +96,6 @@ def test_chunk_rule_sorts_by_length_and_caps_rows_and_padded_tokens():
     assert cache.padded_tokens(torch.tensor([1, 2])) == (11, 18)
     calls = pieces(Comm(), items, cuts)
     assert [c.real for c in calls] == [4, 2, 1, 1]
-    assert torch.equal(in_order(calls, [c.items.double()[:, None] for c in calls], 8)[:, 0],
-                       items.double())  # fmt: skip
+    assert torch.equal(
+        in_order(calls, [c.items.double()[:, None] for c in calls], 8)[:, 0], items.double()
+    )

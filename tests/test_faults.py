@@ -76,10 +76,29 @@ def test_too_many_nan_steps_stop_with_a_checkpoint(kt_dir, tiny_encoder, tmp_pat
 
 def test_killed_rank_without_restart_ends_the_run(kt_dir, tiny_encoder, tmp_path):
     t = time.monotonic()
-    r = run(["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
-             "--epochs", "2", "--batch-size", "8", "--dist-timeout", "20", "--no-progress",
-             "--output-dir", str(tmp_path)], processes=2, check=False, timeout=300,
-            extra_env={"GRAM_FAULT_KILL": "1:3"})  # fmt: skip
+    r = run(
+        [
+            "--data",
+            str(kt_dir),
+            "--encoder",
+            str(tiny_encoder),
+            "--max-tokens",
+            "16",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--dist-timeout",
+            "20",
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        processes=2,
+        check=False,
+        timeout=300,
+        extra_env={"GRAM_FAULT_KILL": "1:3"},
+    )
     elapsed = time.monotonic() - t
     assert r.returncode != 0
     assert elapsed < 20 + 30 + 40  # timeout + 30 s, plus start-up of the two processes

@@ -39,10 +39,21 @@ def mutate_once(data: bytes, rng: random.Random, sep: bytes) -> tuple[str, bytes
     i, j = rng.randrange(len(lines)), rng.randrange(len(lines))
     kind = rng.choice(
         [
-            "truncate", "delete_line", "duplicate_line", "swap_lines", "random_bytes", "junk_byte",
-            "huge_field", "empty", "duplicate_id", "delimiter", "field_value", "quote", "crlf",
+            "truncate",
+            "delete_line",
+            "duplicate_line",
+            "swap_lines",
+            "random_bytes",
+            "junk_byte",
+            "huge_field",
+            "empty",
+            "duplicate_id",
+            "delimiter",
+            "field_value",
+            "quote",
+            "crlf",
         ]
-    )  # fmt: skip
+    )
     if kind == "truncate":
         return kind, data[: rng.randrange(len(data) + 1)]
     if kind == "delete_line":

@@ -23,11 +23,35 @@ def trained(kt_dir, tiny_encoder, tmp_path_factory) -> dict:
     """``{config: (output folder, failure or None)}``: a LoRA run under ZeRO-2 and one under
     ZeRO-3 on 2 CPU ranks, both in one launch."""
     out = {c: tmp_path_factory.mktemp(f"lora-{c}") for c in ("zero2", "zero3")}
-    runs = [["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
-             "--epochs", "1", "--max-steps", "4", "--batch-size", "8", "--seq-len", "20",
-             "--lora", "--lora-r", "4", "--lr-encoder", "1e-2",  # --lora-targets auto: query,value
-             "--config", f"ds_configs/{config}.json", "--no-progress", "--output-dir", str(folder)]
-            for config, folder in out.items()]  # fmt: skip
+    runs = [
+        [
+            "--data",
+            str(kt_dir),
+            "--encoder",
+            str(tiny_encoder),
+            "--max-tokens",
+            "16",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--seq-len",
+            "20",
+            "--lora",
+            "--lora-r",
+            "4",
+            "--lr-encoder",
+            "1e-2",  # --lora-targets auto: query,value
+            "--config",
+            f"ds_configs/{config}.json",
+            "--no-progress",
+            "--output-dir",
+            str(folder),
+        ]
+        for config, folder in out.items()
+    ]
     return {c: (out[c], failure) for c, failure in zip(out, run_many(runs, processes=2))}
 
 

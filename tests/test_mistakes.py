@@ -25,9 +25,24 @@ from gram_scale.history import read_history
 
 
 def common(kt_dir, encoder) -> list[str]:
-    return ["--data", str(kt_dir), "--encoder", str(encoder), "--max-tokens", "16",
-            "--batch-size", "8", "--seq-len", "20", "--epochs", "1", "--no-progress",
-            "--no-export", "--config", "none"]  # fmt: skip
+    return [
+        "--data",
+        str(kt_dir),
+        "--encoder",
+        str(encoder),
+        "--max-tokens",
+        "16",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "20",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--no-export",
+        "--config",
+        "none",
+    ]
 
 
 def snapshot(folder: Path) -> dict | None:
@@ -36,8 +51,10 @@ def snapshot(folder: Path) -> dict | None:
         return None
     if folder.is_file():
         return {".": (folder.stat().st_size, folder.stat().st_mtime_ns)}
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*"))}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def cli(capsys, args: list[str]) -> tuple[int, str, str]:
@@ -71,8 +88,16 @@ def refused(capsys, args: list[str], out: Path, *parts: str) -> str:
 def finished(kt_dir, tiny_encoder, tmp_path_factory) -> Path:
     """A finished 2-step run with exports and a checkpoint (single strategy, no DeepSpeed)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    args = [*common(kt_dir, tiny_encoder), "--max-steps", "2", "--save-every", "2", "--export",
-            "--output-dir", str(out)]  # fmt: skip
+    args = [
+        *common(kt_dir, tiny_encoder),
+        "--max-steps",
+        "2",
+        "--save-every",
+        "2",
+        "--export",
+        "--output-dir",
+        str(out),
+    ]
     assert main(args) == 0
     return out
 
@@ -112,8 +137,16 @@ def test_output_dir_a_file_or_not_writable_is_refused(capsys, kt_dir, tiny_encod
 
 def test_output_dir_with_an_earlier_run(capsys, finished, kt_dir, tiny_encoder, tmp_path):
     args = [*common(kt_dir, tiny_encoder), "--max-steps", "1"]
-    refused(capsys, args, finished, "--output-dir", "holds an earlier run", "metrics.json",
-            "--overwrite-output-dir", "--resume latest")  # fmt: skip
+    refused(
+        capsys,
+        args,
+        finished,
+        "--output-dir",
+        "holds an earlier run",
+        "metrics.json",
+        "--overwrite-output-dir",
+        "--resume latest",
+    )
     # --overwrite-output-dir clears the earlier run's outputs, and nothing else
     out = tmp_path / "again"
     shutil.copytree(finished, out)
@@ -150,8 +183,9 @@ def _zero2(**changes) -> dict:
     ],
     ids=["stage-4", "fp16-on-cpu", "string-batch", "unknown-optimizer", "batch-arithmetic"],
 )
-def test_deepspeed_config_semantics_refused(changes, parts, capsys, kt_dir, tiny_encoder,
-                                            tmp_path, monkeypatch):  # fmt: skip
+def test_deepspeed_config_semantics_refused(
+    changes, parts, capsys, kt_dir, tiny_encoder, tmp_path, monkeypatch
+):
     if "fp16.enabled" in changes and torch.cuda.is_available():
         pytest.skip("fp16 is fine on a GPU")
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
@@ -187,8 +221,9 @@ def test_deepspeed_config_checked_by_deepspeeds_models(
     refused(capsys, args, tmp_path / "out", f"{cfg}: {problem}")
 
 
-def test_deepspeed_config_against_precision_and_optimizer(capsys, kt_dir, tiny_encoder, tmp_path,
-                                                          monkeypatch):  # fmt: skip
+def test_deepspeed_config_against_precision_and_optimizer(
+    capsys, kt_dir, tiny_encoder, tmp_path, monkeypatch
+):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps(_zero2(**{"bf16.enabled": True})))
@@ -228,8 +263,13 @@ def test_encoder_folder_refused(capsys, kt_dir, tiny_encoder, no_tokenizer, tiny
     refused(capsys, common(kt_dir, no_tokenizer), out, str(no_tokenizer), "no tokenizer files")
     refused(capsys, common(kt_dir, tiny_t5), out, str(tiny_t5), "t5 is an encoder-decoder")
     # the tiny BERT has 64 positions
-    refused(capsys, [*common(kt_dir, tiny_encoder), "--max-tokens", "100"], out,
-            "--max-tokens", "100 is more than the 64 token positions")  # fmt: skip
+    refused(
+        capsys,
+        [*common(kt_dir, tiny_encoder), "--max-tokens", "100"],
+        out,
+        "--max-tokens",
+        "100 is more than the 64 token positions",
+    )
 
 
 def test_damaged_weights_are_named_before_training(capsys, kt_dir, tiny_encoder, tmp_path):
@@ -238,20 +278,28 @@ def test_damaged_weights_are_named_before_training(capsys, kt_dir, tiny_encoder,
     shutil.copytree(tiny_encoder, cut)
     weights = cut / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # a download that stopped short
-    refused(capsys, common(kt_dir, cut), out, str(weights), "damaged weights file",
-            "truncated")  # fmt: skip
+    refused(capsys, common(kt_dir, cut), out, str(weights), "damaged weights file", "truncated")
     weights.write_bytes(b"\x05")
     refused(capsys, common(kt_dir, cut), out, str(weights), "damaged weights file")
     # a sharded checkpoint whose index names a shard that is not there
     sharded = tmp_path / "sharded"
     shutil.copytree(tiny_encoder, sharded)
     (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
-    index = {"weight_map": {"embeddings.word_embeddings.weight": "model-00001-of-00002.safetensors",
-                            "pooler.dense.weight": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    index = {
+        "weight_map": {
+            "embeddings.word_embeddings.weight": "model-00001-of-00002.safetensors",
+            "pooler.dense.weight": "model-00002-of-00002.safetensors",
+        }
+    }
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
-    refused(capsys, common(kt_dir, sharded), out,
-            str(sharded / "model-00002-of-00002.safetensors"), "missing",
-            "model.safetensors.index.json")  # fmt: skip
+    refused(
+        capsys,
+        common(kt_dir, sharded),
+        out,
+        str(sharded / "model-00002-of-00002.safetensors"),
+        "missing",
+        "model.safetensors.index.json",
+    )
     # torch's zip format, cut short
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_encoder, pickled)
@@ -261,8 +309,13 @@ def test_damaged_weights_are_named_before_training(capsys, kt_dir, tiny_encoder,
     torch.save(load_file(str(tiny_encoder / "model.safetensors")), pickled / "pytorch_model.bin")
     data = (pickled / "pytorch_model.bin").read_bytes()
     (pickled / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
-    refused(capsys, common(kt_dir, pickled), out, str(pickled / "pytorch_model.bin"),
-            "damaged weights file")  # fmt: skip
+    refused(
+        capsys,
+        common(kt_dir, pickled),
+        out,
+        str(pickled / "pytorch_model.bin"),
+        "damaged weights file",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -271,27 +324,47 @@ def small_vocab(tiny_encoder, tmp_path_factory) -> Path:
     from transformers import BertConfig, BertModel
 
     folder = tmp_path_factory.mktemp("enc-small-vocab") / "bert"
-    config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(config, add_pooling_layer=False).save_pretrained(str(folder))
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_encoder / name, folder / name)
     return folder
 
 
-def test_tokenizer_larger_than_the_embedding_table_is_refused(capsys, kt_dir, small_vocab,
-                                                              tmp_path):  # fmt: skip
-    refused(capsys, common(kt_dir, small_vocab), tmp_path / "out", str(small_vocab / "tokenizer.json"),
-            "30522 tokens", "1000 rows of the model's embedding table")  # fmt: skip
+def test_tokenizer_larger_than_the_embedding_table_is_refused(
+    capsys, kt_dir, small_vocab, tmp_path
+):
+    refused(
+        capsys,
+        common(kt_dir, small_vocab),
+        tmp_path / "out",
+        str(small_vocab / "tokenizer.json"),
+        "30522 tokens",
+        "1000 rows of the model's embedding table",
+    )
 
 
 @pytest.mark.parametrize("max_tokens", ["1", "2"])
-def test_max_tokens_below_the_special_tokens_is_refused(max_tokens, capsys, kt_dir, tiny_encoder,
-                                                        tmp_path):  # fmt: skip
+def test_max_tokens_below_the_special_tokens_is_refused(
+    max_tokens, capsys, kt_dir, tiny_encoder, tmp_path
+):
     # BERT's tokenizer adds [CLS] and [SEP]: 1 was silently ignored, 2 left no text at all
-    refused(capsys, [*common(kt_dir, tiny_encoder), "--max-tokens", max_tokens], tmp_path / "out",
-            "--max-tokens", f"{max_tokens} leaves no room for text", "adds 2 special tokens",
-            "at least 3")  # fmt: skip
+    refused(
+        capsys,
+        [*common(kt_dir, tiny_encoder), "--max-tokens", max_tokens],
+        tmp_path / "out",
+        "--max-tokens",
+        f"{max_tokens} leaves no room for text",
+        "adds 2 special tokens",
+        "at least 3",
+    )
 
 
 # ---- numbers, folders and trackers ----------------------------------------------------------
@@ -314,7 +387,7 @@ def test_max_tokens_below_the_special_tokens_is_refused(max_tokens, capsys, kt_d
         "lora-alpha-negative",
         "seed-huge",
         "seed-negative",
-    ],  # fmt: skip
+    ],
 )
 def test_numbers_out_of_range_refused(extra, parts, capsys, kt_dir, tiny_encoder, tmp_path):
     refused(capsys, [*common(kt_dir, tiny_encoder), *extra], tmp_path / "out", *parts)
@@ -323,9 +396,22 @@ def test_numbers_out_of_range_refused(extra, parts, capsys, kt_dir, tiny_encoder
 def test_the_largest_seed_trains(capsys, kt_dir, tiny_encoder, tmp_path):
     # Multi-step derives its regression shuffle from the seed: the largest one must fit too
     out = tmp_path / "out"
-    code, stdout, err = cli(capsys, [*common(kt_dir, tiny_encoder), "--seed", "4294967295",
-                                     "--strategy", "multi", "--window", "1", "--max-steps", "2",
-                                     "--output-dir", str(out)])  # fmt: skip
+    code, stdout, err = cli(
+        capsys,
+        [
+            *common(kt_dir, tiny_encoder),
+            "--seed",
+            "4294967295",
+            "--strategy",
+            "multi",
+            "--window",
+            "1",
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(out),
+        ],
+    )
     assert code == 0 and err == "", err
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
 
@@ -343,34 +429,50 @@ def test_cache_dir_that_is_a_file_is_refused(capsys, kt_dir, tiny_encoder, tmp_p
     a_file = tmp_path / "cache"
     a_file.write_text("not a folder\n")
     out = tmp_path / "out"
-    refused(capsys, [*common(kt_dir, tiny_encoder), "--cache-dir", str(a_file)], out,
-            "--cache-dir", str(a_file), "is a file")  # fmt: skip
-    refused(capsys, [*common(kt_dir, tiny_encoder), "--cache-dir", str(a_file / "sub")], out,
-            "--cache-dir", f"{a_file} is a file")  # fmt: skip
+    refused(
+        capsys,
+        [*common(kt_dir, tiny_encoder), "--cache-dir", str(a_file)],
+        out,
+        "--cache-dir",
+        str(a_file),
+        "is a file",
+    )
+    refused(
+        capsys,
+        [*common(kt_dir, tiny_encoder), "--cache-dir", str(a_file / "sub")],
+        out,
+        "--cache-dir",
+        f"{a_file} is a file",
+    )
 
 
-def test_tracker_that_is_not_installed_is_refused(capsys, kt_dir, tiny_encoder, tmp_path,
-                                                  monkeypatch):  # fmt: skip
+def test_tracker_that_is_not_installed_is_refused(
+    capsys, kt_dir, tiny_encoder, tmp_path, monkeypatch
+):
     import sys
 
     for name in ("tensorboard", "tensorboardX"):  # as if neither were installed
         monkeypatch.setitem(sys.modules, name, None)
-    refused(capsys, [*common(kt_dir, tiny_encoder), "--report-to", "tensorboard"],
-            tmp_path / "out", "--report-to", "tensorboard is not installed",
-            "pip install tensorboard")  # fmt: skip
+    refused(
+        capsys,
+        [*common(kt_dir, tiny_encoder), "--report-to", "tensorboard"],
+        tmp_path / "out",
+        "--report-to",
+        "tensorboard is not installed",
+        "pip install tensorboard",
+    )
 
 
-def test_launcher_cpu_mode_with_deepspeed_is_refused(capsys, kt_dir, tiny_encoder, tmp_path,
-                                                     monkeypatch):  # fmt: skip
+def test_launcher_cpu_mode_with_deepspeed_is_refused(
+    capsys, kt_dir, tiny_encoder, tmp_path, monkeypatch
+):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu` sets
     args = [*common(kt_dir, tiny_encoder), "--config", "ds_configs/zero2.json"]
-    refused(capsys, args, tmp_path / "out", "--cpu", "turns DeepSpeed off",
-            "ds_configs/zero2.json")  # fmt: skip
+    refused(capsys, args, tmp_path / "out", "--cpu", "turns DeepSpeed off", "ds_configs/zero2.json")
     # the launcher itself, as the user typed it
     out = tmp_path / "launched"
-    r = run([*args, "--output-dir", str(out)], processes=2, check=False,
-            launcher_args=["--cpu"])  # fmt: skip
+    r = run([*args, "--output-dir", str(out)], processes=2, check=False, launcher_args=["--cpu"])
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert lines and "error: --cpu: accelerate launch --cpu turns DeepSpeed off" in lines[0], (
@@ -379,8 +481,9 @@ def test_launcher_cpu_mode_with_deepspeed_is_refused(capsys, kt_dir, tiny_encode
     assert "AttributeError" not in r.stderr and not out.exists()
 
 
-def test_contradictory_mind_impression_is_refused_with_file_and_line(capsys, news_dir,
-                                                                     tiny_encoder, tmp_path):  # fmt: skip
+def test_contradictory_mind_impression_is_refused_with_file_and_line(
+    capsys, news_dir, tiny_encoder, tmp_path
+):
     data = tmp_path / "news"
     shutil.copytree(news_dir, data)
     behaviors = data / "train" / "behaviors.tsv"
@@ -390,11 +493,32 @@ def test_contradictory_mind_impression_is_refused_with_file_and_line(capsys, new
     fields[4] += f" {news_id}-{1 - int(label)}"  # shown once clicked and once not
     rows[2] = "\t".join(fields)
     behaviors.write_text("\n".join(rows) + "\n")
-    args = ["--task", "news", "--data", str(data), "--encoder", str(tiny_encoder), "--max-tokens",
-            "16", "--history-len", "10", "--cf-heads", "2", "--batch-size", "8", "--no-progress",
-            "--no-export"]  # fmt: skip
-    refused(capsys, args, tmp_path / "out", f"{behaviors}:3:", repr(news_id),
-            "both clicked and not clicked")  # fmt: skip
+    args = [
+        "--task",
+        "news",
+        "--data",
+        str(data),
+        "--encoder",
+        str(tiny_encoder),
+        "--max-tokens",
+        "16",
+        "--history-len",
+        "10",
+        "--cf-heads",
+        "2",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--no-export",
+    ]
+    refused(
+        capsys,
+        args,
+        tmp_path / "out",
+        f"{behaviors}:3:",
+        repr(news_id),
+        "both clicked and not clicked",
+    )
 
 
 # ---- flags that cannot work together --------------------------------------------------------
@@ -412,58 +536,96 @@ def test_flag_conflicts_refused(extra, parts, capsys, kt_dir, tiny_encoder, tmp_
 
 
 # ---- resume ---------------------------------------------------------------------------------
-def test_resume_from_a_different_run_names_what_differs(capsys, finished, kt_dir, tiny_encoder,
-                                                        tiny_encoder_nodrop, monkeypatch):  # fmt: skip
+def test_resume_from_a_different_run_names_what_differs(
+    capsys, finished, kt_dir, tiny_encoder, tiny_encoder_nodrop, monkeypatch
+):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     (_, ckpt), *_ = list_checkpoints(finished / "checkpoints")
     same = [*common(kt_dir, tiny_encoder), "--max-steps", "3", "--resume", str(ckpt)]
-    refused(capsys, [*same, "--strategy", "multi"], finished,
-            "cannot resume, made by a different run", "strategy: checkpoint single, this run multi")  # fmt: skip
-    refused(capsys, [*same, "--encoder", str(tiny_encoder_nodrop)], finished,
-            "encoder: checkpoint bert hidden 32 (config.json sha256")  # fmt: skip
-    refused(capsys, [*same, "--config", "ds_configs/zero2.json"], finished,
-            "deepspeed: checkpoint none, this run ZeRO stage 2, fp32")  # fmt: skip
-    refused(capsys, [*same, "--task", "kt", "--cf-layers", "1"], finished,
-            "cf_model: checkpoint kt, 2 LSTM layers, this run kt, 1 LSTM layers")  # fmt: skip
+    refused(
+        capsys,
+        [*same, "--strategy", "multi"],
+        finished,
+        "cannot resume, made by a different run",
+        "strategy: checkpoint single, this run multi",
+    )
+    refused(
+        capsys,
+        [*same, "--encoder", str(tiny_encoder_nodrop)],
+        finished,
+        "encoder: checkpoint bert hidden 32 (config.json sha256",
+    )
+    refused(
+        capsys,
+        [*same, "--config", "ds_configs/zero2.json"],
+        finished,
+        "deepspeed: checkpoint none, this run ZeRO stage 2, fp32",
+    )
+    refused(
+        capsys,
+        [*same, "--task", "kt", "--cf-layers", "1"],
+        finished,
+        "cf_model: checkpoint kt, 2 LSTM layers, this run kt, 1 LSTM layers",
+    )
     monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group is made
     refused(capsys, same, finished, "processes: checkpoint 1, this run 2")
 
 
-def test_resume_with_other_data_seed_batch_or_split_is_refused(capsys, finished, kt_dir,
-                                                               tiny_encoder, tmp_path):  # fmt: skip
+def test_resume_with_other_data_seed_batch_or_split_is_refused(
+    capsys, finished, kt_dir, tiny_encoder, tmp_path
+):
     (_, ckpt), *_ = list_checkpoints(finished / "checkpoints")
     args = [*common(kt_dir, tiny_encoder), "--max-steps", "3", "--resume", str(ckpt)]
     refused(capsys, [*args, "--seed", "1"], finished, "seed: checkpoint 0, this run 1")
     refused(capsys, [*args, "--batch-size", "4"], finished, "batch_size: checkpoint 8, this run 4")
-    refused(capsys, [*args, "--valid-frac", "0.2"], finished,
-            "split: checkpoint users valid 0.1, test 0.1; cold items 0.1, this run users valid 0.2")  # fmt: skip
+    refused(
+        capsys,
+        [*args, "--valid-frac", "0.2"],
+        finished,
+        "split: checkpoint users valid 0.1, test 0.1; cold items 0.1, this run users valid 0.2",
+    )
     # the same files elsewhere are the same data; one changed row is not
     moved = tmp_path / "moved"
     shutil.copytree(kt_dir, moved)
-    code, stdout, err = cli(capsys, [*args, "--data", str(moved), "--output-dir",
-                                     str(tmp_path / "copy")])  # fmt: skip
+    code, stdout, err = cli(
+        capsys, [*args, "--data", str(moved), "--output-dir", str(tmp_path / "copy")]
+    )
     assert code == 0 and f"resumed from {ckpt} at step 2" in stdout, err
     edited = moved / "interactions.csv"
     rows = edited.read_text().splitlines()
     user, item, correct, *rest = rows[5].split(",")
     rows[5] = ",".join([user, item, str(1 - int(correct)), *rest])
     edited.write_text("\n".join(rows) + "\n")
-    err = refused(capsys, [*args, "--data", str(moved)], finished,
-                  "cannot resume, made by a different run",
-                  "data interactions.csv: checkpoint sha256", "this run sha256")  # fmt: skip
+    err = refused(
+        capsys,
+        [*args, "--data", str(moved)],
+        finished,
+        "cannot resume, made by a different run",
+        "data interactions.csv: checkpoint sha256",
+        "this run sha256",
+    )
     assert "data items.csv" not in err  # only the changed file is named
 
 
 def test_resume_from_a_wrong_path(capsys, finished, kt_dir, tiny_encoder, tmp_path):
     args = [*common(kt_dir, tiny_encoder), "--max-steps", "3"]
     out = tmp_path / "out"
-    refused(capsys, [*args, "--resume", str(finished / "metrics.json")], out,
-            "cannot resume: is a file, not a checkpoint folder")  # fmt: skip
+    refused(
+        capsys,
+        [*args, "--resume", str(finished / "metrics.json")],
+        out,
+        "cannot resume: is a file, not a checkpoint folder",
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     refused(capsys, [*args, "--resume", str(empty)], out, "cannot resume: not a checkpoint folder")
-    refused(capsys, [*args, "--resume", str(finished)], out, "not a checkpoint folder",
-            "--resume latest")  # fmt: skip
+    refused(
+        capsys,
+        [*args, "--resume", str(finished)],
+        out,
+        "not a checkpoint folder",
+        "--resume latest",
+    )
     (_, ckpt), *_ = list_checkpoints(finished / "checkpoints")
     for manifest in ([], {"files": ["model.bin"]}, {"files": {"model.bin": 3}}):
         bad = tmp_path / "bad-manifest"
@@ -474,8 +636,9 @@ def test_resume_from_a_wrong_path(capsys, finished, kt_dir, tiny_encoder, tmp_pa
 
 
 # ---- legitimate inputs handled correctly ----------------------------------------------------
-def test_more_negatives_than_shown_are_drawn_without_replacement(capsys, news_dir,
-                                                                 tiny_encoder, tmp_path):  # fmt: skip
+def test_more_negatives_than_shown_are_drawn_without_replacement(
+    capsys, news_dir, tiny_encoder, tmp_path
+):
     from tiny import options
 
     from gram_scale.data.load import load_data
@@ -492,18 +655,41 @@ def test_more_negatives_than_shown_are_drawn_without_replacement(capsys, news_di
         cands = row[row >= 0].tolist()
         assert len(cands) == len(set(cands)) > 1  # every shown non-click once, never repeated
     out = tmp_path / "news"
-    code, stdout, err = cli(capsys, ["--task", "news", "--data", str(news_dir), "--encoder",
-                                     str(tiny_encoder), "--negatives", "1000", "--max-tokens", "16",
-                                     "--history-len", "10", "--cf-heads", "2", "--batch-size", "8",
-                                     "--max-steps", "2", "--no-progress", "--no-export",
-                                     "--output-dir", str(out)])  # fmt: skip
+    code, stdout, err = cli(
+        capsys,
+        [
+            "--task",
+            "news",
+            "--data",
+            str(news_dir),
+            "--encoder",
+            str(tiny_encoder),
+            "--negatives",
+            "1000",
+            "--max-tokens",
+            "16",
+            "--history-len",
+            "10",
+            "--cf-heads",
+            "2",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "2",
+            "--no-progress",
+            "--no-export",
+            "--output-dir",
+            str(out),
+        ],
+    )
     assert code == 0 and err == "", err
     for step in read_history(out):  # with replacement, 8 samples drew 8,000 negatives
         assert step["loss"] == step["loss"] and step["occurrences"] <= 8 * (10 + 5)
 
 
-def test_empty_evaluation_splits_are_said_and_recorded(capsys, kt_dir, news_dir, tiny_encoder,
-                                                       tmp_path):  # fmt: skip
+def test_empty_evaluation_splits_are_said_and_recorded(
+    capsys, kt_dir, news_dir, tiny_encoder, tmp_path
+):
     one_user = tmp_path / "one-user"
     one_user.mkdir()
     shutil.copy(kt_dir / "items.csv", one_user / "items.csv")
@@ -527,14 +713,37 @@ def test_empty_evaluation_splits_are_said_and_recorded(capsys, kt_dir, news_dir,
     dev = no_clicks / "dev" / "behaviors.tsv"
     dev.write_text(dev.read_text().replace("-1", "-0"))
     out = tmp_path / "news"
-    code, stdout, err = cli(capsys, ["--task", "news", "--data", str(no_clicks), "--encoder",
-                                     str(tiny_encoder), "--max-tokens", "16", "--history-len", "10",
-                                     "--cf-heads", "2", "--batch-size", "8", "--max-steps", "1",
-                                     "--no-progress", "--no-export", "--output-dir", str(out)])  # fmt: skip
+    code, stdout, err = cli(
+        capsys,
+        [
+            "--task",
+            "news",
+            "--data",
+            str(no_clicks),
+            "--encoder",
+            str(tiny_encoder),
+            "--max-tokens",
+            "16",
+            "--history-len",
+            "10",
+            "--cf-heads",
+            "2",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "1",
+            "--no-progress",
+            "--no-export",
+            "--output-dir",
+            str(out),
+        ],
+    )
     assert code == 0 and err == "", err
     said = [line for line in stdout.splitlines() if "skipped" in line]
-    assert said == ["final valid skipped: no impressions with a click in the valid split",
-                    "final test  skipped: no impressions with a click in the test split"]  # fmt: skip
+    assert said == [
+        "final valid skipped: no impressions with a click in the valid split",
+        "final test  skipped: no impressions with a click in the test split",
+    ]
     m = json.loads((out / "metrics.json").read_text())
     assert m["valid"] == {"skipped": "no impressions with a click in the valid split"}
 
@@ -566,8 +775,15 @@ def _own_lines(stdout: str) -> list[str]:
 
 def test_ctrl_c_stops_after_the_step_with_a_resumable_checkpoint(kt_dir, tiny_encoder, tmp_path):
     out = tmp_path / "run"
-    args = [*common(kt_dir, tiny_encoder), "--config", "ds_configs/zero2.json", "--save-every",
-            "3", "--output-dir", str(out)]  # fmt: skip
+    args = [
+        *common(kt_dir, tiny_encoder),
+        "--config",
+        "ds_configs/zero2.json",
+        "--save-every",
+        "3",
+        "--output-dir",
+        str(out),
+    ]
     # SIGINT arrives before step 2 (0-based); step 2 finishes, a checkpoint of 3 steps is kept
     r = run([*args, "--max-steps", "8"], check=False, extra_env={"GRAM_FAULT_KILL": "0:2:SIGINT"})
     assert r.returncode == EXIT_INTERRUPTED, r.stderr[-3000:]
@@ -583,9 +799,21 @@ def test_ctrl_c_stops_after_the_step_with_a_resumable_checkpoint(kt_dir, tiny_en
 
 def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(kt_dir, tiny_encoder, tmp_path):
     out = tmp_path / "run"
-    r = run([*common(kt_dir, tiny_encoder), "--save-every", "5", "--max-steps", "8",
-             "--output-dir", str(out)], processes=2, check=False, timeout=300,
-            extra_env={"GRAM_FAULT_KILL": "1:1:SIGINT"})  # fmt: skip
+    r = run(
+        [
+            *common(kt_dir, tiny_encoder),
+            "--save-every",
+            "5",
+            "--max-steps",
+            "8",
+            "--output-dir",
+            str(out),
+        ],
+        processes=2,
+        check=False,
+        timeout=300,
+        extra_env={"GRAM_FAULT_KILL": "1:1:SIGINT"},
+    )
     assert r.returncode != 0  # the launcher's own report of the ranks' exit 130 follows
     assert "stopped by SIGINT on another process after step 2" in r.stderr, r.stderr[-3000:]
     ((step, folder),) = list_checkpoints(out / "checkpoints")

@@ -25,12 +25,29 @@ def launch_nodes(runs_of_node, per_node: int, timeout: int = 900, extra_env=None
     e.update(extra_env or {})
     procs = []
     for r in range(NODES):
-        cmd = [ACCELERATE, "launch", "--config_file", TWO_CPU, "--num_machines", str(NODES),
-               "--machine_rank", str(r), "--main_process_ip", "127.0.0.1",
-               "--main_process_port", str(port), "--num_processes", str(NODES * per_node),
-               str(TRAIN_MANY), json.dumps(runs_of_node(r))]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, text=True, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE))  # fmt: skip
+        cmd = [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            TWO_CPU,
+            "--num_machines",
+            str(NODES),
+            "--machine_rank",
+            str(r),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--num_processes",
+            str(NODES * per_node),
+            str(TRAIN_MANY),
+            json.dumps(runs_of_node(r)),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=e, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        )
     done = []
     try:
         for p in procs:
@@ -65,13 +82,13 @@ def one_each(kt_dir, tiny_encoder, tmp_path_factory):
             "2",
             "--save-every",
             "1",
-        ],  # fmt: skip
+        ],
         "resumed": [
             *common(kt_dir, tiny_encoder, "none"),
             *STRATEGY_ARGS["single"],
             "--resume",
             "latest",
-        ],  # fmt: skip
+        ],
     }
     out["cut"] = out["resumed"]
     lists = [[*a, "--output-dir", str(out[k])] for k, a in runs.items()]
@@ -115,8 +132,12 @@ def test_output_dir_not_shared_by_the_nodes_is_refused(kt_dir, tiny_encoder, tmp
     folders = [tmp_path / "node0" / "run", tmp_path / "node1" / "run"]
     for f in folders:
         f.parent.mkdir()
-    done = launch_nodes(lambda r: [[*args, "--output-dir", str(folders[r])]], per_node=1,
-                        extra_env={"GRAM_SHARED_DIR_WAIT": "1"}, timeout=300)  # fmt: skip
+    done = launch_nodes(
+        lambda r: [[*args, "--output-dir", str(folders[r])]],
+        per_node=1,
+        extra_env={"GRAM_SHARED_DIR_WAIT": "1"},
+        timeout=300,
+    )
     assert all(code != 0 for code, _, _ in done)
     errors = [line for _, _, err in done for line in err.splitlines() if line.startswith("error:")]
     assert errors and all("is not the same folder on every node" in e for e in errors), errors
@@ -132,28 +153,72 @@ def test_slurm_script_renders_one_launch_per_node(tmp_path):
     import os
     import shlex
 
-    e = dict(os.environ, SLURM_NNODES="2", SLURM_GPUS_ON_NODE="h100:4", GRAM_HOSTS="gpu-a gpu-b",
-             GRAM_SLURM_DRY_RUN="1", SLURM_SUBMIT_DIR=str(ROOT), ACCELERATE="accelerate")  # fmt: skip
+    e = dict(
+        os.environ,
+        SLURM_NNODES="2",
+        SLURM_GPUS_ON_NODE="h100:4",
+        GRAM_HOSTS="gpu-a gpu-b",
+        GRAM_SLURM_DRY_RUN="1",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        ACCELERATE="accelerate",
+    )
     flags = ["--strategy", "multi", "--output-dir", str(tmp_path / "a run")]
     script = str(ROOT / "launch" / "slurm.sh")
-    r = subprocess.run(["bash", script, "ds_configs/zero3.json", *flags], env=e, text=True,
-                       capture_output=True, check=True)  # fmt: skip
+    r = subprocess.run(
+        ["bash", script, "ds_configs/zero3.json", *flags],
+        env=e,
+        text=True,
+        capture_output=True,
+        check=True,
+    )
     srun, *launches = [shlex.split(line) for line in r.stdout.splitlines()]
-    assert srun == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
-                    "bash", script, "--node", "ds_configs/zero3.json", *flags]  # fmt: skip
+    assert srun == [
+        "srun",
+        "--nodes",
+        "2",
+        "--ntasks-per-node",
+        "1",
+        "--kill-on-bad-exit=1",
+        "bash",
+        script,
+        "--node",
+        "ds_configs/zero3.json",
+        *flags,
+    ]
     for rank, cmd in enumerate(launches):
-        assert cmd == ["accelerate", "launch", "--config_file", "accelerate_configs/multi_node.yaml",
-                       "--num_machines", "2", "--machine_rank", str(rank),
-                       "--main_process_ip", "gpu-a", "--main_process_port", "29500",
-                       "--num_processes", "8", "launch/train.py",
-                       "--config", "ds_configs/zero3.json", *flags]  # fmt: skip
+        assert cmd == [
+            "accelerate",
+            "launch",
+            "--config_file",
+            "accelerate_configs/multi_node.yaml",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "gpu-a",
+            "--main_process_port",
+            "29500",
+            "--num_processes",
+            "8",
+            "launch/train.py",
+            "--config",
+            "ds_configs/zero3.json",
+            *flags,
+        ]
     assert len(launches) == 2
     # what srun runs on node 1: its own launch, the machine rank from SLURM_NODEID
-    node = subprocess.run(["bash", script, "--node", "ds_configs/zero3.json", *flags], text=True,
-                          env=dict(e, SLURM_NODEID="1"), capture_output=True, check=True)  # fmt: skip
+    node = subprocess.run(
+        ["bash", script, "--node", "ds_configs/zero3.json", *flags],
+        text=True,
+        env=dict(e, SLURM_NODEID="1"),
+        capture_output=True,
+        check=True,
+    )
     assert shlex.split(node.stdout) == launches[1]
     # outside a Slurm job: one line, non-zero exit
     bare = {k: v for k, v in e.items() if k != "SLURM_NNODES"}
-    r = subprocess.run(["bash", script, "ds_configs/zero3.json"], env=bare, text=True,
-                       capture_output=True)  # fmt: skip
+    r = subprocess.run(
+        ["bash", script, "ds_configs/zero3.json"], env=bare, text=True, capture_output=True
+    )
     assert r.returncode != 0 and "not inside a Slurm job" in r.stderr

@@ -55,9 +55,13 @@ def test_bf16_without_deepspeed_autocasts_the_encoder(kt_dir, tiny_encoder):
     """float32 weights (and gradients), the encoder's matrix products in bf16; training moves."""
     opts = options(data=str(kt_dir), encoder=str(tiny_encoder), precision="bf16")
     s = setup(opts, load_data(opts))
-    assert s.runner.numerics() == {"weights": "float32", "compute": "bfloat16",
-                                   "grad_accum": "float32", "attention": "eager",
-                                   "built_partitioned": False}  # fmt: skip
+    assert s.runner.numerics() == {
+        "weights": "float32",
+        "compute": "bfloat16",
+        "grad_accum": "float32",
+        "attention": "eager",
+        "built_partitioned": False,
+    }
     seen = set()
     for m in s.encoder.modules():
         if isinstance(m, torch.nn.Linear):

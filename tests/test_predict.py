@@ -32,8 +32,17 @@ def kt_run(kt_dir, tiny_encoder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kt-run") / "run"
     with pytest.MonkeyPatch.context() as mp:
         fake_valid_auc(mp, {2: BEST_AUC})
-        train(options(data=str(kt_dir), encoder=str(tiny_encoder), export=True, max_steps=4,
-                      eval_every=2, save_best=True, output_dir=str(out)))  # fmt: skip
+        train(
+            options(
+                data=str(kt_dir),
+                encoder=str(tiny_encoder),
+                export=True,
+                max_steps=4,
+                eval_every=2,
+                save_best=True,
+                output_dir=str(out),
+            )
+        )
     return out
 
 
@@ -41,8 +50,16 @@ def kt_run(kt_dir, tiny_encoder, tmp_path_factory) -> Path:
 def news_run(news_dir, tiny_encoder, tmp_path_factory) -> Path:
     """A news run of 4 steps with its exports."""
     out = tmp_path_factory.mktemp("news-run") / "run"
-    train(options(task="news", data=str(news_dir), encoder=str(tiny_encoder), export=True,
-                  max_steps=4, output_dir=str(out)))  # fmt: skip
+    train(
+        options(
+            task="news",
+            data=str(news_dir),
+            encoder=str(tiny_encoder),
+            export=True,
+            max_steps=4,
+            output_dir=str(out),
+        )
+    )
     return out
 
 
@@ -115,8 +132,11 @@ def test_kt_predictions_csv_follows_the_input_file(kt_run, kt_dir, tmp_path):
     assert len(rows) == len(source) == got["interactions"]
     assert [int(r["line"]) for r in rows] == list(range(2, len(source) + 2))
     for r, s in zip(rows, source):
-        assert (r["user_id"], r["item_id"], r["correct"]) == (s["user_id"], s["item_id"],
-                                                              s["correct"])  # fmt: skip
+        assert (r["user_id"], r["item_id"], r["correct"]) == (
+            s["user_id"],
+            s["item_id"],
+            s["correct"],
+        )
         assert 0 < float(r["probability"]) < 1
     assert "cold_auc" not in got and 0 <= got["auc"] <= 1
 
@@ -150,8 +170,7 @@ def test_kt_unknown_answers(kt_run, kt_dir, tmp_path):
 
     full = predict(kt_run, tmp_path / "p-full", data=str(kt_dir), device="cpu")
     got = predict(kt_run, tmp_path / "p-blanked", data=str(tmp_path / "blanked"), device="cpu")
-    without = predict(kt_run, tmp_path / "p-dropped", data=str(tmp_path / "dropped"),
-                      device="cpu")  # fmt: skip
+    without = predict(kt_run, tmp_path / "p-dropped", data=str(tmp_path / "dropped"), device="cpu")
     assert got == without and got["interactions"] == full["interactions"] - 1
     p_full = read_probabilities(tmp_path / "p-full" / "predictions.csv")
     p_blank = read_probabilities(tmp_path / "p-blanked" / "predictions.csv")
@@ -255,8 +274,7 @@ def test_topk_file_ranks_the_catalogue(news_run, news_dir, tmp_path):
     from gram_scale.data.mind import read_split
     from gram_scale.inference import empty_data, load_run
 
-    predict(news_run, tmp_path / "out", data=str(news_dir / "dev"), topk=5, chunk=7,
-            device="cpu")  # fmt: skip
+    predict(news_run, tmp_path / "out", data=str(news_dir / "dev"), topk=5, chunk=7, device="cpu")
     lines = (tmp_path / "out" / "topk.tsv").read_text().splitlines()
     run = load_run(news_run, "cpu")
     part = read_split(news_dir / "dev")
@@ -278,8 +296,12 @@ def launch_predict(*argv) -> None:
     """``gram_scale.predict ARGV`` on 2 CPU processes (accelerate launch, gloo)."""
     from launching import run
 
-    run([*map(str, argv), "--device", "cpu"], processes=2, launcher_args=["-m"],
-        script="gram_scale.predict")  # fmt: skip
+    run(
+        [*map(str, argv), "--device", "cpu"],
+        processes=2,
+        launcher_args=["-m"],
+        script="gram_scale.predict",
+    )
 
 
 def test_two_processes_predict_as_one(kt_run, news_run, kt_dir, news_dir, tmp_path):
@@ -292,15 +314,18 @@ def test_two_processes_predict_as_one(kt_run, news_run, kt_dir, news_dir, tmp_pa
     from gram_scale.inference import empty_data, load_run
 
     launch_predict("--run", kt_run, "--split", "test", "--out", tmp_path / "kt2")
-    launch_predict("--run", news_run, "--data", news_dir / "dev", "--topk", 3, "--out",
-                   tmp_path / "news2")  # fmt: skip
+    launch_predict(
+        "--run", news_run, "--data", news_dir / "dev", "--topk", 3, "--out", tmp_path / "news2"
+    )
     one = predict(kt_run, tmp_path / "kt1", split="test", device="cpu")
     two = json.loads((tmp_path / "kt2" / "metrics.json").read_text())
     assert_close(two["metrics"], one, ("auc", "acc", "cold_auc"))
     n_items = len(read_items(kt_dir / "items.csv"))
     assert two["processes"] == 2
-    assert two["encoded_items_per_process"] == torch.bincount(
-        owner_of(torch.arange(n_items), 2), minlength=2).tolist()  # fmt: skip
+    assert (
+        two["encoded_items_per_process"]
+        == torch.bincount(owner_of(torch.arange(n_items), 2), minlength=2).tolist()
+    )
     assert min(two["encoded_items_per_process"]) > 0
     p_one = read_probabilities(tmp_path / "kt1" / "predictions.csv")
     p_two = read_probabilities(tmp_path / "kt2" / "predictions.csv")
@@ -319,8 +344,9 @@ def test_two_processes_predict_as_one(kt_run, news_run, kt_dir, news_dir, tmp_pa
     lines_one = read_prediction(tmp_path / "news1" / "prediction.txt")
     lines_two = read_prediction(tmp_path / "news2" / "prediction.txt")
     assert [i for i, _ in lines_two] == [i for i, _ in lines_one]
-    clear = [float(torch.sort(s).values.diff().min()) > 1e-5 if len(s) > 1 else True
-             for s in scores]  # fmt: skip
+    clear = [
+        float(torch.sort(s).values.diff().min()) > 1e-5 if len(s) > 1 else True for s in scores
+    ]
     assert sum(clear) >= len(clear) / 2
     assert all(a == b for (_, a), (_, b), c in zip(lines_one, lines_two, clear) if c)
     top_one = (tmp_path / "news1" / "topk.tsv").read_text().splitlines()
@@ -362,32 +388,37 @@ def one_line_exit_2(capsys, *argv) -> str:
 
 def test_not_a_run(capsys, tmp_path, kt_dir):
     (tmp_path / "empty").mkdir()
-    line = one_line_exit_2(capsys, "--run", tmp_path / "empty", "--data", kt_dir, "--out",
-                           tmp_path / "out")  # fmt: skip
+    line = one_line_exit_2(
+        capsys, "--run", tmp_path / "empty", "--data", kt_dir, "--out", tmp_path / "out"
+    )
     assert "not a finished gram-scale run (no options.json" in line
     assert not (tmp_path / "out").exists()
     (tmp_path / "file").write_text("x")
-    line = one_line_exit_2(capsys, "--run", tmp_path / "file", "--split", "test", "--out",
-                           tmp_path / "out")  # fmt: skip
+    line = one_line_exit_2(
+        capsys, "--run", tmp_path / "file", "--split", "test", "--out", tmp_path / "out"
+    )
     assert "is a file, not a run's output folder" in line
 
 
 def test_run_without_exports(capsys, tmp_path, kt_dir):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "options.json").write_text("{}")
-    line = one_line_exit_2(capsys, "--run", tmp_path / "run", "--data", kt_dir, "--out",
-                           tmp_path / "out")  # fmt: skip
+    line = one_line_exit_2(
+        capsys, "--run", tmp_path / "run", "--data", kt_dir, "--out", tmp_path / "out"
+    )
     assert "the run exported no models" in line and "--no-export" in line
 
 
 def test_run_of_the_other_task(capsys, kt_run, news_run, kt_dir, news_dir, tmp_path):
-    line = one_line_exit_2(capsys, "--run", kt_run, "--data", news_dir / "dev", "--out",
-                           tmp_path / "a")  # fmt: skip
+    line = one_line_exit_2(
+        capsys, "--run", kt_run, "--data", news_dir / "dev", "--out", tmp_path / "a"
+    )
     assert f"is MIND news data, but {kt_run} is a kt run" in line
     line = one_line_exit_2(capsys, "--run", news_run, "--data", kt_dir, "--out", tmp_path / "b")
     assert f"is knowledge-tracing data, but {news_run} is a news run" in line
-    line = one_line_exit_2(capsys, "--run", kt_run, "--data", kt_dir, "--topk", "3", "--out",
-                           tmp_path / "c")  # fmt: skip
+    line = one_line_exit_2(
+        capsys, "--run", kt_run, "--data", kt_dir, "--topk", "3", "--out", tmp_path / "c"
+    )
     assert f"--topk: ranks news; {kt_run} is a kt run" in line
 
 
@@ -441,23 +472,45 @@ def test_flag_mistakes(capsys, news_run, news_dir, tmp_path):
     assert "--data: missing" in line
     line = one_line_exit_2(capsys, "--run", news_run, "--data", news_dir, "--out", tmp_path / "b")
     assert "is a MIND training data folder (train/, dev/): add --split" in line
-    line = one_line_exit_2(capsys, "--run", news_run, "--data", news_dir / "dev", "--split",
-                           "test", "--out", tmp_path / "c")  # fmt: skip
+    line = one_line_exit_2(
+        capsys,
+        "--run",
+        news_run,
+        "--data",
+        news_dir / "dev",
+        "--split",
+        "test",
+        "--out",
+        tmp_path / "c",
+    )
     assert "--split: picks a split of the run's training data folder" in line
     line = one_line_exit_2(capsys, "--run", news_run, "--split", "train", "--out", tmp_path / "d")
     assert "--split: invalid choice: 'train'" in line
     (tmp_path / "file").write_text("")
-    line = one_line_exit_2(capsys, "--run", news_run, "--split", "test", "--out",
-                           tmp_path / "file")  # fmt: skip
+    line = one_line_exit_2(capsys, "--run", news_run, "--split", "test", "--out", tmp_path / "file")
     assert "--out: " in line and "is a file" in line
 
 
 def test_command_line_exit_code(tmp_path):
     """The module runs as a command: one line on stderr, exit 2, no traceback."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "gram_scale.predict", "--run", str(tmp_path),
-                        "--split", "test", "--out", str(tmp_path / "out")], capture_output=True,
-                       text=True, env=env, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gram_scale.predict",
+            "--run",
+            str(tmp_path),
+            "--split",
+            "test",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"error: {tmp_path}: not a finished gram-scale run (no options.json; a run writes it "
@@ -473,15 +526,27 @@ def read_vectors(path: Path) -> tuple[list[str], torch.Tensor]:
         return json.loads(f.metadata()["ids"]), f.get_tensor("vectors")
 
 
-def test_embed_training_items_equals_exported_vectors(kt_run, news_run, kt_dir, news_dir,
-                                                      tmp_path):  # fmt: skip
+def test_embed_training_items_equals_exported_vectors(kt_run, news_run, kt_dir, news_dir, tmp_path):
     """The export's item-vector format, and the vectors the run exported (the best model's for
     the --save-best KT run), from an items.csv and from a news.tsv."""
     from gram_scale.embed import main as embed_main
 
     out = tmp_path / "new" / "kt.safetensors"
-    assert embed_main(["--run", str(kt_run), "--items", str(kt_dir / "items.csv"),
-                       "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        embed_main(
+            [
+                "--run",
+                str(kt_run),
+                "--items",
+                str(kt_dir / "items.csv"),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     ids, vectors = read_vectors(out)
     want_ids, want = read_vectors(kt_run / "item_vectors.safetensors")
     assert ids == want_ids and vectors.dtype == want.dtype
@@ -489,8 +554,21 @@ def test_embed_training_items_equals_exported_vectors(kt_run, news_run, kt_dir, 
     assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
     out = tmp_path / "news.safetensors"
-    assert embed_main(["--run", str(news_run), "--items", str(news_dir / "train" / "news.tsv"),
-                       "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        embed_main(
+            [
+                "--run",
+                str(news_run),
+                "--items",
+                str(news_dir / "train" / "news.tsv"),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     ids, vectors = read_vectors(out)
     all_ids, exported = read_vectors(news_run / "item_vectors.safetensors")
     at = {item: i for i, item in enumerate(all_ids)}
@@ -547,10 +625,19 @@ def test_plot_marks_window_ends(tmp_path):
     from gram_scale.plot import main as plot_main
     from gram_scale.plot import series
 
-    lines = [json.dumps({"step": i, "loss": 1.0 / (i + 1), "encoder_updated": i in (2, 5),
-                         "lr_encoder": 1e-4, "lr_cf": 1e-3,
-                         **({"valid": {"auc": 0.6, "interactions": 9}} if i == 3 else {})})
-             for i in range(7)]  # fmt: skip
+    lines = [
+        json.dumps(
+            {
+                "step": i,
+                "loss": 1.0 / (i + 1),
+                "encoder_updated": i in (2, 5),
+                "lr_encoder": 1e-4,
+                "lr_cf": 1e-3,
+                **({"valid": {"auc": 0.6, "interactions": 9}} if i == 3 else {}),
+            }
+        )
+        for i in range(7)
+    ]
     (tmp_path / "history.jsonl").write_text("\n".join(lines) + '\n{"step": 7, "lo')
     (tmp_path / "options.json").write_text(json.dumps({"strategy": "multi", "task": "kt"}))
     s = series(tmp_path)

@@ -303,11 +303,13 @@ TRAIN_BEHAVIORS = (
 # Dev impression i shows N3 N1 N2 clicked by the low 3 bits of i (a news is never both clicked
 # and not), and its history repeats one news 1 + i // 8 times, so labels and history name it.
 DEV_BEHAVIORS = "".join(
-    f"{i}\tU{i}\t11/15/2019 9:00:00 AM\t" + " ".join([f"N{1 + i % 2}"] * (1 + i // 8)) + "\t"
+    f"{i}\tU{i}\t11/15/2019 9:00:00 AM\t"
+    + " ".join([f"N{1 + i % 2}"] * (1 + i // 8))
+    + "\t"
     + " ".join(f"{n}-{(i >> b) & 1}" for b, n in enumerate(["N3", "N1", "N2"]))
     + "\n"
     for i in range(1, 11)
-)  # fmt: skip
+)
 
 
 def dev_number(impression) -> int:

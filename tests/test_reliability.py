@@ -21,9 +21,26 @@ from gram_scale.trainer import setup, train
 
 
 def common(kt_dir, encoder, out) -> list[str]:
-    return ["--data", str(kt_dir), "--encoder", str(encoder), "--max-tokens", "16",
-            "--batch-size", "8", "--seq-len", "20", "--epochs", "1", "--no-progress",
-            "--no-export", "--config", "none", "--output-dir", str(out)]  # fmt: skip
+    return [
+        "--data",
+        str(kt_dir),
+        "--encoder",
+        str(encoder),
+        "--max-tokens",
+        "16",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "20",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--no-export",
+        "--config",
+        "none",
+        "--output-dir",
+        str(out),
+    ]
 
 
 def one_line(err: str) -> str:
@@ -34,12 +51,16 @@ def one_line(err: str) -> str:
 
 # ---- stop signals ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name, code", [("SIGTERM", EXIT_TERMINATED), ("SIGUSR1", EXIT_SIGUSR1)])
-def test_stop_signal_checkpoints_and_exits_with_its_code(name, code, kt_dir, tiny_encoder,
-                                                         tmp_path):  # fmt: skip
+def test_stop_signal_checkpoints_and_exits_with_its_code(
+    name, code, kt_dir, tiny_encoder, tmp_path
+):
     out = tmp_path / "run"
     # no --save-every: --save-on-signal (the default) still leaves a checkpoint
-    r = run([*common(kt_dir, tiny_encoder, out), "--max-steps", "6"], check=False,
-            extra_env={"GRAM_FAULT_KILL": f"0:2:{name}"})  # fmt: skip
+    r = run(
+        [*common(kt_dir, tiny_encoder, out), "--max-steps", "6"],
+        check=False,
+        extra_env={"GRAM_FAULT_KILL": f"0:2:{name}"},
+    )
     assert r.returncode == code, r.stderr[-3000:]
     line = one_line(r.stderr)
     assert f"stopped by {name} after step 3" in line and "--resume latest" in line
@@ -50,8 +71,11 @@ def test_stop_signal_checkpoints_and_exits_with_its_code(name, code, kt_dir, tin
 
 def test_sigterm_without_save_on_signal_ends_the_run_at_once(kt_dir, tiny_encoder, tmp_path):
     out = tmp_path / "run"
-    r = run([*common(kt_dir, tiny_encoder, out), "--max-steps", "6", "--no-save-on-signal"],
-            check=False, extra_env={"GRAM_FAULT_KILL": "0:2:SIGTERM"})  # fmt: skip
+    r = run(
+        [*common(kt_dir, tiny_encoder, out), "--max-steps", "6", "--no-save-on-signal"],
+        check=False,
+        extra_env={"GRAM_FAULT_KILL": "0:2:SIGTERM"},
+    )
     assert r.returncode == -15  # the default action: killed by the signal, no checkpoint
     assert list_checkpoints(out / "checkpoints") == []
 
@@ -60,8 +84,15 @@ def test_sigterm_without_save_on_signal_ends_the_run_at_once(kt_dir, tiny_encode
 # Multi-step in windows of 3 over 5 steps (the last window, steps 3-4, is closed after the
 # loop), evaluations after steps 2 and 4 with --save-best staging, float64: a run stopped in any
 # phase and resumed must end exactly as this one does uninterrupted.
-PHASES = dict(strategy="multi", window="3", max_steps=5, eval_every=2, save_best=True,
-              export=True, precision="fp64")  # fmt: skip
+PHASES = dict(
+    strategy="multi",
+    window="3",
+    max_steps=5,
+    eval_every=2,
+    save_best=True,
+    export=True,
+    precision="fp64",
+)
 
 
 def train_in_process(kt_dir, encoder, out, **kw) -> dict:
@@ -98,8 +129,9 @@ def assert_same_end(full: Path, out: Path) -> None:
     assert not list(out.glob(".partial-*")) and not (out / ".best").exists()
 
 
-def test_a_signal_during_a_step_stops_after_that_step(uninterrupted, kt_dir, tiny_encoder,
-                                                      tmp_path, monkeypatch, capsys):  # fmt: skip
+def test_a_signal_during_a_step_stops_after_that_step(
+    uninterrupted, kt_dir, tiny_encoder, tmp_path, monkeypatch, capsys
+):
     """SIGTERM inside step 2 (after its collective): step 2 is the last one trained, not step 3,
     and the resumed run ends as the uninterrupted one."""
     out = tmp_path / "run"
@@ -111,8 +143,9 @@ def test_a_signal_during_a_step_stops_after_that_step(uninterrupted, kt_dir, tin
     assert_same_end(uninterrupted, out)
 
 
-def test_a_signal_while_staging_the_best_keeps_it(uninterrupted, kt_dir, tiny_encoder, tmp_path,
-                                                  monkeypatch, capsys):  # fmt: skip
+def test_a_signal_while_staging_the_best_keeps_it(
+    uninterrupted, kt_dir, tiny_encoder, tmp_path, monkeypatch, capsys
+):
     """SIGTERM while the best export after step 2 is staged: the staging finishes and goes into
     the step-2 checkpoint."""
     out = tmp_path / "run"
@@ -125,9 +158,9 @@ def test_a_signal_while_staging_the_best_keeps_it(uninterrupted, kt_dir, tiny_en
     assert_same_end(uninterrupted, out)
 
 
-def test_a_signal_in_the_final_evaluation_keeps_the_trained_state(uninterrupted, kt_dir,
-                                                                  tiny_encoder, tmp_path,
-                                                                  monkeypatch, capsys):  # fmt: skip
+def test_a_signal_in_the_final_evaluation_keeps_the_trained_state(
+    uninterrupted, kt_dir, tiny_encoder, tmp_path, monkeypatch, capsys
+):
     """SIGTERM in the final evaluation: a checkpoint of all 5 steps (the last window closed), no
     export; the resumed run trains nothing, evaluates and exports."""
     out = tmp_path / "run"
@@ -142,18 +175,20 @@ def test_a_signal_in_the_final_evaluation_keeps_the_trained_state(uninterrupted,
     assert_same_end(uninterrupted, out)
 
 
-def test_a_signal_during_the_export_lets_it_finish(uninterrupted, kt_dir, tiny_encoder, tmp_path,
-                                                   monkeypatch, capsys):  # fmt: skip
+def test_a_signal_during_the_export_lets_it_finish(
+    uninterrupted, kt_dir, tiny_encoder, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     line = stopped_in("export", kt_dir, tiny_encoder, out, monkeypatch, capsys)
-    assert line == (f"stopped by SIGTERM during the export, after step 5; the export is complete "
-                    f"({out}/metrics.json)")  # fmt: skip
+    assert line == (
+        f"stopped by SIGTERM during the export, after step 5; the export is complete "
+        f"({out}/metrics.json)"
+    )
     assert list_checkpoints(out / "checkpoints") == []  # the export holds everything
     assert_same_end(uninterrupted, out)
 
 
-def test_killed_in_the_export_the_resume_tidies_up_and_only_exports(kt_dir, tiny_encoder,
-                                                                    tmp_path):  # fmt: skip
+def test_killed_in_the_export_the_resume_tidies_up_and_only_exports(kt_dir, tiny_encoder, tmp_path):
     out = tmp_path / "run"
     args = [*common(kt_dir, tiny_encoder, out), "--export", "--max-steps", "4", "--save-every", "4"]
     r = run(args, check=False, extra_env={"GRAM_FAULT_KILL": "0:export"})  # SIGKILL mid-export
@@ -170,8 +205,11 @@ def test_killed_in_the_export_the_resume_tidies_up_and_only_exports(kt_dir, tiny
 @pytest.mark.parametrize("what", ["RuntimeError", "OOM"])
 def test_a_real_failure_is_reported_as_itself(what, kt_dir, tiny_encoder, tmp_path):
     out = tmp_path / "run"
-    r = run([*common(kt_dir, tiny_encoder, out), "--max-steps", "4"], check=False,
-            extra_env={"GRAM_FAULT_KILL": f"0:1:{what}"})  # fmt: skip
+    r = run(
+        [*common(kt_dir, tiny_encoder, out), "--max-steps", "4"],
+        check=False,
+        extra_env={"GRAM_FAULT_KILL": f"0:1:{what}"},
+    )
     assert r.returncode == EXIT_FAILED, r.stderr[-3000:]
     line = one_line(r.stderr)
     log = out / "error-rank0.log"
@@ -185,12 +223,17 @@ def test_a_real_failure_is_reported_as_itself(what, kt_dir, tiny_encoder, tmp_pa
     assert "Traceback" in log.read_text() and "inject_fault" in log.read_text()
 
 
-def test_a_failing_rank_says_what_failed_and_its_peer_that_it_was_lost(kt_dir, tiny_encoder,
-                                                                       tmp_path):  # fmt: skip
+def test_a_failing_rank_says_what_failed_and_its_peer_that_it_was_lost(
+    kt_dir, tiny_encoder, tmp_path
+):
     out = tmp_path / "run"
-    r = run([*common(kt_dir, tiny_encoder, out), "--max-steps", "4", "--dist-timeout", "60"],
-            processes=2, check=False, timeout=300,
-            extra_env={"GRAM_FAULT_KILL": "1:1:RuntimeError"})  # fmt: skip
+    r = run(
+        [*common(kt_dir, tiny_encoder, out), "--max-steps", "4", "--dist-timeout", "60"],
+        processes=2,
+        check=False,
+        timeout=300,
+        extra_env={"GRAM_FAULT_KILL": "1:1:RuntimeError"},
+    )
     assert r.returncode != 0
     assert "error: rank 1: RuntimeError: mat1 and mat2 shapes" in r.stderr, r.stderr[-3000:]
     assert "rank 1: lost another process" not in r.stderr
@@ -221,8 +264,9 @@ class _Strategy:
 
 
 @pytest.mark.parametrize("crash_at", [1, 2, None])
-def test_replacing_a_checkpoint_keeps_an_intact_copy_at_every_point(crash_at, tmp_path,
-                                                                    monkeypatch):  # fmt: skip
+def test_replacing_a_checkpoint_keeps_an_intact_copy_at_every_point(
+    crash_at, tmp_path, monkeypatch
+):
     state = TrainState(_Strategy())
     state.step = 4
     save(_Accelerator(b"old"), state, tmp_path, keep=2)
@@ -252,8 +296,13 @@ def test_replacing_a_checkpoint_keeps_an_intact_copy_at_every_point(crash_at, tm
 
 def test_ranks_agree_to_skip_a_checkpoint_one_rank_finds_corrupt(kt_dir, tiny_encoder, tmp_path):
     out = tmp_path / "run"
-    args = [*common(kt_dir, tiny_encoder, out), "--config", "ds_configs/zero2.json",
-            "--save-every", "2"]  # fmt: skip
+    args = [
+        *common(kt_dir, tiny_encoder, out),
+        "--config",
+        "ds_configs/zero2.json",
+        "--save-every",
+        "2",
+    ]
     run([*args, "--max-steps", "4"], processes=2)
     (newest, folder), (previous, previous_folder) = list_checkpoints(out / "checkpoints")
     assert (newest, previous) == (4, 2)
@@ -273,11 +322,34 @@ def test_history_is_streamed_and_memory_stays_flat(tiny_encoder, tmp_path):
     data = tmp_path / "kt"
     write_kt(data, n_users=700, n_items=40, mean_len=70, n_unused_items=0, seed=3)
     out = tmp_path / "run"
-    run(["--data", str(data), "--encoder", str(tiny_encoder), "--max-tokens", "8",
-         "--batch-size", "1", "--seq-len", "5", "--epochs", "1", "--max-steps", "5000",
-         "--freeze-encoder", "--strategy", "multi", "--window", "1E", "--no-progress",
-         "--no-export", "--output-dir", str(out)],
-        timeout=900)  # fmt: skip
+    run(
+        [
+            "--data",
+            str(data),
+            "--encoder",
+            str(tiny_encoder),
+            "--max-tokens",
+            "8",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "5",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "5000",
+            "--freeze-encoder",
+            "--strategy",
+            "multi",
+            "--window",
+            "1E",
+            "--no-progress",
+            "--no-export",
+            "--output-dir",
+            str(out),
+        ],
+        timeout=900,
+    )
     # (a frozen encoder's 1E window encodes the 40 items once, so the steps cost the CF model)
     records = history(out)
     assert [h["step"] for h in records] == list(range(5000))
@@ -302,8 +374,13 @@ def _nan_encoder_gradient_at(runner, calls: set[int]) -> None:
 
 @pytest.mark.parametrize("strategy", ["single", "multi"])
 def test_non_finite_encoder_gradient_drops_that_update(strategy, kt_dir, tiny_encoder):
-    opts = options(data=str(kt_dir), encoder=str(tiny_encoder), strategy=strategy, window="1",
-                   encoder_batch_size=512)  # fmt: skip
+    opts = options(
+        data=str(kt_dir),
+        encoder=str(tiny_encoder),
+        strategy=strategy,
+        window="1",
+        encoder_batch_size=512,
+    )
     s = setup(opts, load_data(opts))
     _nan_encoder_gradient_at(s.runner, {1})  # the second step's (window's) encoder backward
     batches = s.task.train_batches(0)
@@ -353,9 +430,14 @@ print("RESULT", nan_step, bool(torch.equal(w0, w1)), good_step, bool(torch.isfin
 
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
 def test_deepspeed_drops_a_non_finite_encoder_update(config, tiny_encoder):
-    r = subprocess.run([sys.executable, "-c", _ZERO_SKIP, str(tiny_encoder),
-                        f"ds_configs/{config}.json"], cwd=ROOT, env=env(), capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", _ZERO_SKIP, str(tiny_encoder), f"ds_configs/{config}.json"],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     result = [line for line in r.stdout.splitlines() if line.startswith("RESULT")]
     # NaN step dropped, weights bitwise unchanged; the next step applied, finite, and moved them

@@ -37,38 +37,90 @@ def test_train_state_round_trip_restores_every_field():
     restored = TrainState(_Strategy())
     restored.load_state_dict(state)
     older = TrainState(_Strategy())  # a checkpoint from before the token counters
-    older.load_state_dict({**state, "counters": {"occurrences": 40, "unique": 1,
-                                                 "item_forwards": 2, "item_backwards": 3}})  # fmt: skip
-    assert older.counters == {**restored.counters, "padded_forward": 0, "unique": 1,
-                              "item_forwards": 2, "item_backwards": 3}  # fmt: skip
+    older.load_state_dict(
+        {
+            **state,
+            "counters": {"occurrences": 40, "unique": 1, "item_forwards": 2, "item_backwards": 3},
+        }
+    )
+    assert older.counters == {
+        **restored.counters,
+        "padded_forward": 0,
+        "unique": 1,
+        "item_forwards": 2,
+        "item_backwards": 3,
+    }
     assert restored.strategy.table == [1, 2]
     assert {k: getattr(restored, k) for k in vars(restored) if k != "strategy"} == {
-        "step": 7, "epoch": 1, "batch_in_epoch": 3, "train_seconds": 2.5,
-        "counters": {"occurrences": 40, "unique": 0, "item_forwards": 0, "item_backwards": 0,
-                     "tokens_forward": 0, "padded_forward": 96, "tokens_backward": 0,
-                     "padded_backward": 0},
+        "step": 7,
+        "epoch": 1,
+        "batch_in_epoch": 3,
+        "train_seconds": 2.5,
+        "counters": {
+            "occurrences": 40,
+            "unique": 0,
+            "item_forwards": 0,
+            "item_backwards": 0,
+            "tokens_forward": 0,
+            "padded_forward": 96,
+            "tokens_backward": 0,
+            "padded_backward": 0,
+        },
         "epochs": [{"epoch": 0, "step": 4}],
-        "skipped_steps": 2, "bad_in_a_row": 1,
+        "skipped_steps": 2,
+        "bad_in_a_row": 1,
         "evals": [{"step": 3, "epoch": 0, "valid": {"auc": 0.5}}],
         "best": {"step": 3, "epoch": 0, "valid": {"auc": 0.5}, "test": {"auc": 0.6}},
-    }  # fmt: skip
+    }
 
 
 # run name -> strategy flags; multi-adam: table rows moved by per-row Adam, whose state a
 # checkpoint mid-window must carry
-STRATEGIES = {"single": ["--strategy", "single"], "multi": ["--strategy", "multi"],
-              "multi-adam": ["--strategy", "multi", "--table-optimizer", "adam",
-                             "--table-lr", "0.05"]}  # fmt: skip
+STRATEGIES = {
+    "single": ["--strategy", "single"],
+    "multi": ["--strategy", "multi"],
+    "multi-adam": ["--strategy", "multi", "--table-optimizer", "adam", "--table-lr", "0.05"],
+}
 
 
 def args(kt_dir, tiny_encoder, strategy: str, out) -> list[str]:
-    return ["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
-            "--epochs", "2", "--max-steps", "9", "--batch-size", "8", "--seq-len", "20",
-            *STRATEGIES[strategy], "--window", "3", "--save-every", "2", "--cf-dropout", "0.1",
-            # warmup then cosine decay: the resumed run must go on from the saved LR position
-            "--lr-schedule", "cosine", "--warmup-steps", "3", "--max-grad-norm", "1.0",
-            "--config", "ds_configs/zero2.json", "--precision", "fp64", "--no-progress",
-            "--output-dir", str(out)]  # fmt: skip
+    return [
+        "--data",
+        str(kt_dir),
+        "--encoder",
+        str(tiny_encoder),
+        "--max-tokens",
+        "16",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "9",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "20",
+        *STRATEGIES[strategy],
+        "--window",
+        "3",
+        "--save-every",
+        "2",
+        "--cf-dropout",
+        "0.1",
+        # warmup then cosine decay: the resumed run must go on from the saved LR position
+        "--lr-schedule",
+        "cosine",
+        "--warmup-steps",
+        "3",
+        "--max-grad-norm",
+        "1.0",
+        "--config",
+        "ds_configs/zero2.json",
+        "--precision",
+        "fp64",
+        "--no-progress",
+        "--output-dir",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +162,20 @@ def test_elastic_restart_after_sigkill_equals_uninterrupted(
     strategy, uninterrupted, kt_dir, tiny_encoder, tmp_path
 ):
     out = tmp_path / "elastic"
-    r = run([*args(kt_dir, tiny_encoder, strategy, out), "--resume", "latest"], processes=2,
-            extra_env={"GRAM_FAULT_KILL": "1:5"}, launcher_args=["--max_restarts", "2"])  # fmt: skip
+    r = run(
+        [*args(kt_dir, tiny_encoder, strategy, out), "--resume", "latest"],
+        processes=2,
+        extra_env={"GRAM_FAULT_KILL": "1:5"},
+        launcher_args=["--max_restarts", "2"],
+    )
     assert "starting from scratch" in r.stdout  # first attempt: nothing to resume yet
     assert "resumed from" in r.stdout and "step-00000004" in r.stdout  # after the restart
     assert_same_run(reference(uninterrupted, strategy), out)
 
 
-def test_sigterm_mid_window_then_resume_equals_uninterrupted(uninterrupted, kt_dir, tiny_encoder,
-                                                             tmp_path):  # fmt: skip
+def test_sigterm_mid_window_then_resume_equals_uninterrupted(
+    uninterrupted, kt_dir, tiny_encoder, tmp_path
+):
     """A preemption: SIGTERM reaches one rank before step 4 (window 3..5); every rank finishes
     step 4, a checkpoint of 5 steps is written, and a resumed run ends equal to the
     uninterrupted one."""
@@ -135,13 +192,20 @@ def test_sigterm_mid_window_then_resume_equals_uninterrupted(uninterrupted, kt_d
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(kt_dir, tiny_encoder, tmp_path):
     out = tmp_path / "run"
-    one = [*args(kt_dir, tiny_encoder, "single", out), "--config", "none",
-           "--lr-schedule", "constant"]  # the last of a repeated flag wins  # fmt: skip
+    one = [
+        *args(kt_dir, tiny_encoder, "single", out),
+        "--config",
+        "none",
+        "--lr-schedule",
+        "constant",
+    ]  # the last of a repeated flag wins
     run([*one, "--max-steps", "4"])
     (newest, folder), (prev, prev_folder) = list_checkpoints(out / "checkpoints")[:2]
     assert (newest, prev) == (4, 2)
-    victim = max((p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"),
-                 key=lambda p: p.stat().st_size)  # fmt: skip
+    victim = max(
+        (p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"),
+        key=lambda p: p.stat().st_size,
+    )
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncate
     said = []
     assert find_resume(out, "latest", say=said.append) == prev_folder
@@ -168,8 +232,9 @@ def test_resume_restores_the_window_table_exactly(kt_dir, tiny_encoder, tmp_path
     run([*one, "--output-dir", str(full)])
     # stopped (SIGTERM, not a smaller --max-steps: the cosine schedule spans the whole run)
     # with 4 steps done, inside window 3..5
-    r = run([*one, "--output-dir", str(cut)], check=False,
-            extra_env={"GRAM_FAULT_KILL": "0:3:SIGTERM"})  # fmt: skip
+    r = run(
+        [*one, "--output-dir", str(cut)], check=False, extra_env={"GRAM_FAULT_KILL": "0:3:SIGTERM"}
+    )
     assert r.returncode == 128 + 15, r.stderr[-3000:]
     checkpoint = cut / "checkpoints" / "step-00000004"
     shutil.copytree(cut, skewed)

@@ -17,10 +17,32 @@ def trained(kt_dir, tiny_encoder, tmp_path_factory) -> dict:
     """``{(config, precision): (output folder, failure or None)}``: each of CONFIGS trained on 2
     CPU ranks, all in one launch (each run starts a fresh Accelerator and DeepSpeed engine)."""
     out = {c: tmp_path_factory.mktemp(f"{c[0]}-{c[1]}") for c in CONFIGS}
-    runs = [["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
-             "--epochs", "2", "--batch-size", "8", "--seq-len", "20", "--lr-cf", "3e-3",
-             "--config", f"ds_configs/{config}.json", "--precision", precision, "--no-progress",
-             "--output-dir", str(folder)] for (config, precision), folder in out.items()]  # fmt: skip
+    runs = [
+        [
+            "--data",
+            str(kt_dir),
+            "--encoder",
+            str(tiny_encoder),
+            "--max-tokens",
+            "16",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--seq-len",
+            "20",
+            "--lr-cf",
+            "3e-3",
+            "--config",
+            f"ds_configs/{config}.json",
+            "--precision",
+            precision,
+            "--no-progress",
+            "--output-dir",
+            str(folder),
+        ]
+        for (config, precision), folder in out.items()
+    ]
     return {c: (out[c], failure) for c, failure in zip(CONFIGS, run_many(runs, processes=2))}
 
 
@@ -44,15 +66,42 @@ def test_offload_configs_train_with_falling_loss(config, precision, trained):
 
 
 def test_wandb_offline_run_holds_logged_keys(kt_dir, tiny_encoder, tmp_path):
-    r = run(["--data", str(kt_dir), "--encoder", str(tiny_encoder), "--max-tokens", "16",
-             "--epochs", "2", "--max-steps", "6", "--batch-size", "8", "--log-every", "1",
-             "--report-to", "wandb", "--no-progress", "--output-dir", str(tmp_path)],
-            extra_env={"WANDB_MODE": "", "WANDB_API_KEY": ""})  # fmt: skip
+    r = run(
+        [
+            "--data",
+            str(kt_dir),
+            "--encoder",
+            str(tiny_encoder),
+            "--max-tokens",
+            "16",
+            "--epochs",
+            "2",
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--log-every",
+            "1",
+            "--report-to",
+            "wandb",
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        extra_env={"WANDB_MODE": "", "WANDB_API_KEY": ""},
+    )
     assert r.stdout.count("logging offline") == 1
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     logged = set(re.findall(rb"(?:train|valid|test)/[a-z_@0-9]+", runs[0].read_bytes()))
-    for key in (b"train/loss", b"train/items_per_s", b"train/item_backwards",
-                b"train/occurrence_unique_ratio", b"train/comm_bytes_sent",
-                b"train/comm_bytes_received", b"valid/auc", b"test/auc"):  # fmt: skip
+    for key in (
+        b"train/loss",
+        b"train/items_per_s",
+        b"train/item_backwards",
+        b"train/occurrence_unique_ratio",
+        b"train/comm_bytes_sent",
+        b"train/comm_bytes_received",
+        b"valid/auc",
+        b"test/auc",
+    ):
         assert key in logged, logged

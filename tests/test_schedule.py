@@ -63,9 +63,16 @@ def _lrs_per_step(opts, data, n_steps: int):
 
 def test_multi_step_encoder_schedule_counts_windows(kt_dir, tiny_encoder):
     """One mini-batch per window: the encoder steps at the end of steps 1, 3, 5."""
-    opts = options(data=str(kt_dir), encoder=str(tiny_encoder), strategy="multi", window="2",
-                   max_steps=6, lr_schedule="linear", warmup_steps=1,
-                   regress_batch_size="100000")  # fmt: skip
+    opts = options(
+        data=str(kt_dir),
+        encoder=str(tiny_encoder),
+        strategy="multi",
+        window="2",
+        max_steps=6,
+        lr_schedule="linear",
+        warmup_steps=1,
+        regress_batch_size="100000",
+    )
     _, seen = _lrs_per_step(opts, load_data(opts), 6)
     enc = Schedule("linear", 1, 3)
     cf = Schedule("linear", 1, 6)
@@ -77,8 +84,15 @@ def test_multi_step_encoder_schedule_counts_mini_batches(kt_dir, tiny_encoder):
     """Auto mini-batches: 7 steps in windows of 3 make 3 + 3 + 1 encoder steps (each window
     touches more items than it has steps), as estimated, so the linear decay ends on the last
     one; the encoder's rate at each window start is the schedule's after the steps so far."""
-    opts = options(data=str(kt_dir), encoder=str(tiny_encoder), strategy="multi", window="3",
-                   max_steps=7, lr_schedule="linear", warmup_steps=2)  # fmt: skip
+    opts = options(
+        data=str(kt_dir),
+        encoder=str(tiny_encoder),
+        strategy="multi",
+        window="3",
+        max_steps=7,
+        lr_schedule="linear",
+        warmup_steps=2,
+    )
     s, seen = _lrs_per_step(opts, load_data(opts), 7)
     assert s.runner.scheduler.last_epoch == 6  # 2 windows so far; the tail waits for finish
     s.strategy.finish(7)
@@ -98,8 +112,12 @@ def test_max_grad_norm_clips_both_optimizers(kt_dir, tiny_encoder):
         for name, opt in (("encoder", s.runner.optimizer), ("cf", s.cf.optimizer)):
 
             def before_step(opt, args, kwargs, _name=name):
-                grads = [p.grad.norm() for g in opt.param_groups for p in g["params"]
-                         if p.grad is not None]  # fmt: skip
+                grads = [
+                    p.grad.norm()
+                    for g in opt.param_groups
+                    for p in g["params"]
+                    if p.grad is not None
+                ]
                 seen[_name].append(float(torch.stack(grads).norm()))
 
             opt.register_step_pre_hook(before_step)
@@ -115,7 +133,10 @@ def test_max_grad_norm_clips_both_optimizers(kt_dir, tiny_encoder):
 
 
 def test_deepspeed_config_takes_the_clipping_flag():
-    raw = {"gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto",
-           "zero_optimization": {"stage": 2}}  # fmt: skip
+    raw = {
+        "gradient_clipping": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "zero_optimization": {"stage": 2},
+    }
     assert fill_ds_config(raw, options(max_grad_norm=0.5), 2, 32)["gradient_clipping"] == 0.5
     assert fill_ds_config(raw, options(), 2, 32)["gradient_clipping"] == 0.0

@@ -16,11 +16,31 @@ def test_stats_match_hand_computed(tmp_path):
     rows = ["u1,a,1", "u1,b,0", "u1,a,1", "u1,a,0", "u1,c,1", "u2,b,1", "u2,b,0", "u2,c,1"]
     (tmp_path / "interactions.csv").write_text("user_id,item_id,correct\n" + "\n".join(rows) + "\n")
     r = subprocess.run(
-        [sys.executable, "-m", "gram_scale.stats", "--task", "kt", "--data", str(tmp_path),
-         "--batch-size", "2", "--seq-len", "3", "--valid-frac", "0", "--test-frac", "0",
-         "--cold-frac", "0", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gram_scale.stats",
+            "--task",
+            "kt",
+            "--data",
+            str(tmp_path),
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "3",
+            "--valid-frac",
+            "0",
+            "--test-frac",
+            "0",
+            "--cold-frac",
+            "0",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     # windows of 3: [a b a], [a c], [b b c] -> 3 windows, batches of 2 -> 2 batches
@@ -35,8 +55,13 @@ def test_stats_match_hand_computed(tmp_path):
 
 
 def test_stats_bad_flag_exit_2():
-    r = subprocess.run([sys.executable, "-m", "gram_scale.stats", "--batch-size", "0"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "gram_scale.stats", "--batch-size", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "--batch-size: must be at least 1" in r.stderr
 
@@ -75,10 +100,26 @@ def test_world_traffic_prediction_matches_a_slice_by_slice_count(kt_dir):
 
 def test_world_flag_prints_the_table(tmp_path, kt_dir):
     r = subprocess.run(
-        [sys.executable, "-m", "gram_scale.stats", "--task", "kt", "--data", str(kt_dir),
-         "--batch-size", "8", "--world", "2,4", "--dim", "32"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gram_scale.stats",
+            "--task",
+            "kt",
+            "--data",
+            str(kt_dir),
+            "--batch-size",
+            "8",
+            "--world",
+            "2,4",
+            "--dim",
+            "32",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     at = lines.index("item traffic per rank per step (D = 32, fp32):")

@@ -65,8 +65,14 @@ def test_signal_words_decide_level_and_topic():
     assert word_lists_are_disjoint([*synth.LEVEL_WORDS, synth.KT_TOPICS, synth.KT_FILLER])
     assert word_lists_are_disjoint([*synth.NEWS_TOPICS.values(), synth.NEWS_FILLER])
     # the hidden words are ordinary nouns, none of them a word of the generators' other lists
-    others = [*synth.LEVEL_WORDS, synth.KT_TOPICS, synth.KT_FILLER, synth.NEWS_FILLER,
-              *synth.NEWS_TOPICS.values(), synth.NEWS_CATEGORIES]  # fmt: skip
+    others = [
+        *synth.LEVEL_WORDS,
+        synth.KT_TOPICS,
+        synth.KT_FILLER,
+        synth.NEWS_FILLER,
+        *synth.NEWS_TOPICS.values(),
+        synth.NEWS_CATEGORIES,
+    ]
     assert not set(synth.HIDDEN_WORDS) & set(itertools.chain(*others))
     assert len(set(synth.HIDDEN_WORDS)) == len(synth.HIDDEN_WORDS)
 
@@ -246,8 +252,9 @@ def test_hidden_groups_deal_the_words_at_random_by_seed():
 
 
 def test_kt_finetune_levels_are_hidden_words_of_one_group(tmp_path):
-    folder = synth.write_kt_finetune(tmp_path / "kt", n_users=20, n_items=40, mean_len=10,
-                                     n_unused_items=2, seed=3)  # fmt: skip
+    folder = synth.write_kt_finetune(
+        tmp_path / "kt", n_users=20, n_items=40, mean_len=10, n_unused_items=2, seed=3
+    )
     groups = synth.hidden_groups(len(synth.LEVEL_DIFFICULTY), seed=3)
     for row in kt_rows(folder, "items.csv"):
         words = row["text"].split()
@@ -257,14 +264,22 @@ def test_kt_finetune_levels_are_hidden_words_of_one_group(tmp_path):
         (level,) = hit
         assert 2 <= sum(w in groups[level] for w in words) <= 4
     assert load_kt(folder, seed=0).catalogue.texts  # loadable
-    again = synth.write_kt_finetune(tmp_path / "again", n_users=20, n_items=40, mean_len=10,
-                                    n_unused_items=2, seed=3)  # fmt: skip
+    again = synth.write_kt_finetune(
+        tmp_path / "again", n_users=20, n_items=40, mean_len=10, n_unused_items=2, seed=3
+    )
     assert read_bytes(again, KT_FILES) == read_bytes(folder, KT_FILES)
 
 
 def test_mind_finetune_titles_hold_few_hidden_topic_words(tmp_path):
-    folder = synth.write_mind_finetune(tmp_path / "news", n_users=30, n_news=60, n_topics=6,
-                                       title_topic_words=(1, 2), days=2, seed=4)  # fmt: skip
+    folder = synth.write_mind_finetune(
+        tmp_path / "news",
+        n_users=30,
+        n_news=60,
+        n_topics=6,
+        title_topic_words=(1, 2),
+        days=2,
+        seed=4,
+    )
     groups = synth.hidden_groups(6, seed=4)
     for line in (folder / "train" / "news.tsv").read_text().splitlines():
         title = line.split("\t")[3].split()

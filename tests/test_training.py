@@ -23,18 +23,30 @@ def learn_dirs(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("learn")
     write_kt(base / "kt", n_users=120, n_items=60, mean_len=40, n_unused_items=4, seed=1)
-    write_mind(base / "news", n_users=150, n_news=100, impressions_per_user=3, n_candidates=5,
-               history_len=10, n_dev_only_news=6, seed=1)  # fmt: skip
+    write_mind(
+        base / "news",
+        n_users=150,
+        n_news=100,
+        impressions_per_user=3,
+        n_candidates=5,
+        history_len=10,
+        n_dev_only_news=6,
+        seed=1,
+    )
     return base
 
 
 @pytest.mark.parametrize("task", ["kt", "news"])
 def test_e2e_learns_and_beats_frozen_encoder(task, learn_dirs, tiny_encoder, tmp_path):
-    common = dict(task=task, data=str(learn_dirs / task), encoder=str(tiny_encoder), epochs=4,
-                  batch_size=16)  # fmt: skip
+    common = dict(
+        task=task, data=str(learn_dirs / task), encoder=str(tiny_encoder), epochs=4, batch_size=16
+    )
     tuned = train(options(strategy="e2e", output_dir=str(tmp_path / "tuned"), **common))
-    frozen = train(options(strategy="single", freeze_encoder=True,
-                           output_dir=str(tmp_path / "frozen"), **common))  # fmt: skip
+    frozen = train(
+        options(
+            strategy="single", freeze_encoder=True, output_dir=str(tmp_path / "frozen"), **common
+        )
+    )
     tuned, frozen = tuned["test"]["auc"], frozen["test"]["auc"]
     assert tuned > 0.7, tuned  # chance is 0.5
     assert tuned > frozen + 0.03, (tuned, frozen)
@@ -48,8 +60,15 @@ def test_export_reproduces_item_vectors(kt_dir, tiny_encoder, tmp_path):
     from gram_scale.encoder.model import pool
 
     out = tmp_path / "run"
-    metrics = train(options(data=str(kt_dir), encoder=str(tiny_encoder), export=True, output_dir=str(out),
-                            max_steps=3))  # fmt: skip
+    metrics = train(
+        options(
+            data=str(kt_dir),
+            encoder=str(tiny_encoder),
+            export=True,
+            output_dir=str(out),
+            max_steps=3,
+        )
+    )
     assert json.loads((out / "metrics.json").read_text())["steps"] == metrics["steps"] == 3
     assert json.loads((out / "options.json").read_text())["max_steps"] == 3
     assert not [p for p in out.iterdir() if p.name.startswith(".partial")]
@@ -75,16 +94,36 @@ def test_export_reproduces_item_vectors(kt_dir, tiny_encoder, tmp_path):
 
 def _cli(*args, cwd=ROOT):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_cli_help_lists_every_flag_with_default():
     r = _cli("--help")
     assert r.returncode == 0
-    for flag in ("--task", "--data", "--encoder", "--strategy", "--epochs", "--batch-size",
-                 "--lr-encoder", "--lr-cf", "--seed", "--output-dir", "--config", "--window",
-                 "--regress-batch-size", "--eval-every", "--save-best"):  # fmt: skip
+    for flag in (
+        "--task",
+        "--data",
+        "--encoder",
+        "--strategy",
+        "--epochs",
+        "--batch-size",
+        "--lr-encoder",
+        "--lr-cf",
+        "--seed",
+        "--output-dir",
+        "--config",
+        "--window",
+        "--regress-batch-size",
+        "--eval-every",
+        "--save-best",
+    ):
         assert flag in r.stdout
     assert "(default: single)" in " ".join(r.stdout.split())
 

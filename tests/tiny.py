@@ -28,16 +28,27 @@ def make_tiny_decoder(
     torch.manual_seed(seed)
     if kind == "llama":
         config = LlamaConfig(
-            vocab_size=30522, hidden_size=hidden, intermediate_size=2 * hidden,
-            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            max_position_embeddings=64, attention_dropout=dropout,
-        )  # fmt: skip
+            vocab_size=30522,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            attention_dropout=dropout,
+        )
         model_class, side = LlamaModel, "left"
     elif kind == "gpt2":
         config = GPT2Config(
-            vocab_size=30522, n_embd=hidden, n_layer=2, n_head=2, n_positions=64,
-            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-        )  # fmt: skip
+            vocab_size=30522,
+            n_embd=hidden,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+        )
         model_class, side = GPT2Model, "right"
     else:
         raise ValueError(f"unknown decoder kind {kind!r}")
@@ -53,8 +64,19 @@ def make_tiny_decoder(
 
 def options(**kw) -> Options:
     """Validated options for a quick run (no progress bar, no exports unless asked)."""
-    base = dict(progress=False, export=False, epochs=1, batch_size=8, seq_len=20, max_tokens=16,
-                lr_encoder=1e-3, lr_cf=1e-3, encoder_batch_size=16, history_len=10, cf_heads=2)  # fmt: skip
+    base = dict(
+        progress=False,
+        export=False,
+        epochs=1,
+        batch_size=8,
+        seq_len=20,
+        max_tokens=16,
+        lr_encoder=1e-3,
+        lr_cf=1e-3,
+        encoder_batch_size=16,
+        history_len=10,
+        cf_heads=2,
+    )
     base.update(kw)
     return validate(Options(**base))
 

@@ -45,8 +45,11 @@ def main(runs: list[list[str]]) -> int:
     for i, args in enumerate(runs, 1):
         code = train(args)
         if code:
-            print(f"train_many: run {i} of {len(runs)} failed with exit {code}", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            print(
+                f"train_many: run {i} of {len(runs)} failed with exit {code}",
+                file=sys.stderr,
+                flush=True,
+            )
             return code
         dist.barrier()  # a rank that failed after the others finished fails this run, not the next
         if dist.get_rank() == 0:

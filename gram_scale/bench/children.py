@@ -107,8 +107,14 @@ def run_child(opts: Options, log: Path, env_extra: dict | None = None) -> dict:
         raise RunFailed(f"run failed (exit {proc.returncode}, log {log}): {' '.join(tail)}")
     metrics = json.loads((Path(opts.output_dir) / "metrics.json").read_text())
     rss = usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
-    record = {"rss": rss, "wall": wall, "other_cores": other, "dir": opts.output_dir,
-              "argv": to_argv(opts), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    record = {
+        "rss": rss,
+        "wall": wall,
+        "other_cores": other,
+        "dir": opts.output_dir,
+        "argv": to_argv(opts),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     (Path(opts.output_dir) / RECORD).write_text(json.dumps(record))
     return dict(record, metrics=metrics)
 

@@ -40,40 +40,73 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's flags."""
-    p = _Parser(prog="python -m gram_scale.bench", description=__doc__.splitlines()[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    p.add_argument("--workload", required=True,
-                   metavar="{" + ",".join((*WORKLOADS, LLM_WORKLOAD)) + "}",
-                   help="what to train (see WORKLOADS in gram_scale/bench/workloads.py; llm-1b: "
-                        "gram_scale/bench/llm.py)")  # fmt: skip
+    p = _Parser(
+        prog="python -m gram_scale.bench",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--workload",
+        required=True,
+        metavar="{" + ",".join((*WORKLOADS, LLM_WORKLOAD)) + "}",
+        help="what to train (see WORKLOADS in gram_scale/bench/workloads.py; llm-1b: "
+        "gram_scale/bench/llm.py)",
+    )
     p.add_argument("--out", default="", help="output folder; empty = outputs/bench/<workload>")
     p.add_argument("--encoder", default="", help="encoder folder instead of the workload's")
     p.add_argument(
         "--repeats", type=int, default=1, help="runs per strategy and seed (median timed)"
     )
-    p.add_argument("--seeds", default="0", metavar="S[,S...]",
-                   help="training seeds (--seed of every run: split of KT users, initialisation, "
-                        "order, dropout); the generated data stay the same. AUCs are averaged "
-                        "over the seeds")  # fmt: skip
-    p.add_argument("--reuse", default="", metavar="RUN[,RUN...]",
-                   help="take these runs (e.g. e2e,frozen,single) from an earlier benchmark into "
-                        "the same --out where one was trained with the same flags, instead of "
-                        "training them again; the table marks them")  # fmt: skip
-    p.add_argument("--e2e-steps", type=int, default=None, metavar="K",
-                   help="the workload's capped runs (e2e) train K steps and their epoch time is "
-                        "extrapolated (0 = full runs); default: the workload's")  # fmt: skip
+    p.add_argument(
+        "--seeds",
+        default="0",
+        metavar="S[,S...]",
+        help="training seeds (--seed of every run: split of KT users, initialisation, "
+        "order, dropout); the generated data stay the same. AUCs are averaged "
+        "over the seeds",
+    )
+    p.add_argument(
+        "--reuse",
+        default="",
+        metavar="RUN[,RUN...]",
+        help="take these runs (e.g. e2e,frozen,single) from an earlier benchmark into "
+        "the same --out where one was trained with the same flags, instead of "
+        "training them again; the table marks them",
+    )
+    p.add_argument(
+        "--e2e-steps",
+        type=int,
+        default=None,
+        metavar="K",
+        help="the workload's capped runs (e2e) train K steps and their epoch time is "
+        "extrapolated (0 = full runs); default: the workload's",
+    )
     p.add_argument("--epochs", type=int, default=None, help="training epochs; default: workload's")
-    p.add_argument("--config", default="none", metavar="PATH|none",
-                   help="DeepSpeed JSON for the encoder of every run")  # fmt: skip
+    p.add_argument(
+        "--config",
+        default="none",
+        metavar="PATH|none",
+        help="DeepSpeed JSON for the encoder of every run",
+    )
     p.add_argument(
         "--cache-dir", default="", help="generated data; empty = $GRAM_CACHE or ~/.cache"
     )
-    p.add_argument("--data-seed", type=int, default=None, metavar="N",
-                   help="seed of the workload's data generator instead of its own (a second "
-                        "generated data set of the same shape, e.g. to choose settings on)")  # fmt: skip
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="train N runs at once, one thread each (for accuracy studies: the runs "
-                        "then share the CPU, so their timings are not comparable)")  # fmt: skip
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed of the workload's data generator instead of its own (a second "
+        "generated data set of the same shape, e.g. to choose settings on)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N runs at once, one thread each (for accuracy studies: the runs "
+        "then share the CPU, so their timings are not comparable)",
+    )
     return p
 
 
@@ -122,8 +155,14 @@ def _say(text: str) -> None:
 def shared_options(workload, config: str, cache_dir: str) -> dict:
     """The Options fields every run of ``workload`` shares. No run exports, except under
     --save-best, whose metrics are those of the best valid model it exports."""
-    return dict(workload.options, task=workload.task, config=config, progress=False,
-                export=bool(workload.options.get("save_best")), cache_dir=cache_dir)  # fmt: skip
+    return dict(
+        workload.options,
+        task=workload.task,
+        config=config,
+        progress=False,
+        export=bool(workload.options.get("save_best")),
+        cache_dir=cache_dir,
+    )
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -157,8 +196,10 @@ def bench(args: argparse.Namespace) -> dict:
     extrapolate = 0 < k < total_steps
     capped = set(workload.capped) if extrapolate else set()
     mode = f"{', '.join(sorted(capped))} extrapolated from {k} steps" if capped else "full runs"
-    _say(f"bench {args.workload}: {spe} steps/epoch, R_batch {stats['R_batch']:.2f}, "
-         f"R_epoch {stats['R_epoch']:.1f}; {mode}")  # fmt: skip
+    _say(
+        f"bench {args.workload}: {spe} steps/epoch, R_batch {stats['R_batch']:.2f}, "
+        f"R_epoch {stats['R_epoch']:.1f}; {mode}"
+    )
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -173,8 +214,9 @@ def bench(args: argparse.Namespace) -> dict:
         steps = k if name in capped else 0
         opts = validate(run_options(base, run, run_dir, seed, steps))
         started[0] += 1
-        _say(f"[{started[0]}/{len(jobs)}] {name} (seed {seed}, repeat {rep + 1}/"
-             f"{args.repeats}) ...")  # fmt: skip
+        _say(
+            f"[{started[0]}/{len(jobs)}] {name} (seed {seed}, repeat {rep + 1}/{args.repeats}) ..."
+        )
         earlier = reuse_child(opts) if name in args.reuse else None
         if name in args.reuse and earlier is None:
             _say(f"    no earlier run of {name} with these flags in {run_dir}: training it")
@@ -191,9 +233,11 @@ def bench(args: argparse.Namespace) -> dict:
             "" if name in capped else f", test AUC {m['test'].get(report.METRIC, float('nan')):.4f}"
         )
         when = f" (reused: trained {record['date']})" if record.get("reused") else ""
-        _say(f"    {name} (seed {seed}): {m['train_seconds']:.1f} s training, "
-             f"{record['wall']:.1f} s wall, peak RSS {record['rss'] / report.MiB:,.0f} MiB"
-             f"{other}{auc}{when}")  # fmt: skip
+        _say(
+            f"    {name} (seed {seed}): {m['train_seconds']:.1f} s training, "
+            f"{record['wall']:.1f} s wall, peak RSS {record['rss'] / report.MiB:,.0f} MiB"
+            f"{other}{auc}{when}"
+        )
         return record
 
     if args.jobs == 1:
@@ -206,8 +250,9 @@ def bench(args: argparse.Namespace) -> dict:
     for (_, _, run), record in zip(jobs, records):
         collected[run.label].append(record)
 
-    rows = {name: report.summarise(records, spe, name in capped)
-            for name, records in collected.items()}  # fmt: skip
+    rows = {
+        name: report.summarise(records, spe, name in capped) for name, records in collected.items()
+    }
     for run in runs:
         row = rows[run.label]
         row.update(strategy=run.strategy, window=run.window, frozen=run.frozen)

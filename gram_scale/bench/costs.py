@@ -88,8 +88,13 @@ def measure_costs(opts: Options, repeats: int = 3, cf_batches: int = 8) -> dict:
         cf_step(batch)
         sync()
         per.append((time.perf_counter() - t) / max(batch.occurrences(), 1))
-    return {"e_s": e, "f_s": f, "c_s": statistics.median(per), "chunk": len(chunk),
-            "tokens_per_item": s.tokens.mean_tokens()}  # fmt: skip
+    return {
+        "e_s": e,
+        "f_s": f,
+        "c_s": statistics.median(per),
+        "chunk": len(chunk),
+        "tokens_per_item": s.tokens.mean_tokens(),
+    }
 
 
 def cost_model(costs: dict, stats: dict) -> dict:
@@ -162,5 +167,12 @@ def measure_overhead(opts: Options, window: str = "1E") -> dict:
     total += time.perf_counter() - t
     n = len(batches)
     other = total - encoder.seconds - cf.seconds
-    return {"window": window, "steps": n, "step_s": total / n, "encoder_s": encoder.seconds / n,
-            "cf_s": cf.seconds / n, "other_s": other / n, "other_share": other / total}  # fmt: skip
+    return {
+        "window": window,
+        "steps": n,
+        "step_s": total / n,
+        "encoder_s": encoder.seconds / n,
+        "cf_s": cf.seconds / n,
+        "other_s": other / n,
+        "other_share": other / total,
+    }

@@ -26,13 +26,41 @@ NAME = "llm-1b"
 ROOT = Path(__file__).resolve().parents[2]
 GB = 1e9
 RSS_LIMIT = 10 * GB  # per rank
-SHAPE = dict(vocab_size=30522, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
-             num_key_value_heads=4, intermediate_size=5632, max_position_embeddings=2048)  # fmt: skip
+SHAPE = dict(
+    vocab_size=30522,
+    hidden_size=2048,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    intermediate_size=5632,
+    max_position_embeddings=2048,
+)
 DATA = dict(n_users=40, n_items=16, mean_len=10, n_unused_items=2, seed=0)
-TRAIN_ARGS = ["--strategy", "single", "--epochs", "1", "--max-steps", "3", "--batch-size", "4",
-              "--seq-len", "4", "--max-tokens", "12", "--encoder-batch-size", "8",
-              "--eval-batch-size", "64", "--lora", "--config", "ds_configs/zero3_offload.json",
-              "--precision", "bf16", "--no-export", "--no-progress"]  # fmt: skip
+TRAIN_ARGS = [
+    "--strategy",
+    "single",
+    "--epochs",
+    "1",
+    "--max-steps",
+    "3",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "4",
+    "--max-tokens",
+    "12",
+    "--encoder-batch-size",
+    "8",
+    "--eval-batch-size",
+    "64",
+    "--lora",
+    "--config",
+    "ds_configs/zero3_offload.json",
+    "--precision",
+    "bf16",
+    "--no-export",
+    "--no-progress",
+]
 
 
 def build_model(folder: Path) -> Path:
@@ -88,15 +116,34 @@ def run(args) -> int:
     built = time.perf_counter() - t
     data = generate_once(cache / "bench-llm-1b-kt", lambda tmp: synth.write_kt(tmp, **DATA))
     n_params = count_parameters(model)
-    print(f"bench {NAME}: {n_params / 1e9:.2f}B parameters in {model} ({built:.0f} s to get)",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"bench {NAME}: {n_params / 1e9:.2f}B parameters in {model} ({built:.0f} s to get)",
+        file=sys.stderr,
+        flush=True,
+    )
     run_dir = out / "run"
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-           str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), "--num_processes", "2",
-           str(ROOT / "launch" / "train.py"), "--data", str(data), "--encoder", str(model),
-           *TRAIN_ARGS, "--output-dir", str(run_dir)]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--num_processes",
+        "2",
+        str(ROOT / "launch" / "train.py"),
+        "--data",
+        str(data),
+        "--encoder",
+        str(model),
+        *TRAIN_ARGS,
+        "--output-dir",
+        str(run_dir),
+    ]
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+    )
     info = machine()
     t = time.perf_counter()
     with open(out / "train.log", "w", encoding="utf-8") as log:
@@ -112,15 +159,25 @@ def run(args) -> int:
     seconds = [h["seconds"] for h in steps]
     rss = m["peak_rss_bytes_per_rank"]
     result = {
-        "workload": NAME, "description": " ".join(__doc__.split()), "machine": info,
-        "parameters": n_params, "shape": SHAPE, "data": DATA, "train_args": TRAIN_ARGS,
-        "processes": m["processes"], "steps": m["steps"], "seconds_per_step": seconds,
-        "peak_rss_bytes_per_rank": rss, "rss_limit_bytes": RSS_LIMIT,
+        "workload": NAME,
+        "description": " ".join(__doc__.split()),
+        "machine": info,
+        "parameters": n_params,
+        "shape": SHAPE,
+        "data": DATA,
+        "train_args": TRAIN_ARGS,
+        "processes": m["processes"],
+        "steps": m["steps"],
+        "seconds_per_step": seconds,
+        "peak_rss_bytes_per_rank": rss,
+        "rss_limit_bytes": RSS_LIMIT,
         "rss_met": max(rss) < RSS_LIMIT,
         "encoder_activation_bytes_rank0": m["encoder_peak_activation_bytes"],
-        "train_seconds": m["train_seconds"], "wall_seconds": wall, "model_build_seconds": built,
+        "train_seconds": m["train_seconds"],
+        "wall_seconds": wall,
+        "model_build_seconds": built,
         "loss": [h["loss"] for h in steps],
-    }  # fmt: skip
+    }
     write_json(out / "results.json", result)
     text = markdown(result)
     (out / "results.md").write_text(text)
@@ -135,15 +192,21 @@ def markdown(r: dict) -> str:
     steps = ", ".join(f"{s:.1f}" for s in r["seconds_per_step"])
     rss = ", ".join(f"{b / GB:.2f} GB" for b in r["peak_rss_bytes_per_rank"])
     verdict = "met" if r["rss_met"] else "not met"
-    return "\n".join([
-        f"# Benchmark: {r['workload']}", "",
-        f"Machine: {machine_line(r['machine'])}; {r['machine']['date']}.", "",
-        f"{r['parameters'] / 1e9:.2f}B-parameter random Llama (bf16), {r['processes']} CPU "
-        f"processes, ZeRO-3 + CPU offload + LoRA + bf16, GRAM Single-step, {r['steps']} steps.", "",
-        f"- seconds per step: {steps} (mean {sum(r['seconds_per_step']) / len(r['seconds_per_step']):.1f})",
-        f"- peak RSS per rank: {rss}",
-        f"- encoder activation memory (rank 0, largest forward): "
-        f"{r['encoder_activation_bytes_rank0'] / 2**20:,.1f} MiB",
-        f"- whole run: {r['wall_seconds']:.0f} s wall (start-up, 3 steps, 2 evaluations)",
-        f"- {verdict}: peak RSS per rank under {r['rss_limit_bytes'] / GB:.0f} GB", "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"# Benchmark: {r['workload']}",
+            "",
+            f"Machine: {machine_line(r['machine'])}; {r['machine']['date']}.",
+            "",
+            f"{r['parameters'] / 1e9:.2f}B-parameter random Llama (bf16), {r['processes']} CPU "
+            f"processes, ZeRO-3 + CPU offload + LoRA + bf16, GRAM Single-step, {r['steps']} steps.",
+            "",
+            f"- seconds per step: {steps} (mean {sum(r['seconds_per_step']) / len(r['seconds_per_step']):.1f})",
+            f"- peak RSS per rank: {rss}",
+            f"- encoder activation memory (rank 0, largest forward): "
+            f"{r['encoder_activation_bytes_rank0'] / 2**20:,.1f} MiB",
+            f"- whole run: {r['wall_seconds']:.0f} s wall (start-up, 3 steps, 2 evaluations)",
+            f"- {verdict}: peak RSS per rank under {r['rss_limit_bytes'] / GB:.0f} GB",
+            "",
+        ]
+    )

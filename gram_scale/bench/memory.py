@@ -29,8 +29,17 @@ ONE_CHUNK = 1 << 20  # --encoder-batch-size larger than any step: the whole step
 # Knowledge tracing with all-MiniLM-L6-v2 and a wide CF batch (32 sequences x 50 steps over a
 # 600-item catalogue): a step holds about 600 unique items, many times a chunk.
 DATA = dict(n_users=300, n_items=600, mean_len=60, n_unused_items=0, seed=3)
-OPTIONS = dict(task="kt", batch_size=32, seq_len=50, max_tokens=32, epochs=1, lr_encoder=5e-5,
-               lr_cf=1e-3, progress=False, export=False)  # fmt: skip
+OPTIONS = dict(
+    task="kt",
+    batch_size=32,
+    seq_len=50,
+    max_tokens=32,
+    epochs=1,
+    lr_encoder=5e-5,
+    lr_cf=1e-3,
+    progress=False,
+    export=False,
+)
 
 
 def settings(chunks: list[int]) -> list[tuple[str, int, bool]]:
@@ -73,14 +82,19 @@ def measure(opts: Options, data, steps: int) -> dict:
 def table(rows: list[dict]) -> str:
     """Markdown table of the measured settings, each against the one-chunk row."""
     base = rows[0]["activation_bytes"]
-    lines = ["| setting | unique items / step | activations kept | vs one chunk | CUDA peak | "
-             "s / step |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| setting | unique items / step | activations kept | vs one chunk | CUDA peak | "
+        "s / step |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         cuda = "-" if r["cuda_peak_bytes"] is None else f"{r['cuda_peak_bytes'] / MiB:,.0f} MiB"
-        lines.append(f"| {r['setting']} | {r['unique_items_per_step']:.0f} | "
-                     f"{r['activation_bytes'] / MiB:,.1f} MiB | "
-                     f"{100 * r['activation_bytes'] / base:.1f}% | {cuda} | "
-                     f"{r['seconds_per_step']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {r['setting']} | {r['unique_items_per_step']:.0f} | "
+            f"{r['activation_bytes'] / MiB:,.1f} MiB | "
+            f"{100 * r['activation_bytes'] / base:.1f}% | {cuda} | "
+            f"{r['seconds_per_step']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -92,9 +106,11 @@ def checkpointing_savings(rows: list[dict]) -> list[str]:
         plain = by.get(r["setting"].removesuffix(" + checkpointing"))
         if r["setting"].endswith("checkpointing") and plain:
             saved = 1 - r["activation_bytes"] / plain["activation_bytes"]
-            out.append(f"{plain['setting']}: gradient checkpointing keeps "
-                       f"{r['activation_bytes'] / MiB:,.1f} MiB instead of "
-                       f"{plain['activation_bytes'] / MiB:,.1f} MiB ({100 * saved:.0f}% saved)")  # fmt: skip
+            out.append(
+                f"{plain['setting']}: gradient checkpointing keeps "
+                f"{r['activation_bytes'] / MiB:,.1f} MiB instead of "
+                f"{plain['activation_bytes'] / MiB:,.1f} MiB ({100 * saved:.0f}% saved)"
+            )
     return out
 
 
@@ -119,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         if not chunks or min(chunks) < 1 or args.steps < 1:
             raise ValueError
     except ValueError:
-        print(f"error: --chunks {args.chunks!r} / --steps {args.steps}: positive integers "
-              "expected", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: --chunks {args.chunks!r} / --steps {args.steps}: positive integers expected",
+            file=sys.stderr,
+        )
         return EXIT_INPUT_ERROR
     try:
         base = validate(Options(**OPTIONS, encoder=args.encoder, cache_dir=args.cache_dir))
@@ -134,10 +152,23 @@ def main(argv: list[str] | None = None) -> int:
     for label, chunk, ckpt in settings(chunks):
         # calls cut by rows only (--encoder-tokens 0): a step of several calls is re-encoded
         # call by call, so the graph kept is one call's
-        opts = validate(dataclasses.replace(base, strategy="single", encoder_batch_size=chunk,
-                                            encoder_tokens=0, gradient_checkpointing=ckpt))  # fmt: skip
-        rows.append({"setting": label, "chunk": chunk, "checkpointing": ckpt,
-                     **measure(opts, data, args.steps)})  # fmt: skip
+        opts = validate(
+            dataclasses.replace(
+                base,
+                strategy="single",
+                encoder_batch_size=chunk,
+                encoder_tokens=0,
+                gradient_checkpointing=ckpt,
+            )
+        )
+        rows.append(
+            {
+                "setting": label,
+                "chunk": chunk,
+                "checkpointing": ckpt,
+                **measure(opts, data, args.steps),
+            }
+        )
         print(f"measured: {label}", file=sys.stderr, flush=True)
     device = rows and ("cuda" if rows[0]["cuda_peak_bytes"] is not None else "cpu")
     text = "\n".join([table(rows), "", *checkpointing_savings(rows)])

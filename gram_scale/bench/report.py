@@ -68,8 +68,10 @@ def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dic
         by_seed.setdefault(r.get("seed", 0), r["metrics"])
     steps = first["steps"]
     per_epoch = steps_per_epoch / max(steps, 1)
-    times = [r["metrics"]["train_seconds"] * steps_per_epoch / max(r["metrics"]["steps"], 1)
-             for r in runs]  # fmt: skip
+    times = [
+        r["metrics"]["train_seconds"] * steps_per_epoch / max(r["metrics"]["steps"], 1)
+        for r in runs
+    ]
     counters = first["counters"]
     row = {
         "extrapolated": extrapolated,
@@ -109,20 +111,36 @@ def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dic
         "seeds": list(by_seed),
         "valid": None if extrapolated else _mean([m["valid"] for m in by_seed.values()]),
         "test": None if extrapolated else _mean([m["test"] for m in by_seed.values()]),
-        "valid_per_seed": None if extrapolated else [m["valid"].get(METRIC) for m in by_seed.values()],
-        "test_per_seed": None if extrapolated else [m["test"].get(METRIC) for m in by_seed.values()],
-        "curve": [] if extrapolated else [
-            [e["train_seconds"], e["valid"].get(METRIC)] for e in first["epochs"]
+        "valid_per_seed": None
+        if extrapolated
+        else [m["valid"].get(METRIC) for m in by_seed.values()],
+        "test_per_seed": None
+        if extrapolated
+        else [m["test"].get(METRIC) for m in by_seed.values()],
+        "curve": []
+        if extrapolated
+        else [[e["train_seconds"], e["valid"].get(METRIC)] for e in first["epochs"]],
+        "runs": [
+            {
+                "dir": r["dir"],
+                "argv": r["argv"],
+                "steps": r["metrics"]["steps"],
+                "train_seconds": r["metrics"]["train_seconds"],
+                "peak_rss_bytes": r["rss"],
+                "wall_seconds": r["wall"],
+                "other_cores": r["other_cores"],
+                "seed": r.get("seed", 0),
+                "reused": bool(r.get("reused")),
+                "date": r.get("date"),
+            }
+            for r in runs
         ],
-        "runs": [{"dir": r["dir"], "argv": r["argv"], "steps": r["metrics"]["steps"],
-                  "train_seconds": r["metrics"]["train_seconds"], "peak_rss_bytes": r["rss"],
-                  "wall_seconds": r["wall"], "other_cores": r["other_cores"],
-                  "seed": r.get("seed", 0), "reused": bool(r.get("reused")),
-                  "date": r.get("date")} for r in runs],
-    }  # fmt: skip
+    }
     if extrapolated:
-        row["note"] = (f"extrapolated: trained {steps} steps, epoch time = time / {steps} x "
-                       f"{steps_per_epoch} steps per epoch; no accuracy measured")  # fmt: skip
+        row["note"] = (
+            f"extrapolated: trained {steps} steps, epoch time = time / {steps} x "
+            f"{steps_per_epoch} steps per epoch; no accuracy measured"
+        )
     return row
 
 
@@ -177,10 +195,17 @@ def gain_kept(run: dict, e2e: dict, frozen: dict, split: str) -> dict:
     """How much of e2e's gain over the frozen encoder a run keeps on a split:
     (run - frozen) / (e2e - frozen) of the seed means, and of each seed alone."""
     mean = (_auc(run, split) - _auc(frozen, split)) / (_auc(e2e, split) - _auc(frozen, split))
-    seeds = [(r - f) / (e - f) if e != f else float("nan") for r, e, f in zip(
-        run[f"{split}_per_seed"], e2e[f"{split}_per_seed"], frozen[f"{split}_per_seed"])]  # fmt: skip
-    return {"mean": mean, "per_seed": seeds,
-            "std": statistics.stdev(seeds) if len(seeds) > 1 else 0.0}  # fmt: skip
+    seeds = [
+        (r - f) / (e - f) if e != f else float("nan")
+        for r, e, f in zip(
+            run[f"{split}_per_seed"], e2e[f"{split}_per_seed"], frozen[f"{split}_per_seed"]
+        )
+    ]
+    return {
+        "mean": mean,
+        "per_seed": seeds,
+        "std": statistics.stdev(seeds) if len(seeds) > 1 else 0.0,
+    }
 
 
 def _accuracy_targets(rows: dict) -> list[dict]:
@@ -191,35 +216,60 @@ def _accuracy_targets(rows: dict) -> list[dict]:
     seeds = len(e2e.get("seeds") or [0])
     mean = f", mean of {seeds} seeds" if seeds > 1 else ""
     if e2e["extrapolated"]:
-        return [{"name": "multi 1E AUC within 1 point of e2e", "met": None,
-                 "text": "multi 1E AUC vs e2e: not measured, e2e was extrapolated from "
-                         f"{e2e['steps']} steps and has no accuracy"}]  # fmt: skip
+        return [
+            {
+                "name": "multi 1E AUC within 1 point of e2e",
+                "met": None,
+                "text": "multi 1E AUC vs e2e: not measured, e2e was extrapolated from "
+                f"{e2e['steps']} steps and has no accuracy",
+            }
+        ]
     out = []
     gaps = {split: _auc(one_e, split) - _auc(e2e, split) for split in ("valid", "test")}
-    out.append({"name": "multi 1E AUC within 1 point of e2e (valid and test)",
-                "met": all(abs(g) <= 0.01 for g in gaps.values()),
-                "text": f"multi 1E vs e2e{mean}: valid {100 * gaps['valid']:+.2f}, test "
-                        f"{100 * gaps['test']:+.2f} AUC points (limit 1)"})  # fmt: skip
+    out.append(
+        {
+            "name": "multi 1E AUC within 1 point of e2e (valid and test)",
+            "met": all(abs(g) <= 0.01 for g in gaps.values()),
+            "text": f"multi 1E vs e2e{mean}: valid {100 * gaps['valid']:+.2f}, test "
+            f"{100 * gaps['test']:+.2f} AUC points (limit 1)",
+        }
+    )
     if frozen is None:
         return out
     gain = _auc(e2e, "test") - _auc(frozen, "test")
-    out.append({"name": "e2e test AUC >= frozen + 3 points", "met": gain >= 0.03,
-                "text": f"e2e test AUC {_auc(e2e, 'test'):.4f} vs frozen "
-                        f"{_auc(frozen, 'test'):.4f}{mean}: {100 * gain:+.2f} points "
-                        "(need +3)"})  # fmt: skip
+    out.append(
+        {
+            "name": "e2e test AUC >= frozen + 3 points",
+            "met": gain >= 0.03,
+            "text": f"e2e test AUC {_auc(e2e, 'test'):.4f} vs frozen "
+            f"{_auc(frozen, 'test'):.4f}{mean}: {100 * gain:+.2f} points "
+            "(need +3)",
+        }
+    )
     for name, need in GAIN_KEPT.items():
         if name not in rows:
             continue
         kept = {split: gain_kept(rows[name], e2e, frozen, split) for split in ("valid", "test")}
-        per_seed = "; ".join(
-            f"{split} per seed " + ", ".join(f"{100 * k:.0f}%" for k in kept[split]["per_seed"])
-            + f" (std {100 * kept[split]['std']:.0f})" for split in ("valid", "test")) if seeds > 1 else ""  # fmt: skip
-        out.append({"name": f"{name} keeps >= {100 * need:.0f}% of the fine-tuning gain",
-                    "met": all(k["mean"] >= need for k in kept.values()),
-                    "kept": kept,
-                    "text": f"{name} keeps {100 * kept['valid']['mean']:.0f}% (valid) and "
-                            f"{100 * kept['test']['mean']:.0f}% (test) of e2e's gain over frozen"
-                            f"{mean} (need {100 * need:.0f}%)" + (f"; {per_seed}" if per_seed else "")})  # fmt: skip
+        per_seed = (
+            "; ".join(
+                f"{split} per seed "
+                + ", ".join(f"{100 * k:.0f}%" for k in kept[split]["per_seed"])
+                + f" (std {100 * kept[split]['std']:.0f})"
+                for split in ("valid", "test")
+            )
+            if seeds > 1
+            else ""
+        )
+        out.append(
+            {
+                "name": f"{name} keeps >= {100 * need:.0f}% of the fine-tuning gain",
+                "met": all(k["mean"] >= need for k in kept.values()),
+                "kept": kept,
+                "text": f"{name} keeps {100 * kept['valid']['mean']:.0f}% (valid) and "
+                f"{100 * kept['test']['mean']:.0f}% (test) of e2e's gain over frozen"
+                f"{mean} (need {100 * need:.0f}%)" + (f"; {per_seed}" if per_seed else ""),
+            }
+        )
     return out
 
 
@@ -233,24 +283,39 @@ def targets(result: dict) -> list[dict]:
         single = rows["single"]
         r_meas = single["occurrence_unique_ratio"]
         need = 0.8 * r_meas
-        out.append({"name": "single speed-up >= 0.8 x measured R_batch",
-                    "met": single["speedup"] >= need,
-                    "text": f"single speed-up {single['speedup']:.2f}x vs 0.8 x R_batch "
-                            f"{r_meas:.2f} = {need:.2f}x{extra}"})  # fmt: skip
+        out.append(
+            {
+                "name": "single speed-up >= 0.8 x measured R_batch",
+                "met": single["speedup"] >= need,
+                "text": f"single speed-up {single['speedup']:.2f}x vs 0.8 x R_batch "
+                f"{r_meas:.2f} = {need:.2f}x{extra}",
+            }
+        )
     need = 0.5 * pred["R_epoch"]
-    out.append({"name": "multi 1E speed-up >= 0.5 x R_epoch",
-                "met": one_e["speedup"] >= need,
-                "text": f"multi 1E speed-up {one_e['speedup']:.2f}x vs 0.5 x R_epoch "
-                        f"{pred['R_epoch']:.1f} = {need:.1f}x{extra}"})  # fmt: skip
+    out.append(
+        {
+            "name": "multi 1E speed-up >= 0.5 x R_epoch",
+            "met": one_e["speedup"] >= need,
+            "text": f"multi 1E speed-up {one_e['speedup']:.2f}x vs 0.5 x R_epoch "
+            f"{pred['R_epoch']:.1f} = {need:.1f}x{extra}",
+        }
+    )
     need = result.get("min_1e_speedup") or 0
     if need:
         b = result.get("bound") or {}
-        bound = (f"; cost-model bound e / c = {b['bound_e_over_c']:.0f}x, predicted for this "
-                 f"workload {b['predicted_1E_speedup']:.0f}x" if "bound_e_over_c" in b else "")  # fmt: skip
-        out.append({"name": f"multi 1E speed-up >= {need:g}x",
-                    "met": one_e["speedup"] >= need,
-                    "text": f"multi 1E speed-up {one_e['speedup']:.1f}x vs {need:g}x{extra}"
-                            f"{bound}"})  # fmt: skip
+        bound = (
+            f"; cost-model bound e / c = {b['bound_e_over_c']:.0f}x, predicted for this "
+            f"workload {b['predicted_1E_speedup']:.0f}x"
+            if "bound_e_over_c" in b
+            else ""
+        )
+        out.append(
+            {
+                "name": f"multi 1E speed-up >= {need:g}x",
+                "met": one_e["speedup"] >= need,
+                "text": f"multi 1E speed-up {one_e['speedup']:.1f}x vs {need:g}x{extra}{bound}",
+            }
+        )
     out += _accuracy_targets(rows)
     key = "cuda_peak_bytes" if result["machine"]["gpu"] else "encoder_activation_bytes"
     what = "CUDA peak memory" if key == "cuda_peak_bytes" else "encoder activation memory"
@@ -258,29 +323,44 @@ def targets(result: dict) -> list[dict]:
         if not name.startswith("multi"):
             continue
         share = row[key] / max(e2e[key], 1)
-        out.append({"name": f"{name} {what} <= 20% of e2e", "met": share <= 0.2,
-                    "text": f"{name} {what} {_mib(row[key])} MiB = {100 * share:.1f}% of e2e "
-                            f"{_mib(e2e[key])} MiB (limit 20%)"})  # fmt: skip
+        out.append(
+            {
+                "name": f"{name} {what} <= 20% of e2e",
+                "met": share <= 0.2,
+                "text": f"{name} {what} {_mib(row[key])} MiB = {100 * share:.1f}% of e2e "
+                f"{_mib(e2e[key])} MiB (limit 20%)",
+            }
+        )
     o = result.get("overhead") or {}
     if "other_share" in o:
-        out.append({"name": f"multi {o['window']} time outside encoder and CF <= 15% of a step",
-                    "met": o["other_share"] <= 0.15,
-                    "text": f"multi {o['window']} step outside the encoder and the CF model: "
-                            f"{1e3 * o['other_s']:.2f} ms of {1e3 * o['step_s']:.1f} ms "
-                            f"({100 * o['other_share']:.1f}%; limit 15%)"})  # fmt: skip
+        out.append(
+            {
+                "name": f"multi {o['window']} time outside encoder and CF <= 15% of a step",
+                "met": o["other_share"] <= 0.15,
+                "text": f"multi {o['window']} step outside the encoder and the CF model: "
+                f"{1e3 * o['other_s']:.2f} ms of {1e3 * o['step_s']:.1f} ms "
+                f"({100 * o['other_share']:.1f}%; limit 15%)",
+            }
+        )
     return out
 
 
 def _contention(result: dict) -> list[str]:
     """A line on the CPU that other processes took during the runs, and a warning if any."""
-    seen = [(run["other_cores"], name) for name, row in rows_in_order(result)
-            for run in row["runs"] if run.get("other_cores") is not None]  # fmt: skip
+    seen = [
+        (run["other_cores"], name)
+        for name, row in rows_in_order(result)
+        for run in row["runs"]
+        if run.get("other_cores") is not None
+    ]
     if not seen:
         return []
     worst, where = max(seen)
     mean = sum(v for v, _ in seen) / len(seen)
-    text = (f"Other processes on this machine used {mean:.2f} cores on average during the runs "
-            f"(at most {worst:.2f}, during {where}).")  # fmt: skip
+    text = (
+        f"Other processes on this machine used {mean:.2f} cores on average during the runs "
+        f"(at most {worst:.2f}, during {where})."
+    )
     if worst > 0.25:
         text += " Warning: the runs shared the CPU, so their timings are not reliable."
     return [text, ""]
@@ -295,10 +375,20 @@ def markdown(result: dict) -> str:
         if not stats.get("tokens_per_item")
         else f", {stats['tokens_per_item']:.1f} tokens per item"
     )
-    head = ["strategy", "time / epoch (s)", "speed-up vs e2e", "items / s",
-            "encoder tokens / s", "padded / real tokens", "encoder fwd items / epoch",
-            "encoder bwd items / epoch", "occurrences / encoder bwd", "occ / unique per step",
-            "peak RSS (MiB)", "encoder activations (MiB)"]  # fmt: skip
+    head = [
+        "strategy",
+        "time / epoch (s)",
+        "speed-up vs e2e",
+        "items / s",
+        "encoder tokens / s",
+        "padded / real tokens",
+        "encoder fwd items / epoch",
+        "encoder bwd items / epoch",
+        "occurrences / encoder bwd",
+        "occ / unique per step",
+        "peak RSS (MiB)",
+        "encoder activations (MiB)",
+    ]
     if cuda:
         head.append("CUDA peak (MiB)")
     seeds = result.get("seeds") or [0]
@@ -358,11 +448,19 @@ def markdown(result: dict) -> str:
     for name, r in rows_in_order(result):
         if r.get("note"):
             lines += ["", f"{name} {r['note']}."]
-    reused = [(name, run["date"]) for name, r in rows_in_order(result) for run in r["runs"]
-              if run.get("reused")]  # fmt: skip
+    reused = [
+        (name, run["date"])
+        for name, r in rows_in_order(result)
+        for run in r["runs"]
+        if run.get("reused")
+    ]
     if reused:
-        lines += ["", "Reused from an earlier benchmark with the same flags (--reuse), trained "
-                  + ", ".join(sorted({f"{name} on {date}" for name, date in reused})) + "."]  # fmt: skip
+        lines += [
+            "",
+            "Reused from an earlier benchmark with the same flags (--reuse), trained "
+            + ", ".join(sorted({f"{name} on {date}" for name, date in reused}))
+            + ".",
+        ]
     lines += ["", "Targets:"]
     for t in result["targets"]:
         verdict = {True: "met", False: "not met", None: "not measured"}[t["met"]]
@@ -419,9 +517,16 @@ def plot(result: dict, path: Path) -> None:
         if row["extrapolated"]:
             ends = [row["time_per_epoch_s"] * (k + 1) for k in range(result["epochs"])]
             for k, x in enumerate(ends):
-                ax.axvline(x, color="grey", linestyle="--", linewidth=1,
-                           label=f"{name}: epoch ends, extrapolated from {row['steps']} steps "
-                                 "(no accuracy)" if k == 0 else None)  # fmt: skip
+                ax.axvline(
+                    x,
+                    color="grey",
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"{name}: epoch ends, extrapolated from {row['steps']} steps "
+                    "(no accuracy)"
+                    if k == 0
+                    else None,
+                )
             xs += ends
             continue
         points = [(t, v) for t, v in row["curve"] if v is not None]
@@ -436,8 +541,11 @@ def plot(result: dict, path: Path) -> None:
     else:
         ax.set_xlabel("cumulative training time (s; evaluation excluded)")
     ax.set_ylabel(f"valid {METRIC.upper()} (after each epoch)")
-    ax.set_title(f"GRAM benchmark '{result['workload']}': valid {METRIC.upper()} vs training "
-                 f"time\n{machine_line(result['machine'])}", fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"GRAM benchmark '{result['workload']}': valid {METRIC.upper()} vs training "
+        f"time\n{machine_line(result['machine'])}",
+        fontsize=10,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

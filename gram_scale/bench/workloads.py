@@ -378,8 +378,11 @@ def prepare_data(name: str, workload: Workload, cache: Path) -> Path:
     from gram_scale.data.load import generate_once
 
     writer = workload.writer or ("write_kt" if workload.task == "kt" else "write_mind")
-    spec = {"task": workload.task, "generator": workload.generator,
-            "words_per_item": workload.words_per_item}  # fmt: skip
+    spec = {
+        "task": workload.task,
+        "generator": workload.generator,
+        "words_per_item": workload.words_per_item,
+    }
     if workload.writer:  # so the folders of workloads written before the field keep their names
         spec["writer"] = writer
     if workload.words_range:
@@ -389,8 +392,12 @@ def prepare_data(name: str, workload: Workload, cache: Path) -> Path:
     def write(tmp: Path) -> None:
         getattr(synth, writer)(tmp, **workload.generator)
         if workload.words_per_item or workload.words_range:
-            lengthen_items(tmp, workload.words_per_item, workload.generator.get("seed", 0),
-                           workload.words_range)  # fmt: skip
+            lengthen_items(
+                tmp,
+                workload.words_per_item,
+                workload.generator.get("seed", 0),
+                workload.words_range,
+            )
 
     return generate_once(folder, write)
 

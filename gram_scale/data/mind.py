@@ -113,8 +113,11 @@ def _contradiction_problem(path: Path, line: int, parts: list[tuple[str, str, st
     seen: dict[str, str] = {}
     for news_id, _, label in parts:
         if seen.setdefault(news_id, label) != label:
-            raise InputError(path, line, f"news {quote(news_id)} is both clicked and not clicked "
-                             "in this impression")  # fmt: skip
+            raise InputError(
+                path,
+                line,
+                f"news {quote(news_id)} is both clicked and not clicked in this impression",
+            )
 
 
 def _read_behaviors(
@@ -198,8 +201,12 @@ def _has_label(token: str, index: dict[str, int]) -> bool:
 def _unlabeled_problem(path: Path, line: int, token: str, index: dict, first: int) -> None:
     """Raise for a candidate of an unlabeled file that is no known news id."""
     if _has_label(token, index):
-        raise InputError(path, line, f"impression {quote(token)} has a click label but those on "
-                         f"line {first} have none (label every candidate or none)")  # fmt: skip
+        raise InputError(
+            path,
+            line,
+            f"impression {quote(token)} has a click label but those on "
+            f"line {first} have none (label every candidate or none)",
+        )
     raise InputError(path, line, f"unknown news id {quote(token)} in impressions")
 
 

@@ -34,41 +34,201 @@ LEVEL_WORDS: tuple[tuple[str, ...], ...] = (
     ("fraction", "decimal", "percent", "ratio", "divide", "average", "area", "perimeter", "angle"),
     ("equation", "variable", "slope", "graph", "square", "root", "power", "linear", "triangle"),
     ("derivative", "integral", "limit", "matrix", "vector", "calculus", "theorem", "proof"),
-)  # fmt: skip
+)
 LEVEL_DIFFICULTY: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0)
 KT_TOPICS: tuple[str, ...] = (
-    "shopping", "sports", "garden", "school", "travel", "cooking", "music", "weather", "farm",
-    "city", "library", "bakery",
-)  # fmt: skip
+    "shopping",
+    "sports",
+    "garden",
+    "school",
+    "travel",
+    "cooking",
+    "music",
+    "weather",
+    "farm",
+    "city",
+    "library",
+    "bakery",
+)
 KT_FILLER: tuple[str, ...] = (
-    "the", "a", "of", "what", "is", "find", "which", "value", "given", "question", "answer",
-    "show", "how", "many", "there", "are", "in", "each", "if", "then", "and", "for", "with",
-    "this", "that", "below", "write", "your", "work", "check",
-)  # fmt: skip
+    "the",
+    "a",
+    "of",
+    "what",
+    "is",
+    "find",
+    "which",
+    "value",
+    "given",
+    "question",
+    "answer",
+    "show",
+    "how",
+    "many",
+    "there",
+    "are",
+    "in",
+    "each",
+    "if",
+    "then",
+    "and",
+    "for",
+    "with",
+    "this",
+    "that",
+    "below",
+    "write",
+    "your",
+    "work",
+    "check",
+)
 
 NEWS_TOPICS: dict[str, tuple[str, ...]] = {
-    "sports": ("team", "coach", "season", "playoff", "score", "league", "player", "stadium",
-               "championship", "quarterback", "goal", "tournament"),
-    "politics": ("senate", "election", "vote", "president", "congress", "campaign", "governor",
-                 "policy", "democrats", "republicans", "bill", "court"),
-    "finance": ("stocks", "market", "investors", "bank", "interest", "rates", "economy", "shares",
-                "profit", "trade", "dollar", "inflation"),
-    "weather": ("storm", "rain", "snow", "forecast", "hurricane", "temperatures", "winds", "flood",
-                "cold", "heat", "tornado", "drought"),
-    "health": ("doctors", "hospital", "patients", "disease", "vaccine", "study", "cancer", "diet",
-               "sleep", "heart", "virus", "medicine"),
-    "technology": ("phone", "software", "app", "computer", "internet", "robot", "startup", "chip",
-                   "data", "online", "google", "apple"),
-    "food": ("recipe", "restaurant", "chicken", "pizza", "dinner", "cheese", "chef", "dessert",
-             "breakfast", "soup", "cake", "kitchen"),
-    "travel": ("flight", "airport", "hotel", "beach", "vacation", "island", "cruise", "tourists",
-               "passport", "resort", "airline", "trip"),
-}  # fmt: skip
+    "sports": (
+        "team",
+        "coach",
+        "season",
+        "playoff",
+        "score",
+        "league",
+        "player",
+        "stadium",
+        "championship",
+        "quarterback",
+        "goal",
+        "tournament",
+    ),
+    "politics": (
+        "senate",
+        "election",
+        "vote",
+        "president",
+        "congress",
+        "campaign",
+        "governor",
+        "policy",
+        "democrats",
+        "republicans",
+        "bill",
+        "court",
+    ),
+    "finance": (
+        "stocks",
+        "market",
+        "investors",
+        "bank",
+        "interest",
+        "rates",
+        "economy",
+        "shares",
+        "profit",
+        "trade",
+        "dollar",
+        "inflation",
+    ),
+    "weather": (
+        "storm",
+        "rain",
+        "snow",
+        "forecast",
+        "hurricane",
+        "temperatures",
+        "winds",
+        "flood",
+        "cold",
+        "heat",
+        "tornado",
+        "drought",
+    ),
+    "health": (
+        "doctors",
+        "hospital",
+        "patients",
+        "disease",
+        "vaccine",
+        "study",
+        "cancer",
+        "diet",
+        "sleep",
+        "heart",
+        "virus",
+        "medicine",
+    ),
+    "technology": (
+        "phone",
+        "software",
+        "app",
+        "computer",
+        "internet",
+        "robot",
+        "startup",
+        "chip",
+        "data",
+        "online",
+        "google",
+        "apple",
+    ),
+    "food": (
+        "recipe",
+        "restaurant",
+        "chicken",
+        "pizza",
+        "dinner",
+        "cheese",
+        "chef",
+        "dessert",
+        "breakfast",
+        "soup",
+        "cake",
+        "kitchen",
+    ),
+    "travel": (
+        "flight",
+        "airport",
+        "hotel",
+        "beach",
+        "vacation",
+        "island",
+        "cruise",
+        "tourists",
+        "passport",
+        "resort",
+        "airline",
+        "trip",
+    ),
+}
 NEWS_FILLER: tuple[str, ...] = (
-    "the", "a", "new", "after", "says", "over", "with", "from", "this", "week", "report", "first",
-    "more", "than", "people", "how", "why", "what", "could", "may", "big", "latest", "today",
-    "year", "here", "about", "into", "amid", "local", "national",
-)  # fmt: skip
+    "the",
+    "a",
+    "new",
+    "after",
+    "says",
+    "over",
+    "with",
+    "from",
+    "this",
+    "week",
+    "report",
+    "first",
+    "more",
+    "than",
+    "people",
+    "how",
+    "why",
+    "what",
+    "could",
+    "may",
+    "big",
+    "latest",
+    "today",
+    "year",
+    "here",
+    "about",
+    "into",
+    "amid",
+    "local",
+    "national",
+)
 NEWS_CATEGORIES: tuple[str, ...] = ("news", "lifestyle", "video", "entertainment")
 
 # Ordinary nouns, one word-piece each in BERT's vocabulary, disjoint from every list above; the
@@ -203,8 +363,9 @@ def write_kt(
 
 def write_kt_finetune(folder: str | os.PathLike, seed: int = 0, **sizes) -> Path:
     """``write_kt`` whose level words are ``HIDDEN_WORDS`` dealt at random by ``seed``."""
-    return write_kt(folder, seed=seed, level_words=hidden_groups(len(LEVEL_DIFFICULTY), seed),
-                    **sizes)  # fmt: skip
+    return write_kt(
+        folder, seed=seed, level_words=hidden_groups(len(LEVEL_DIFFICULTY), seed), **sizes
+    )
 
 
 def _mind_time(seconds: int) -> str:
@@ -314,8 +475,9 @@ def write_mind(
     for user in _ids(rng, "U", n_users):
         n_preferred = rng.choice((1, 2))
         if topic_zipf:
-            preferred = distinct(lambda: rng.choices(range(n_topics), cum_weights=popular)[0],
-                                 n_preferred)  # fmt: skip
+            preferred = distinct(
+                lambda: rng.choices(range(n_topics), cum_weights=popular)[0], n_preferred
+            )
         else:
             preferred = rng.sample(range(n_topics), n_preferred)
         others = [k for k in range(n_topics) if k not in preferred]
@@ -467,16 +629,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.kind == "kt":
             write_kt(
-                args.out, n_users=args.users, n_items=args.items, mean_len=args.mean_len,
-                n_unused_items=args.unused_items, zipf=args.zipf, seed=args.seed,
-            )  # fmt: skip
+                args.out,
+                n_users=args.users,
+                n_items=args.items,
+                mean_len=args.mean_len,
+                n_unused_items=args.unused_items,
+                zipf=args.zipf,
+                seed=args.seed,
+            )
         else:
             write_mind(
-                args.out, n_users=args.users, n_news=args.news,
-                impressions_per_user=args.impressions_per_user, n_candidates=args.candidates,
-                history_len=args.history_len, n_dev_only_news=args.dev_only_news, zipf=args.zipf,
-                seed=args.seed, days=args.days, dev_days=args.dev_days,
-            )  # fmt: skip
+                args.out,
+                n_users=args.users,
+                n_news=args.news,
+                impressions_per_user=args.impressions_per_user,
+                n_candidates=args.candidates,
+                history_len=args.history_len,
+                n_dev_only_news=args.dev_only_news,
+                zipf=args.zipf,
+                seed=args.seed,
+                days=args.days,
+                dev_days=args.dev_days,
+            )
     except ValueError as e:
         parser.error(str(e))
     except OSError as e:

@@ -12,11 +12,30 @@ from gram_scale.errors import InputError
 
 # Files one of which every tokenizer AutoTokenizer can load offline comes with; without any of
 # them transformers quietly builds a 5-token tokenizer that maps every word to [UNK].
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
-                   "sentencepiece.bpe.model", "sentencepiece.model", "spm.model")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+    "sentencepiece.model",
+    "spm.model",
+)
 # These models count positions from padding_idx + 1: two of max_position_embeddings are unusable.
-_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
-                     "data2vec-text", "xmod", "roberta-prelayernorm", "mpnet", "ibert", "luke"}  # fmt: skip
+_OFFSET_POSITIONS = {
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "longformer",
+    "data2vec-text",
+    "xmod",
+    "roberta-prelayernorm",
+    "mpnet",
+    "ibert",
+    "luke",
+}
 
 
 def check_encoder_folder(path: str | os.PathLike, max_tokens: int) -> dict:
@@ -38,29 +57,48 @@ def check_encoder_folder(path: str | os.PathLike, max_tokens: int) -> dict:
         raise InputError(config_file, None, "not a model config (expected a JSON object)")
     model_type = str(cfg.get("model_type", "unknown"))
     if cfg.get("is_encoder_decoder"):
-        raise InputError(folder, None, f"{model_type} is an encoder-decoder model; gram-scale "
-                                       "needs an encoder-only one (BERT, MiniLM, RoBERTa ...)")  # fmt: skip
+        raise InputError(
+            folder,
+            None,
+            f"{model_type} is an encoder-decoder model; gram-scale "
+            "needs an encoder-only one (BERT, MiniLM, RoBERTa ...)",
+        )
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise InputError(folder, None, "no tokenizer files (expected one of "
-                                       f"{', '.join(TOKENIZER_FILES)}); copy the tokenizer into "
-                                       "the model folder")  # fmt: skip
+        raise InputError(
+            folder,
+            None,
+            "no tokenizer files (expected one of "
+            f"{', '.join(TOKENIZER_FILES)}); copy the tokenizer into "
+            "the model folder",
+        )
     check_weights(folder)
     positions = cfg.get("max_position_embeddings")
     if isinstance(positions, int) and positions > 0:
         if model_type in _OFFSET_POSITIONS:
             positions -= int(cfg.get("pad_token_id") or 1) + 1
         if max_tokens > positions:
-            raise InputError("--max-tokens", None, f"{max_tokens} is more than the {positions} "
-                                                   f"token positions of the encoder {folder}")  # fmt: skip
+            raise InputError(
+                "--max-tokens",
+                None,
+                f"{max_tokens} is more than the {positions} "
+                f"token positions of the encoder {folder}",
+            )
     hidden = cfg.get("hidden_size", cfg.get("dim", cfg.get("d_model")))
-    return {"path": str(folder.resolve()), "config_sha256": hashlib.sha256(raw).hexdigest(),
-            "model_type": model_type, "hidden_size": hidden, "config": cfg}  # fmt: skip
+    return {
+        "path": str(folder.resolve()),
+        "config_sha256": hashlib.sha256(raw).hexdigest(),
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "config": cfg,
+    }
 
 
 # The weight files transformers loads, in its order of preference: a single file or the shards a
 # ``*.index.json`` lists.
-WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
-                ("pytorch_model.bin", "pytorch_model.bin.index.json"))  # fmt: skip
+WEIGHT_FILES = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
 
 
 def check_weights(folder: Path) -> None:
@@ -76,8 +114,12 @@ def check_weights(folder: Path) -> None:
             files = _shards(index)
             break
     else:
-        raise InputError(folder, None, "no model weights (expected model.safetensors, "
-                         "pytorch_model.bin or a sharded *.index.json)")  # fmt: skip
+        raise InputError(
+            folder,
+            None,
+            "no model weights (expected model.safetensors, "
+            "pytorch_model.bin or a sharded *.index.json)",
+        )
     for path in files:
         problem = (
             _safetensors_problem(path) if path.suffix == ".safetensors" else _bin_problem(path)
@@ -92,12 +134,16 @@ def _shards(index: Path) -> list[Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-        raise InputError(index, None, "not a weights index (expected JSON with a weight_map of "
-                         "tensor name -> shard file)") from None  # fmt: skip
+        raise InputError(
+            index,
+            None,
+            "not a weights index (expected JSON with a weight_map of tensor name -> shard file)",
+        ) from None
     for name in names:
         if not (index.parent / str(name)).is_file():
-            raise InputError(index.parent / str(name), None,
-                             f"missing: a shard that {index.name} lists")  # fmt: skip
+            raise InputError(
+                index.parent / str(name), None, f"missing: a shard that {index.name} lists"
+            )
     return [index.parent / str(name) for name in names]
 
 
@@ -115,8 +161,10 @@ def _safetensors_problem(path: Path) -> str | None:
         except (ValueError, UnicodeDecodeError):
             return "unreadable header"
     try:
-        end = max((int(t["data_offsets"][1]) for name, t in header.items()
-                   if name != "__metadata__"), default=0)  # fmt: skip
+        end = max(
+            (int(t["data_offsets"][1]) for name, t in header.items() if name != "__metadata__"),
+            default=0,
+        )
     except (AttributeError, KeyError, TypeError, IndexError, ValueError):
         return "malformed header (tensors without data_offsets)"
     if 8 + length + end != size:
@@ -156,16 +204,25 @@ def check_tokenizer(path: str | os.PathLike, max_tokens: int, config: dict) -> N
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
-        raise InputError(folder, None, f"cannot load the tokenizer: {str(exc).splitlines()[0]}"
-                         ) from None  # fmt: skip
+        raise InputError(
+            folder, None, f"cannot load the tokenizer: {str(exc).splitlines()[0]}"
+        ) from None
     vocab = config.get("vocab_size")
     if isinstance(vocab, int) and vocab > 0 and len(tokenizer) > vocab:
         name = next((n for n in TOKENIZER_FILES if (folder / n).is_file()), "tokenizer")
-        raise InputError(folder / name, None, f"the tokenizer has {len(tokenizer)} tokens, more "
-                         f"than the {vocab} rows of the model's embedding table (config.json "
-                         "vocab_size): its larger ids would fail mid-run")  # fmt: skip
+        raise InputError(
+            folder / name,
+            None,
+            f"the tokenizer has {len(tokenizer)} tokens, more "
+            f"than the {vocab} rows of the model's embedding table (config.json "
+            "vocab_size): its larger ids would fail mid-run",
+        )
     specials = tokenizer.num_special_tokens_to_add(pair=False)
     if max_tokens <= specials:
-        raise InputError("--max-tokens", None, f"{max_tokens} leaves no room for text: the "
-                         f"tokenizer of {folder} adds {specials} special tokens to every text; "
-                         f"use at least {specials + 1}")  # fmt: skip
+        raise InputError(
+            "--max-tokens",
+            None,
+            f"{max_tokens} leaves no room for text: the "
+            f"tokenizer of {folder} adds {specials} special tokens to every text; "
+            f"use at least {specials + 1}",
+        )

@@ -138,8 +138,11 @@ def enable_gradient_checkpointing(encoder: ContentEncoder) -> None:
     """Hugging Face gradient checkpointing (non-reentrant) whose recomputes replay keyed dropout."""
     model = encoder.model
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise InputError("--gradient-checkpointing", None,
-                         f"{type(model).__name__} does not support gradient checkpointing")  # fmt: skip
+        raise InputError(
+            "--gradient-checkpointing",
+            None,
+            f"{type(model).__name__} does not support gradient checkpointing",
+        )
     # looked up at each segment, not bound once, so the replay can be swapped (tests' guard)
     kwargs = {"use_reentrant": False, "context_fn": lambda: replay_context()}
     if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5

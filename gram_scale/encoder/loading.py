@@ -24,8 +24,12 @@ def default_encoder_path() -> str:
 
 # Names of the attention-probability dropout in Hugging Face configs (BERT-likes, Llama/Qwen,
 # GPT-2, DistilBERT).
-_ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop",
-                      "attn_dropout")  # fmt: skip
+_ATTENTION_DROPOUT = (
+    "attention_probs_dropout_prob",
+    "attention_dropout",
+    "attn_pdrop",
+    "attn_dropout",
+)
 
 
 def resolve_attention(choice: str, config: dict, keyed: bool) -> str:
@@ -37,15 +41,22 @@ def resolve_attention(choice: str, config: dict, keyed: bool) -> str:
     if choice == "auto":
         return "eager" if needs_eager else "sdpa"
     if choice != "eager" and needs_eager:
-        raise InputError("--attn-implementation", None, f"{choice} draws the encoder's attention "
-                         f"dropout ({p}) inside the kernel, where keyed masks cannot reach; use "
-                         "eager (or auto), or --no-keyed-dropout")  # fmt: skip
+        raise InputError(
+            "--attn-implementation",
+            None,
+            f"{choice} draws the encoder's attention "
+            f"dropout ({p}) inside the kernel, where keyed masks cannot reach; use "
+            "eager (or auto), or --no-keyed-dropout",
+        )
     if choice == "flash_attention_2":
         import importlib.util
 
         if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
-            raise InputError("--attn-implementation", None, "flash_attention_2 needs a GPU and "
-                             "the flash-attn package; use sdpa")  # fmt: skip
+            raise InputError(
+                "--attn-implementation",
+                None,
+                "flash_attention_2 needs a GPU and the flash-attn package; use sdpa",
+            )
     return choice
 
 
@@ -61,8 +72,13 @@ def _auto_model(path: str, dtype: torch.dtype | None = None, attention: str = "e
         return AutoModel.from_pretrained(path, **kw)
 
 
-def load_encoder(path: str, pooling: str = "auto", dtype: torch.dtype | None = None,
-                 attention: str = "auto", keyed: bool = True):  # fmt: skip
+def load_encoder(
+    path: str,
+    pooling: str = "auto",
+    dtype: torch.dtype | None = None,
+    attention: str = "auto",
+    keyed: bool = True,
+):
     """Load ``(ContentEncoder, tokenizer)`` from a local folder; never touches the network.
 
     A tokenizer without a pad token pads with its eos token (decoder tokenizers often have

@@ -37,21 +37,30 @@ def lora_targets(model: nn.Module, spec: str) -> list[str]:
         for choice in (*LORA_AUTO_TARGETS, *([tuple(known)] if known else [])):
             if all(_matches(names, t) for t in choice):
                 return list(choice)
-        raise InputError("--lora-targets", None, f"auto: no known attention projections in the "
-                         f"{kind} model; name its modules (e.g. {_linear_names(model)})")  # fmt: skip
+        raise InputError(
+            "--lora-targets",
+            None,
+            f"auto: no known attention projections in the "
+            f"{kind} model; name its modules (e.g. {_linear_names(model)})",
+        )
     targets = [t.strip() for t in spec.split(",") if t.strip()]
     for t in targets:
         if not _matches(names, t):
-            raise InputError("--lora-targets", None, f"{t!r} matches no module of the {kind} "
-                             f"model; its linear layers are {_linear_names(model)}")  # fmt: skip
+            raise InputError(
+                "--lora-targets",
+                None,
+                f"{t!r} matches no module of the {kind} "
+                f"model; its linear layers are {_linear_names(model)}",
+            )
     return targets
 
 
 def _linear_names(model: nn.Module) -> str:
     from transformers.pytorch_utils import Conv1D
 
-    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-              if isinstance(m, (nn.Linear, Conv1D))}  # fmt: skip
+    leaves = {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))
+    }
     return ", ".join(sorted(leaves)) or "none"
 
 
@@ -62,10 +71,17 @@ def lora_config(opts, model: nn.Module):
 
     targets = lora_targets(model, opts.lora_targets)
     # GPT-2's Conv1D stores its weight transposed; peft must be told (it warns otherwise)
-    conv = any(isinstance(m, Conv1D) and any(n == t or n.endswith("." + t) for t in targets)
-               for n, m in model.named_modules())  # fmt: skip
-    return LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                      target_modules=targets, fan_in_fan_out=conv)  # fmt: skip
+    conv = any(
+        isinstance(m, Conv1D) and any(n == t or n.endswith("." + t) for t in targets)
+        for n, m in model.named_modules()
+    )
+    return LoraConfig(
+        r=opts.lora_r,
+        lora_alpha=opts.lora_alpha,
+        lora_dropout=opts.lora_dropout,
+        target_modules=targets,
+        fan_in_fan_out=conv,
+    )
 
 
 def apply_lora(encoder: ContentEncoder, opts) -> None:
@@ -92,8 +108,9 @@ def _zero3_off():
         hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
-def save_lora_encoder(base_path: str, opts, tokenizer, state_dict: dict, folder: Path,
-                      adapter: Path, pooling: str):  # fmt: skip
+def save_lora_encoder(
+    base_path: str, opts, tokenizer, state_dict: dict, folder: Path, adapter: Path, pooling: str
+):
     """Write the adapter alone (``adapter``) and the merged encoder as a plain HF folder.
 
     Built on a fresh CPU copy of the base model so it works the same whatever sharded the

@@ -118,8 +118,14 @@ class Strategy(Protocol):
 class CFUpdate:
     """CF forward/backward on detached item rows; returns the loss and the rows' gradients."""
 
-    def __init__(self, task, optimizer: torch.optim.Optimizer, comm, scheduler=None,
-                 max_grad_norm: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        task,
+        optimizer: torch.optim.Optimizer,
+        comm,
+        scheduler=None,
+        max_grad_norm: float = 0.0,
+    ):
         self.task = task
         self.model = task.model
         self.optimizer = optimizer
@@ -217,8 +223,11 @@ class CFUpdate:
 
 def check_counts(runner, plan: Plan, totals: Totals, f0: int, b0: int) -> None:
     """The rows the runner really encoded and back-propagated are the ones announced."""
-    want = (plan.forwards_ok, plan.backwards_ok) if totals.ok else (
-        plan.forwards_skipped, plan.backwards_skipped)  # fmt: skip
+    want = (
+        (plan.forwards_ok, plan.backwards_ok)
+        if totals.ok
+        else (plan.forwards_skipped, plan.backwards_skipped)
+    )
     got = (runner.item_forwards - f0, runner.item_backwards - b0)
     if got != want:
         raise RuntimeError(f"encoder rows (forwards, backwards) {got}, announced {want}")

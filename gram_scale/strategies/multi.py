@@ -231,8 +231,13 @@ class MultiStep:
         regress = self.encoder_epochs if updated and self.runner.trainable else 0
         replay, extra, refilled = self.refresh_plan(window) if updated else ([], None, 0)
         filled += refilled
-        plan = Plan(filled + regress * len(self.table), regress * len(self.table),
-                    filled + regress * held, regress * held, ex.grad_traffic())  # fmt: skip
+        plan = Plan(
+            filled + regress * len(self.table),
+            regress * len(self.table),
+            filled + regress * held,
+            regress * held,
+            ex.grad_traffic(),
+        )
         totals, g = self.cf.agree(loss_sum, count, g, plan)
         if not totals.ok:  # CF optimizer and table untouched; the window schedule goes on
             self.cf.discard()
@@ -277,12 +282,17 @@ class MultiStep:
             sum_base, sum_grad = self.comm.sum_floats(list(self.table.norms()))
             if self.target_distance > 0 and sum_grad > 0:
                 self.table.target_lr = self.target_distance * sum_base / sum_grad
-            self.max_steps = self.comm.max_int(int(self.table.steps[: len(self.table)].max())
-                                               if len(self.table) else 0)  # fmt: skip
-            self.window_stats = {"window_items": len(touched), "regress_batch": size,
-                                 "target_lr": self.table.target_lr, "lr_scale": self.lr_scale,
-                                 "mean_vector_norm": sum_base / max(len(touched), 1),
-                                 "mean_grad_norm": sum_grad / max(len(touched), 1)}  # fmt: skip
+            self.max_steps = self.comm.max_int(
+                int(self.table.steps[: len(self.table)].max()) if len(self.table) else 0
+            )
+            self.window_stats = {
+                "window_items": len(touched),
+                "regress_batch": size,
+                "target_lr": self.table.target_lr,
+                "lr_scale": self.lr_scale,
+                "mean_vector_norm": sum_base / max(len(touched), 1),
+                "mean_grad_norm": sum_grad / max(len(touched), 1),
+            }
             self.moved = 0.0
             for pass_ in range(self.encoder_epochs):
                 order = regress_order(touched, self.seed, window, pass_)
@@ -308,8 +318,9 @@ class MultiStep:
             g = self.table.regression_grad(real, h[: piece.real], w)
             base, _ = self.table.base_and_grads(real)
             self.moved += float((h[: piece.real].detach() - base).norm(dim=1).sum())
-            self.runner.backward(h, piece.pad(g), last=c == len(calls) - 1, count=piece.real,
-                                 items=piece.items)  # fmt: skip
+            self.runner.backward(
+                h, piece.pad(g), last=c == len(calls) - 1, count=piece.real, items=piece.items
+            )
         if not self.runner.step(self.lr_scale):  # non-finite gradient: this update is dropped
             self.encoder_skips += 1
 
@@ -340,7 +351,7 @@ class MultiStep:
                 "window": -1 if self.cache_window is None else self.cache_window,
                 "items": self.comm.gather_rows(keys),
                 "vectors": self.comm.gather_rows(vecs.cpu()),
-            },  # fmt: skip
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:

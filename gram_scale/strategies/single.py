@@ -82,8 +82,9 @@ class SingleStep:
                 self.runner.backward_kept(calls, hs, own_g)
             for i, (c, grads) in enumerate(zip(calls, own_g) if not keep else []):
                 h = self.runner.recompute(c.items, step, states[i], c.real)
-                self.runner.backward(h, grads, last=i == len(calls) - 1, count=c.real,
-                                     items=c.items)  # fmt: skip
+                self.runner.backward(
+                    h, grads, last=i == len(calls) - 1, count=c.real, items=c.items
+                )
             applied = self.cf.step_with(self.runner)
         check_counts(self.runner, plan, totals, f0, b0)
         return StepResult(

@@ -59,8 +59,13 @@ class KTTask:
     main_metric = "auc"
     # Built-in default set: large enough that the text signal is learnable and the batch
     # repetition (R_batch) is real, small enough that the default job runs in minutes on 2 cores.
-    default_sizes = {"n_users": 300, "n_items": 300, "mean_len": 50, "n_unused_items": 10,
-                     "zipf": 1.0}  # fmt: skip
+    default_sizes = {
+        "n_users": 300,
+        "n_items": 300,
+        "mean_len": 50,
+        "n_unused_items": 10,
+        "zipf": 1.0,
+    }
 
     @staticmethod
     def write_default(folder, seed: int, **sizes) -> None:
@@ -74,8 +79,13 @@ class KTTask:
         """Read a KT folder (items.csv, interactions.csv) into splits."""
         from gram_scale.data.kt import load_kt
 
-        return load_kt(folder, seed=opts.seed, valid_frac=opts.valid_frac,
-                       test_frac=opts.test_frac, cold_frac=opts.cold_frac)  # fmt: skip
+        return load_kt(
+            folder,
+            seed=opts.seed,
+            valid_frac=opts.valid_frac,
+            test_frac=opts.test_frac,
+            cold_frac=opts.cold_frac,
+        )
 
     @staticmethod
     def data_files(folder) -> list:
