@@ -9,15 +9,11 @@ Gradient checkpointing replays the masks in its recomputes.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from gram_scale.errors import InputError
-
-if TYPE_CHECKING:
-    from gram_scale.encoder.model import ContentEncoder
 
 _M31 = 0x7FFFFFFF
 
@@ -134,8 +130,9 @@ def replay_context():
     return contextlib.nullcontext(), _installed(replay)
 
 
-def enable_gradient_checkpointing(encoder: ContentEncoder) -> None:
-    """Hugging Face gradient checkpointing (non-reentrant) whose recomputes replay keyed dropout."""
+def enable_gradient_checkpointing(encoder) -> None:
+    """Hugging Face gradient checkpointing (non-reentrant) whose recomputes replay keyed dropout,
+    on a ``ContentEncoder``'s model (not imported here: the model module imports this one)."""
     model = encoder.model
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise InputError(
