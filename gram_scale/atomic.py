@@ -32,6 +32,19 @@ def replace_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def move_entries(src: Path, dest_dir: Path) -> None:
+    """Move each entry of the written folder ``src`` into ``dest_dir`` by rename, replacing what
+    is there under its name (a folder by a folder through ``replace_folder``)."""
+    for entry in sorted(src.iterdir()):
+        dest = dest_dir / entry.name
+        if dest.is_dir() and not dest.is_symlink():
+            if entry.is_dir():
+                replace_folder(entry, dest)
+                continue
+            shutil.rmtree(dest)
+        os.replace(entry, dest)
+
+
 def restore_old(parent: Path, pattern: str = "*") -> None:
     """After a crash inside ``replace_folder``: put back an ``.old-NAME`` whose replacement
     never arrived, drop one whose replacement did."""

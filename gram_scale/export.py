@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gram_scale.atomic import OLD, replace_folder, temp_folder
+from gram_scale.atomic import OLD, move_entries, replace_folder, temp_folder
 from gram_scale.checkpoint import BEST_DIR, link_or_copy, link_tree
 from gram_scale.encoder.lora import save_lora_encoder
 from gram_scale.encoder.saving import save_encoder
@@ -199,12 +199,7 @@ def publish(output_dir: str | Path, write) -> None:
     try:
         write(tmp)
         _share_like_json(tmp)
-        for entry in sorted(tmp.iterdir()):
-            dest = out / entry.name
-            if entry.is_dir() and dest.is_dir() and not dest.is_symlink():
-                replace_folder(entry, dest)
-            else:
-                os.replace(entry, dest)
+        move_entries(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
