@@ -2,8 +2,9 @@
 gradients, steps the optimizer, and keeps a frozen encoder's vectors (each item encoded once per
 run).
 
-Every encode cuts its items by one chunk rule (``TokenCache.cut``): sorted by token length, at
-most ``--encoder-batch-size`` rows and ``--encoder-tokens`` padded tokens a call. Two back ends: plain torch (with a manual gradient sum across
+Every encode cuts its items by one chunk rule (``TokenCache.cut``): sorted by token length
+(``--chunk-order length``; ``given`` keeps the items' order), at most ``--encoder-batch-size``
+rows and ``--encoder-tokens`` padded tokens a call. Two back ends: plain torch (with a manual gradient sum across
 ranks, i.e. DDP semantics) and a DeepSpeed ZeRO engine prepared by Accelerate, whose
 backward/step we call ourselves because GRAM needs several backward passes per update.
 """
@@ -62,6 +63,7 @@ class EncoderRunner:
         self.device = comm.device
         self.chunk = opts.encoder_batch_size
         self.max_tokens = opts.encoder_tokens  # padded tokens a call (and a kept graph) may hold
+        self.chunk_order = opts.chunk_order  # "length": sorted before cutting; "given": not
         self.keyed = opts.keyed_dropout
         self.seed = opts.seed
         self.trainable = not opts.freeze_encoder
@@ -165,7 +167,7 @@ class EncoderRunner:
     def cut(self, items: torch.Tensor) -> list[torch.Tensor]:
         """This rank's chunks of ``items`` by the chunk rule (positions into ``items``); local,
         no collective."""
-        return self.tokens.cut(items, self.chunk, self.max_tokens)
+        return self.tokens.cut(items, self.chunk, self.max_tokens, self.chunk_order)
 
     def calls(self, items: torch.Tensor, cuts: list[torch.Tensor] | None = None) -> list[Piece]:
         """The encoder calls over this rank's ``items`` by the chunk rule (or ``cuts``), padded
