@@ -34,7 +34,7 @@ class TrainState:
 
     # the plain-data fields saved and restored (the strategy's state travels beside them)
     FIELDS = ("step", "epoch", "batch_in_epoch", "train_seconds", "counters", "epochs",
-              "skipped_steps", "bad_in_a_row", "evals", "best")  # fmt: skip
+              "skipped_steps", "bad_in_a_row", "evals", "best", "encoder_seconds")  # fmt: skip
 
     def __init__(self, strategy):
         self.strategy = strategy
@@ -42,9 +42,12 @@ class TrainState:
         self.epoch = 0
         self.batch_in_epoch = 0  # batches of ``epoch`` already trained
         self.train_seconds = 0.0
+        # of which the encoder's training calls, forward and backward (mean over ranks)
+        self.encoder_seconds = 0.0
         self.counters = {"occurrences": 0, "unique": 0, "item_forwards": 0, "item_backwards": 0,
                          "tokens_forward": 0, "padded_forward": 0, "tokens_backward": 0,
-                         "padded_backward": 0}  # fmt: skip
+                         "padded_backward": 0, "attention_pairs_forward": 0,
+                         "attention_pairs_backward": 0}  # fmt: skip
         self.epochs: list[dict] = []
         self.skipped_steps = 0
         self.bad_in_a_row = 0

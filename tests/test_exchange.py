@@ -117,6 +117,7 @@ def test_chunk_rule_in_the_given_order_keeps_the_order_and_the_caps():
     assert [items[c].tolist() for c in cuts] == [[6], [0, 1], [2, 3], [4, 5], [7]]
     assert torch.cat(cuts).tolist() == list(range(8))  # the items' own order
     assert all(len(c) * int(lengths[items[c]].max()) <= 20 for c in cuts[1:])
+    assert cache.attention_pairs(torch.tensor([1, 2])) == 2 * 9**2
     ranked = items[torch.argsort(lengths[items], stable=True)]
     for rows, budget in ((3, 0), (100, 20), (4, 16)):
         same = [ranked[c].tolist() for c in cache.cut(ranked, rows, budget, order="given")]

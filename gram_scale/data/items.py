@@ -96,6 +96,12 @@ class TokenCache:
             return 0, 0
         return int(lengths.sum()), len(lengths) * int(lengths.max())
 
+    def attention_pairs(self, items: torch.Tensor) -> int:
+        """Query-key pairs each attention layer of one encoder call over ``items`` computes:
+        rows x the longest text squared (every row padded to it)."""
+        lengths = self.lengths[items.cpu()]
+        return len(lengths) * int(lengths.max()) ** 2 if len(lengths) else 0
+
     def mean_tokens(self) -> float:
         """Average tokens per item (drives the encoder cost per item)."""
         return float(self.lengths.float().mean()) if len(self.lengths) else 0.0
