@@ -210,7 +210,12 @@ def bench(args: argparse.Namespace) -> dict:
             for name, records in collected.items()}  # fmt: skip
     for run in runs:
         row = rows[run.label]
-        row.update(strategy=run.strategy, window=run.window, frozen=run.frozen)
+        row.update(
+            strategy=run.strategy,
+            window=run.window,
+            frozen=run.frozen,
+            chunk_order=run.chunk_order or base.chunk_order,
+        )
         row["speedup"] = rows["e2e"]["time_per_epoch_s"] / row["time_per_epoch_s"]
     measured = dataclasses.replace(base, output_dir=str(out / "runs"))
     try:

@@ -9,6 +9,7 @@ import platform
 import statistics
 from pathlib import Path
 
+from gram_scale.bench.workloads import UNSORTED
 from gram_scale.errors import InputError
 
 METRIC = "auc"  # the main valid metric of both tasks (KTTask.main_metric, NewsTask.main_metric)
@@ -71,6 +72,11 @@ def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dic
     times = [r["metrics"]["train_seconds"] * steps_per_epoch / max(r["metrics"]["steps"], 1)
              for r in runs]  # fmt: skip
     counters = first["counters"]
+    encoder_times = [
+        r["metrics"]["encoder_seconds"] * steps_per_epoch / max(r["metrics"]["steps"], 1)
+        for r in runs
+        if r["metrics"].get("encoder_seconds") is not None
+    ]
     row = {
         "extrapolated": extrapolated,
         "steps": steps,
@@ -94,6 +100,8 @@ def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dic
             if counters.get("tokens_forward")
             else None
         ),
+        # the encoder's training calls (forward and backward), per epoch; median over repeats
+        "encoder_seconds_per_epoch": statistics.median(encoder_times) if encoder_times else None,
         "counters": counters,
         "occurrence_unique_ratio": first["occurrence_unique_ratio"],
         "occurrences_per_backward": (
@@ -151,6 +159,10 @@ def _mib(b: float | None) -> str:
 
 def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}" if value >= 100 else f"{value:.2g}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _per_seed(values: list | None) -> str:
@@ -223,6 +235,101 @@ def _accuracy_targets(rows: dict) -> list[dict]:
     return out
 
 
+# the encoder time the sort by length must save: unsorted / sorted, per strategy
+MIN_SORT_SAVING = 1.3
+# sorted and unsorted runs differ only by float rounding; their AUCs must agree this closely
+SORT_AUC_LIMIT = 0.005
+
+
+def twins(result: dict) -> list[tuple[str, str]]:
+    """``(sorted, unsorted)`` row names of every run that also ran with its calls cut in the
+    items' own order, in run order."""
+    rows = result["strategies"]
+    return [
+        (name.removesuffix(UNSORTED), name)
+        for name, _ in rows_in_order(result)
+        if name.endswith(UNSORTED) and name.removesuffix(UNSORTED) in rows
+    ]
+
+
+def _ratio(over: float | None, under: float | None) -> float | None:
+    return None if over is None or not under else over / under
+
+
+def sort_saving(by_length: dict, given: dict) -> dict:
+    """What sorting by length saves a run: unsorted over sorted encoder seconds per epoch
+    (``encoder``) and padded per real token (``padded``); None where a run lacks the figure."""
+    seconds, padded = "encoder_seconds_per_epoch", "padded_per_real_token"
+    return {
+        "encoder": _ratio(given.get(seconds), by_length.get(seconds)),
+        "padded": _ratio(given.get(padded), by_length.get(padded)),
+    }
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _padded(row: dict) -> str:
+    value = row.get("padded_per_real_token")
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _chunk_order_targets(result: dict) -> list[dict]:
+    """Per strategy with an unsorted twin: the sort saves at least MIN_SORT_SAVING of the
+    encoder's time, and both runs reach the same AUC (within SORT_AUC_LIMIT)."""
+    rows, out = result["strategies"], []
+    for name, twin in twins(result):
+        saving = sort_saving(rows[name], rows[twin])["encoder"]
+        need = f"{MIN_SORT_SAVING:g}x"
+        title = f"{name}: sorting saves >= {need} of the encoder time"
+        text = f"{name}: encoder time unsorted / sorted {_times(saving)} (need {need})"
+        met = None if saving is None else saving >= MIN_SORT_SAVING
+        out.append({"name": title, "met": met, "text": text})
+        title = f"{name}: sorted and unsorted AUCs equal (valid and test)"
+        aucs = {s: (_auc(rows[name], s), _auc(rows[twin], s)) for s in ("valid", "test")}
+        if any(v is None for pair in aucs.values() for v in pair):
+            text = f"{name} sorted vs unsorted AUC: not measured (no accuracy)"
+            out.append({"name": title, "met": None, "text": text})
+            continue
+        gaps = {split: b - a for split, (a, b) in aucs.items()}
+        text = (
+            f"{name} unsorted vs sorted: valid {100 * gaps['valid']:+.3f}, test "
+            f"{100 * gaps['test']:+.3f} AUC points (limit {100 * SORT_AUC_LIMIT:g}: the order "
+            "changes float rounding only)"
+        )
+        met = all(abs(g) <= SORT_AUC_LIMIT for g in gaps.values())
+        out.append({"name": title, "met": met, "text": text})
+    return out
+
+
+def _chunk_order_lines(result: dict) -> list[str]:
+    """The sort's saving per strategy, side by side: encoder seconds per epoch and padded /
+    real tokens, unsorted over sorted, and both runs' AUCs."""
+    pairs = twins(result)
+    if not pairs:
+        return []
+    rows = result["strategies"]
+    lines = [
+        "",
+        "Chunk order: each strategy also ran with its encoder calls cut in the items' own order "
+        '(`--chunk-order given`, "unsorted") instead of sorted by token length; unsorted / '
+        "sorted, from the same benchmark:",
+    ]
+    for name, twin in pairs:
+        a, b = rows[name], rows[twin]
+        saving = sort_saving(a, b)
+        seconds = [_seconds(r.get("encoder_seconds_per_epoch")) for r in (b, a)]
+        lines.append(
+            f"- {name}: encoder {seconds[0]} s / epoch unsorted, {seconds[1]} sorted: "
+            f"{_times(saving['encoder'])}; padded / real tokens {_padded(b)} unsorted, "
+            f"{_padded(a)} sorted: {_times(saving['padded'])}; valid AUC {_metric(a['valid'])} "
+            f"sorted, {_metric(b['valid'])} unsorted; test AUC {_metric(a['test'])} sorted, "
+            f"{_metric(b['test'])} unsorted."
+        )
+    return lines
+
+
 def targets(result: dict) -> list[dict]:
     """The issue's targets, each ``{name, met, text}``; ``met`` is None where not measurable."""
     rows, pred = result["strategies"], result["predicted"]
@@ -252,6 +359,7 @@ def targets(result: dict) -> list[dict]:
                     "text": f"multi 1E speed-up {one_e['speedup']:.1f}x vs {need:g}x{extra}"
                             f"{bound}"})  # fmt: skip
     out += _accuracy_targets(rows)
+    out += _chunk_order_targets(result)
     key = "cuda_peak_bytes" if result["machine"]["gpu"] else "encoder_activation_bytes"
     what = "CUDA peak memory" if key == "cuda_peak_bytes" else "encoder activation memory"
     for name, row in rows_in_order(result):
@@ -295,10 +403,21 @@ def markdown(result: dict) -> str:
         if not stats.get("tokens_per_item")
         else f", {stats['tokens_per_item']:.1f} tokens per item"
     )
-    head = ["strategy", "time / epoch (s)", "speed-up vs e2e", "items / s",
-            "encoder tokens / s", "padded / real tokens", "encoder fwd items / epoch",
-            "encoder bwd items / epoch", "occurrences / encoder bwd", "occ / unique per step",
-            "peak RSS (MiB)", "encoder activations (MiB)"]  # fmt: skip
+    head = [
+        "strategy",
+        "time / epoch (s)",
+        "speed-up vs e2e",
+        "items / s",
+        "encoder tokens / s",
+        "padded / real tokens",
+        "encoder s / epoch",
+        "encoder fwd items / epoch",
+        "encoder bwd items / epoch",
+        "occurrences / encoder bwd",
+        "occ / unique per step",
+        "peak RSS (MiB)",
+        "encoder activations (MiB)",
+    ]
     if cuda:
         head.append("CUDA peak (MiB)")
     seeds = result.get("seeds") or [0]
@@ -340,6 +459,7 @@ def markdown(result: dict) -> str:
             _rate(r.get("items_per_s")),
             _rate(r.get("encoder_tokens_per_s")),
             "-" if r.get("padded_per_real_token") is None else f"{r['padded_per_real_token']:.2f}",
+            _seconds(r.get("encoder_seconds_per_epoch")),
             f"{r['item_forwards_per_epoch']:,.0f}",
             f"{r['item_backwards_per_epoch']:,.0f}",
             "-"
@@ -363,6 +483,7 @@ def markdown(result: dict) -> str:
     if reused:
         lines += ["", "Reused from an earlier benchmark with the same flags (--reuse), trained "
                   + ", ".join(sorted({f"{name} on {date}" for name, date in reused})) + "."]  # fmt: skip
+    lines += _chunk_order_lines(result)
     lines += ["", "Targets:"]
     for t in result["targets"]:
         verdict = {True: "met", False: "not met", None: "not measured"}[t["met"]]
