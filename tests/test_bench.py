@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gram_scale.bench.report import markdown, summarise, targets
+from gram_scale.bench.report import encoder_flops, markdown, summarise, targets
 from gram_scale.bench.workloads import UNSORTED, WORKLOADS
 from gram_scale.config import Options, parse_window
 from gram_scale.data.load import load_data
@@ -339,7 +339,7 @@ def test_report_sets_sorted_and_unsorted_runs_side_by_side():
     assert rows["e2e"]["encoder_seconds_per_epoch"] == 2.0
     result = _fake_result(rows)
     md = markdown(result)
-    assert "| encoder s / epoch |" in md
+    assert "| encoder s / epoch |" in md and "MFU" not in md  # no GPU: no MFU column
     assert (
         "- e2e: encoder 3.00 s / epoch unsorted, 2.00 sorted: 1.50x; padded / real tokens "
         "1.50 unsorted, 1.20 sorted: 1.25x; valid AUC 0.7500 sorted, 0.7504 unsorted; test "
@@ -353,6 +353,59 @@ def test_report_sets_sorted_and_unsorted_runs_side_by_side():
     assert verdicts["e2e: sorted and unsorted AUCs equal (valid and test)"] is True
     assert verdicts["single: sorted and unsorted AUCs equal (valid and test)"] is False
     assert not any(name.startswith("multi 1E:") for name in verdicts)
+
+
+def test_encoder_flops_and_mfu_from_made_up_counts():
+    """Model FLOPs on padded tokens: forward 2 N per token + 4 x layers x hidden per attention
+    pair, backward twice that; MFU = FLOP/s per process over the card's bf16 dense peak."""
+    from gram_scale.bench.report import _encoder_rate, mfu, peak_tflops
+
+    counters = {
+        "padded_forward": 1000,
+        "padded_backward": 500,
+        "attention_pairs_forward": 20_000,
+        "attention_pairs_backward": 10_000,
+    }
+    shape = {"params": 1_000_000, "layers": 2, "hidden": 64}
+    # 2e6 x 1000 + 4e6 x 500 + 4 x 2 x 64 x 20,000 + 8 x 2 x 64 x 10,000
+    assert encoder_flops(counters, shape) == 4_020_480_000.0
+    assert encoder_flops(counters, dict(shape, layers=None)) == 4_000_000_000.0  # no attention
+    assert encoder_flops({"occurrences": 1}, shape) is None  # a run from before the counters
+    metrics = {
+        "counters": counters,
+        "encoder_flops_shape": shape,
+        "encoder_seconds": 0.004,
+        "processes": 2,
+    }
+    # 4.02048e9 FLOPs over 2 processes x 4 ms = 0.50256 TFLOP/s per process
+    assert _encoder_rate(metrics) == pytest.approx(0.50256)
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("Tesla V100-SXM2-16GB") is None and peak_tflops(None) is None
+    assert mfu(494.5, "NVIDIA H100 80GB HBM3") == pytest.approx(0.5)
+    assert mfu(494.5, None) is None and mfu(None, "NVIDIA H200") is None
+
+
+def test_mfu_column_only_on_a_gpu():
+    """On a CUDA machine the table has the encoder's MFU against the card's peak (n/a for a card
+    not in the table); on a CPU no such column."""
+    rate = 0.08 * 989.0 * 1e12  # FLOP/s that make 8% of an H100
+    run = _timed_run(1.0, 720, 0.75)
+    shape = run["metrics"]["encoder_flops_shape"]
+    run["metrics"]["encoder_seconds"] = encoder_flops(run["metrics"]["counters"], shape) / rate
+    rows = {
+        "e2e": summarise([run], 10, extrapolated=False),
+        "multi 1E": summarise([_timed_run(0.5, 720, 0.75)], 10, extrapolated=False),
+    }
+    for row in rows.values():
+        row["cuda_peak_bytes"] = 1 << 20  # a GPU run records its peak
+    for gpu, cell in (("NVIDIA H100 80GB HBM3", "8.0%"), ("NVIDIA L4", "n/a (peak unknown)")):
+        md = markdown(_fake_result(rows, gpu=gpu))
+        header, row = [line for line in md.splitlines() if line.startswith("| ")][:2]
+        column = header.split(" | ").index("encoder MFU (bf16 peak)")
+        assert row.split(" | ")[column] == cell, gpu
+    assert "MFU" not in markdown(_fake_result(rows, gpu=None))
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,9 @@ from gram_scale.errors import InputError
 
 METRIC = "auc"  # the main valid metric of both tasks (KTTask.main_metric, NewsTask.main_metric)
 MiB = 1024 * 1024
+# dense bf16 peak of one GPU (TFLOP/s, no sparsity), keyed by a substring of
+# torch.cuda.get_device_name(): the first key found in the name counts
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 # ---- the machine ----------------------------------------------------------------------------
@@ -56,6 +59,50 @@ def machine_line(m: dict) -> str:
     return f"{m['cpu']}, {m['cores']} cores, {gpu}"
 
 
+# ---- the encoder's model FLOPs -------------------------------------------------------------
+def encoder_flops(counters: dict, shape: dict | None) -> float | None:
+    """Model FLOPs of a run's encoder calls, counted on padded tokens (rows x each call's longest
+    text: what the hardware computes, padding included), with N = the encoder's weights outside
+    its embedding tables: forward 2 N per token plus 4 x layers x hidden per query-key pair of
+    attention (its two matrix products, QK^T and AV); backward twice the forward's (4 N and
+    8 x layers x hidden). Attention counts 0 where the shape or the pair counters are missing;
+    recomputed activations (gradient checkpointing) are not model FLOPs and are not counted.
+    None for a run from before the shape was recorded."""
+    if not shape or "padded_forward" not in counters:
+        return None
+    n, layers, hidden = shape["params"], shape.get("layers"), shape.get("hidden")
+    flops = 2 * n * counters["padded_forward"] + 4 * n * counters["padded_backward"]
+    if layers and hidden:
+        pairs_fwd = counters.get("attention_pairs_forward", 0)
+        pairs_bwd = counters.get("attention_pairs_backward", 0)
+        flops += 4 * layers * hidden * pairs_fwd + 8 * layers * hidden * pairs_bwd
+    return float(flops)
+
+
+def peak_tflops(gpu: str | None) -> float | None:
+    """The GPU's dense bf16 peak in TFLOP/s from ``PEAK_BF16_TFLOPS``; None for a CPU or a
+    GPU not in the table."""
+    if not gpu:
+        return None
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in gpu), None)
+
+
+def mfu(tflops_per_s: float | None, gpu: str | None) -> float | None:
+    """Model FLOPs utilisation: the encoder's model TFLOP/s per GPU over the card's dense bf16
+    peak (None on a CPU, an unknown GPU, or without a rate)."""
+    peak = peak_tflops(gpu)
+    return None if tflops_per_s is None or peak is None else tflops_per_s / peak
+
+
+def _encoder_rate(metrics: dict) -> float | None:
+    """The encoder's model TFLOP/s per process over its own seconds (None when not recorded)."""
+    flops = encoder_flops(metrics["counters"], metrics.get("encoder_flops_shape"))
+    seconds = metrics.get("encoder_seconds") or 0.0
+    if flops is None or seconds <= 0:
+        return None
+    return flops / (seconds * metrics.get("processes", 1)) / 1e12
+
+
 # ---- table rows ------------------------------------------------------------------------------
 def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dict:
     """One run's figures from its repeats and seeds (each a ``run_child`` record); accuracy is
@@ -77,6 +124,7 @@ def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dic
         for r in runs
         if r["metrics"].get("encoder_seconds") is not None
     ]
+    rates = [x for x in (_encoder_rate(r["metrics"]) for r in runs) if x is not None]
     row = {
         "extrapolated": extrapolated,
         "steps": steps,
@@ -100,8 +148,10 @@ def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dic
             if counters.get("tokens_forward")
             else None
         ),
-        # the encoder's training calls (forward and backward), per epoch; median over repeats
+        # the encoder's training calls (forward and backward), per epoch; its model TFLOP/s
+        # per process over those seconds (encoder_flops); both medians over the repeats
         "encoder_seconds_per_epoch": statistics.median(encoder_times) if encoder_times else None,
+        "encoder_tflops_per_s": statistics.median(rates) if rates else None,
         "counters": counters,
         "occurrence_unique_ratio": first["occurrence_unique_ratio"],
         "occurrences_per_backward": (
@@ -163,6 +213,13 @@ def _rate(value: float | None) -> str:
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _mfu(row: dict, gpu: str | None) -> str:
+    if peak_tflops(gpu) is None:
+        return "n/a (peak unknown)"
+    share = mfu(row.get("encoder_tflops_per_s"), gpu)
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def _per_seed(values: list | None) -> str:
@@ -411,6 +468,10 @@ def markdown(result: dict) -> str:
         "encoder tokens / s",
         "padded / real tokens",
         "encoder s / epoch",
+    ]
+    if cuda:
+        head.append("encoder MFU (bf16 peak)")
+    head += [
         "encoder fwd items / epoch",
         "encoder bwd items / epoch",
         "occurrences / encoder bwd",
@@ -460,6 +521,10 @@ def markdown(result: dict) -> str:
             _rate(r.get("encoder_tokens_per_s")),
             "-" if r.get("padded_per_real_token") is None else f"{r['padded_per_real_token']:.2f}",
             _seconds(r.get("encoder_seconds_per_epoch")),
+        ]
+        if cuda:
+            cells.append(_mfu(r, m["gpu"]))
+        cells += [
             f"{r['item_forwards_per_epoch']:,.0f}",
             f"{r['item_backwards_per_epoch']:,.0f}",
             "-"
