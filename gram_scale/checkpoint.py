@@ -44,6 +44,7 @@ class TrainState:
         "bad_in_a_row",
         "evals",
         "best",
+        "encoder_seconds",
     )
 
     def __init__(self, strategy):
@@ -52,6 +53,8 @@ class TrainState:
         self.epoch = 0
         self.batch_in_epoch = 0  # batches of ``epoch`` already trained
         self.train_seconds = 0.0
+        # of which the encoder's training calls, forward and backward (mean over ranks)
+        self.encoder_seconds = 0.0
         self.counters = {
             "occurrences": 0,
             "unique": 0,
@@ -61,6 +64,8 @@ class TrainState:
             "padded_forward": 0,
             "tokens_backward": 0,
             "padded_backward": 0,
+            "attention_pairs_forward": 0,
+            "attention_pairs_backward": 0,
         }
         self.epochs: list[dict] = []
         self.skipped_steps = 0

@@ -22,6 +22,7 @@ REPORTERS = ("none", "wandb", "tensorboard")
 PRECISIONS = ("fp32", "bf16", "fp64")
 OPTIMIZERS = ("adamw", "sgd")
 ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+CHUNK_ORDERS = ("length", "given")  # how the chunk rule orders a call's items before cutting
 SEED_MAX = 2**32 - 1  # torch.manual_seed takes more, numpy's seeds and some CUDA generators not
 
 
@@ -135,6 +136,15 @@ class Options:
         "holds more, and Single-step keeps a step's whole encoder graph (one forward per item) "
         "when its calls hold at most this many, else it re-encodes chunk by chunk; 0 = calls cut "
         "by rows only, and Single-step keeps the graph only of a step that fits one call",
+    )
+    chunk_order: str = _opt(
+        "length",
+        "how the chunk rule orders the items of every encode before cutting them into calls: "
+        "length (by token length, stable, so short texts are not padded to long ones) or given "
+        "(the items' own order, no sort: to measure what the sort saves). An item's vector "
+        "does not depend on its call, so it changes padded tokens and time, not results (up "
+        "to float rounding)",
+        choices=CHUNK_ORDERS,
     )
     encoder_epochs: int = _opt(1, "multi: regression passes over the window's items")
     regress_batch_size: str = _opt(

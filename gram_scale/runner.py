@@ -2,13 +2,17 @@
 gradients, steps the optimizer, and keeps a frozen encoder's vectors (each item encoded once per
 run).
 
-Every encode cuts its items by one chunk rule (``TokenCache.cut``): sorted by token length, at
-most ``--encoder-batch-size`` rows and ``--encoder-tokens`` padded tokens a call. Two back ends: plain torch (with a manual gradient sum across
+Every encode cuts its items by one chunk rule (``TokenCache.cut``): sorted by token length
+(``--chunk-order length``; ``given`` keeps the items' order), at most ``--encoder-batch-size``
+rows and ``--encoder-tokens`` padded tokens a call. Two back ends: plain torch (with a manual gradient sum across
 ranks, i.e. DDP semantics) and a DeepSpeed ZeRO engine prepared by Accelerate, whose
 backward/step we call ourselves because GRAM needs several backward passes per update.
 """
 
 from __future__ import annotations
+
+import contextlib
+import time
 
 import torch
 
@@ -18,8 +22,63 @@ from gram_scale.exchange import Comm, OwnedVectors, Piece, in_order, owned, piec
 from gram_scale.nonfinite import finite_norm
 
 # token counters of the encoder's work: real tokens and padded tokens (rows x the call's longest
-# text, what the encoder computes), forward (every call, recomputes included) and backward
-TOKEN_COUNTERS = ("tokens_forward", "padded_forward", "tokens_backward", "padded_backward")
+# text, what the encoder computes), forward (every call, recomputes included) and backward; and
+# the query-key pairs each attention layer computes (rows x the call's longest text squared)
+TOKEN_COUNTERS = (
+    "tokens_forward",
+    "padded_forward",
+    "tokens_backward",
+    "padded_backward",
+    "attention_pairs_forward",
+    "attention_pairs_backward",
+)
+
+
+class EncoderClock:
+    """Seconds the encoder's training calls take, forward and backward (the optimizer step not
+    included): the calls the token counters count. On CPU the wall clock around each call. On
+    CUDA two events on the current stream around it, read when taken (once a step, after the
+    step has waited for its work), so timing adds no synchronisation: the GPU time from the
+    call's first kernel to its last, gaps between launches included, work before the call not.
+    (Work a DeepSpeed backward leaves on its own streams past the call's end is not counted.)"""
+
+    SETTLE_EVERY = 1024  # calls whose events are read at once when nothing takes them
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0  # settled, not yet taken
+        self._pending: list[tuple] = []  # CUDA (start, end) events not yet read
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if not self.cuda:
+            t = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.seconds += time.perf_counter() - t
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            yield
+        finally:
+            end.record()
+            self._pending.append((start, end))
+            if len(self._pending) >= self.SETTLE_EVERY:
+                self._settle()
+
+    def _settle(self) -> None:
+        for start, end in self._pending:
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1e3  # milliseconds
+        self._pending.clear()
+
+    def take(self) -> float:
+        """Seconds since the last call."""
+        self._settle()
+        out, self.seconds = self.seconds, 0.0
+        return out
 
 
 class FrozenCache:
@@ -71,6 +130,7 @@ class EncoderRunner:
         self.device = comm.device
         self.chunk = opts.encoder_batch_size
         self.max_tokens = opts.encoder_tokens  # padded tokens a call (and a kept graph) may hold
+        self.chunk_order = opts.chunk_order  # "length": sorted before cutting; "given": not
         self.keyed = opts.keyed_dropout
         self.seed = opts.seed
         self.trainable = not opts.freeze_encoder
@@ -81,6 +141,7 @@ class EncoderRunner:
         self.item_backwards = 0
         self.item_recomputes = 0  # of those, rows encoded a second time, with gradient
         self.token_counts = dict.fromkeys(TOKEN_COUNTERS, 0)
+        self.clock = EncoderClock(self.device)  # forward and backward time of those calls
         self._tokens_taken = dict.fromkeys(TOKEN_COUNTERS, 0)
         self.frozen = (
             None
@@ -140,22 +201,23 @@ class EncoderRunner:
         """Vectors of ``items`` in one forward call; train mode (keyed dropout by ``salt``);
         ``count`` overrides the rows counted (0 for a padding call)."""
         self.module.train()
-        ids, mask = self.tokens.rows(items)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        keys = self._keys(items, salt)
         saved = [0]
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             saved[0] += t.numel() * t.element_size()
             return t
 
-        with torch.set_grad_enabled(grad and self.trainable), self._autocast():
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = (
-                    self.module(ids, mask, keys=keys)
-                    if keys is not None
-                    else self.module(ids, mask)
-                )
+        with self.clock():
+            ids, mask = self.tokens.rows(items)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            keys = self._keys(items, salt)
+            with torch.set_grad_enabled(grad and self.trainable), self._autocast():
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    out = (
+                        self.module(ids, mask, keys=keys)
+                        if keys is not None
+                        else self.module(ids, mask)
+                    )
         if grad and self.trainable:  # graphs kept together (Single-step's one pass, E2E) add up
             self._alive += saved[0]
             self.peak_activation_bytes = max(self.peak_activation_bytes, self._alive)
@@ -166,9 +228,32 @@ class EncoderRunner:
     def _count_tokens(self, way: str, items: torch.Tensor | None, count: int | None) -> None:
         if items is None:
             return
-        real, padded = self.tokens.padded_tokens(items[: len(items) if count is None else count])
+        rows = items[: len(items) if count is None else count]
+        real, padded = self.tokens.padded_tokens(rows)
         self.token_counts["tokens_" + way] += real
         self.token_counts["padded_" + way] += padded
+        self.token_counts["attention_pairs_" + way] += self.tokens.attention_pairs(rows)
+
+    def flops_shape(self) -> dict:
+        """What the encoder's model FLOPs are computed from: ``params``, its weights outside the
+        embedding tables (each does a multiply-add per token; an embedding is a lookup), and
+        the ``layers`` and ``hidden`` width of its attention (None where the config lacks them)."""
+        embedded = set()
+        for module in self.encoder.modules():
+            if isinstance(module, torch.nn.Embedding):
+                embedded |= {id(p) for p in module.parameters()}
+        # under ZeRO-3 a parameter holds a shard; ds_numel is its full size
+        params = sum(
+            getattr(p, "ds_numel", p.numel())
+            for p in self.encoder.parameters()
+            if id(p) not in embedded
+        )
+        config = getattr(self.encoder.model, "config", None)
+        return {
+            "params": params,
+            "layers": getattr(config, "num_hidden_layers", None),
+            "hidden": getattr(config, "hidden_size", None),
+        }
 
     def take_tokens(self) -> list[int]:
         """This rank's token counters (``TOKEN_COUNTERS`` order) since the last call."""
@@ -179,7 +264,7 @@ class EncoderRunner:
     def cut(self, items: torch.Tensor) -> list[torch.Tensor]:
         """This rank's chunks of ``items`` by the chunk rule (positions into ``items``); local,
         no collective."""
-        return self.tokens.cut(items, self.chunk, self.max_tokens)
+        return self.tokens.cut(items, self.chunk, self.max_tokens, self.chunk_order)
 
     def calls(self, items: torch.Tensor, cuts: list[torch.Tensor] | None = None) -> list[Piece]:
         """The encoder calls over this rank's ``items`` by the chunk rule (or ``cuts``), padded
@@ -210,7 +295,8 @@ class EncoderRunner:
     def _fill_frozen(self, items: torch.Tensor, counted: bool) -> None:
         """Encode (eval mode) the ``items`` the frozen cache lacks; every rank calls it."""
         new = self.frozen.missing(items)
-        calls, vecs = self._eval_vectors(new)
+        with self.clock() if counted else contextlib.nullcontext():
+            calls, vecs = self._eval_vectors(new)
         if counted:
             for c in calls:
                 self._count_tokens("forward", c.items, c.real)
@@ -274,12 +360,13 @@ class EncoderRunner:
         self._count_tokens("backward", items, count)
         self._alive = 0  # the graphs encoded so far are being released
         self.item_backwards += len(vectors) if count is None else count
-        if self.engine is not None:
-            # The engine averages gradients over ranks; ours are partial sums, so scale back up.
-            self.engine.set_gradient_accumulation_boundary(last)
-            self.engine.backward(surrogate * self.comm.world)
-        else:
-            surrogate.backward()
+        with self.clock():
+            if self.engine is not None:
+                # The engine averages gradients over ranks; ours are partial sums: scale back up.
+                self.engine.set_gradient_accumulation_boundary(last)
+                self.engine.backward(surrogate * self.comm.world)
+            else:
+                surrogate.backward()
         self._pending_backward = True
 
     def backward_kept(

@@ -396,9 +396,9 @@ class Run:
 
     def _count(self, res: StepResult, batch) -> dict:
         """Add the step's counts, every rank's, to the run's counters; the step's own."""
-        # the encoder's tokens (a second small collective: a window end's are known only once
-        # it has run, after the step's agreement)
-        tokens = dict(zip(TOKEN_COUNTERS, self.comm.sum_ints(self.s.runner.take_tokens())))
+        # the encoder's tokens and seconds (a second small collective: a window end's are
+        # known only once it has run, after the step's agreement)
+        tokens, seconds = self._encoder_work()
         totals = res.totals
         seen = {
             "occurrences": batch.occurrences(),  # every rank holds the global batch
@@ -416,7 +416,16 @@ class Run:
         ):
             before = counters.get(key) or [0] * self.comm.world
             counters[key] = [a + b for a, b in zip(before, per_rank)]
-        return seen
+        self.state.encoder_seconds += seconds
+        return dict(seen, encoder_seconds=seconds)
+
+    def _encoder_work(self) -> tuple[dict, float]:
+        """The encoder's token counters since the last call, summed over ranks, and its
+        seconds since then, the mean over ranks (one collective)."""
+        runner = self.s.runner
+        *sums, seconds = self.comm.sum_floats([*runner.take_tokens(), runner.clock.take()])
+        # float64 holds these counts exactly
+        return dict(zip(TOKEN_COUNTERS, map(int, sums))), seconds / self.comm.world
 
     def _evaluate_every(self, epoch: int) -> dict:
         """--eval-every's evaluation when it is due (the last step's is the final one, after
@@ -623,13 +632,13 @@ class Run:
         self.state.train_seconds += time.perf_counter() - t
         if tail is None:
             return
-        fwd, bwd, *tokens = runner.comm.sum_ints(
-            [tail.item_forwards, tail.item_backwards, *runner.take_tokens()]
-        )
+        fwd, bwd = runner.comm.sum_ints([tail.item_forwards, tail.item_backwards])
+        tokens, seconds = self._encoder_work()
         counters["item_forwards"] += fwd
         counters["item_backwards"] += bwd
-        for key, value in zip(TOKEN_COUNTERS, tokens):
+        for key, value in tokens.items():
             counters[key] += value
+        self.state.encoder_seconds += seconds
 
     def _best(self, valid: dict, test: dict) -> dict | None:
         """--save-best: the best evaluation, whose model the export holds (the last model when
@@ -652,6 +661,9 @@ class Run:
             "test": best["test"] if staged else test,
             "steps": state.step,
             "train_seconds": state.train_seconds,
+            # of which the encoder's training calls, forward and backward (mean over ranks)
+            "encoder_seconds": state.encoder_seconds,
+            "encoder_flops_shape": runner.flops_shape(),
             "processes": runner.comm.world,
             "counters": counters,
             "skipped_steps": state.skipped_steps,

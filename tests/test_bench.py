@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gram_scale.bench.report import markdown, summarise, targets
-from gram_scale.bench.workloads import WORKLOADS
+from gram_scale.bench.report import encoder_flops, markdown, summarise, targets
+from gram_scale.bench.workloads import UNSORTED, WORKLOADS
 from gram_scale.config import Options, parse_window
 from gram_scale.data.load import load_data
 from gram_scale.history import read_history
@@ -323,6 +323,162 @@ def test_extrapolated_e2e_has_no_accuracy():
     md = markdown(result)
     assert "| e2e (extrapolated) | 5.00 (extrapolated) | 1.00x | 60 | - | - |" in md
     assert "n/a" in md.split("| e2e (extrapolated)")[1].splitlines()[0]
+
+
+def _fake_result(rows: dict, gpu: str | None = None, spe: int = 10) -> dict:
+    """A benchmark result around ``rows`` (name -> summarised row, e2e first), as cli.bench
+    writes it, with its targets."""
+    for row in rows.values():
+        row["speedup"] = rows["e2e"]["time_per_epoch_s"] / row["time_per_epoch_s"]
+    machine = {
+        "cpu": "c",
+        "cores": 2,
+        "gpu": gpu,
+        "torch_threads": 2,
+        "date": "today",
+        "load_average_at_start": 0.0,
+        "versions": {"python": "3"},
+    }
+    stats = {"occurrences": 300, "distinct_items": 20}
+    result = {
+        "workload": "fake",
+        "order": list(rows),
+        "description": "d",
+        "epochs": 1,
+        "steps_per_epoch": spe,
+        "repeats": 1,
+        "total_seconds": 1.0,
+        "strategies": rows,
+        "bound": None,
+        "stats": stats,
+        "machine": machine,
+        "predicted": {"R_batch": 3.0, "R_epoch": 15.0},
+    }
+    result["targets"] = targets(result)
+    return result
+
+
+def _timed_run(encoder_seconds: float, padded: int, auc: float) -> dict:
+    """A fake run of 10 steps whose encoder took ``encoder_seconds`` over 600 real tokens
+    forward (``padded`` padded ones) and 600 backward."""
+    run = _fake_run(10, 4.0, auc)
+    run["metrics"]["counters"] |= {
+        "tokens_forward": 600,
+        "padded_forward": padded,
+        "tokens_backward": 600,
+        "padded_backward": padded,
+        "attention_pairs_forward": 0,
+        "attention_pairs_backward": 0,
+    }
+    run["metrics"]["encoder_seconds"] = encoder_seconds
+    run["metrics"]["encoder_flops_shape"] = {"params": 1000, "layers": 2, "hidden": 8}
+    return run
+
+
+def test_kt_varied_runs_each_strategy_sorted_and_unsorted(tmp_path):
+    """kt-varied trains e2e, single and multi 1E twice: calls sorted by length and in the
+    items' own order (--chunk-order given, rows "... unsorted"); --e2e-steps caps both e2e."""
+    from gram_scale.bench.children import run_options, to_argv
+
+    workload = WORKLOADS["kt-varied"]
+    labels = [run.label for run in workload.runs]
+    assert labels == [
+        "e2e",
+        "e2e unsorted",
+        "single",
+        "single unsorted",
+        "multi 1E",
+        "multi 1E unsorted",
+    ]
+    assert set(workload.capped) == {"e2e", "e2e unsorted"}
+    base = Options(**workload.options)
+    for run in workload.runs:
+        argv = to_argv(run_options(base, run, tmp_path / "run", 0))
+        assert ("--chunk-order" in argv) == run.label.endswith(UNSORTED), run
+        if run.label.endswith(UNSORTED):
+            assert argv[argv.index("--chunk-order") + 1] == "given"
+
+
+def test_report_sets_sorted_and_unsorted_runs_side_by_side():
+    """Each strategy's encoder seconds per epoch and padded / real tokens, unsorted over sorted,
+    and both runs' AUCs, in one line of the report, with a target on each."""
+    rows = {
+        "e2e": summarise([_timed_run(2.0, 720, 0.75)], 10, extrapolated=False),
+        "e2e unsorted": summarise([_timed_run(3.0, 900, 0.7504)], 10, extrapolated=False),
+        "single": summarise([_timed_run(1.0, 720, 0.75)], 10, extrapolated=False),
+        "single unsorted": summarise([_timed_run(1.2, 900, 0.70)], 10, extrapolated=False),
+        "multi 1E": summarise([_timed_run(0.5, 720, 0.74)], 10, extrapolated=False),
+    }
+    assert rows["e2e"]["encoder_seconds_per_epoch"] == 2.0
+    result = _fake_result(rows)
+    md = markdown(result)
+    assert "| encoder s / epoch |" in md and "MFU" not in md  # no GPU: no MFU column
+    assert (
+        "- e2e: encoder 3.00 s / epoch unsorted, 2.00 sorted: 1.50x; padded / real tokens "
+        "1.50 unsorted, 1.20 sorted: 1.25x; valid AUC 0.7500 sorted, 0.7504 unsorted; test "
+        "AUC 0.7500 sorted, 0.7504 unsorted."
+    ) in md
+    assert "- single: encoder 1.20 s / epoch unsorted, 1.00 sorted: 1.20x;" in md
+    assert "- multi 1E:" not in md  # no unsorted twin
+    verdicts = {t["name"]: t["met"] for t in result["targets"]}
+    assert verdicts["e2e: sorting saves >= 1.3x of the encoder time"] is True
+    assert verdicts["single: sorting saves >= 1.3x of the encoder time"] is False
+    assert verdicts["e2e: sorted and unsorted AUCs equal (valid and test)"] is True
+    assert verdicts["single: sorted and unsorted AUCs equal (valid and test)"] is False
+    assert not any(name.startswith("multi 1E:") for name in verdicts)
+
+
+def test_encoder_flops_and_mfu_from_made_up_counts():
+    """Model FLOPs on padded tokens: forward 2 N per token + 4 x layers x hidden per attention
+    pair, backward twice that; MFU = FLOP/s per process over the card's bf16 dense peak."""
+    from gram_scale.bench.report import _encoder_rate, mfu, peak_tflops
+
+    counters = {
+        "padded_forward": 1000,
+        "padded_backward": 500,
+        "attention_pairs_forward": 20_000,
+        "attention_pairs_backward": 10_000,
+    }
+    shape = {"params": 1_000_000, "layers": 2, "hidden": 64}
+    # 2e6 x 1000 + 4e6 x 500 + 4 x 2 x 64 x 20,000 + 8 x 2 x 64 x 10,000
+    assert encoder_flops(counters, shape) == 4_020_480_000.0
+    assert encoder_flops(counters, dict(shape, layers=None)) == 4_000_000_000.0  # no attention
+    assert encoder_flops({"occurrences": 1}, shape) is None  # a run from before the counters
+    metrics = {
+        "counters": counters,
+        "encoder_flops_shape": shape,
+        "encoder_seconds": 0.004,
+        "processes": 2,
+    }
+    # 4.02048e9 FLOPs over 2 processes x 4 ms = 0.50256 TFLOP/s per process
+    assert _encoder_rate(metrics) == pytest.approx(0.50256)
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("Tesla V100-SXM2-16GB") is None and peak_tflops(None) is None
+    assert mfu(494.5, "NVIDIA H100 80GB HBM3") == pytest.approx(0.5)
+    assert mfu(494.5, None) is None and mfu(None, "NVIDIA H200") is None
+
+
+def test_mfu_column_only_on_a_gpu():
+    """On a CUDA machine the table has the encoder's MFU against the card's peak (n/a for a card
+    not in the table); on a CPU no such column."""
+    rate = 0.08 * 989.0 * 1e12  # FLOP/s that make 8% of an H100
+    run = _timed_run(1.0, 720, 0.75)
+    shape = run["metrics"]["encoder_flops_shape"]
+    run["metrics"]["encoder_seconds"] = encoder_flops(run["metrics"]["counters"], shape) / rate
+    rows = {
+        "e2e": summarise([run], 10, extrapolated=False),
+        "multi 1E": summarise([_timed_run(0.5, 720, 0.75)], 10, extrapolated=False),
+    }
+    for row in rows.values():
+        row["cuda_peak_bytes"] = 1 << 20  # a GPU run records its peak
+    for gpu, cell in (("NVIDIA H100 80GB HBM3", "8.0%"), ("NVIDIA L4", "n/a (peak unknown)")):
+        md = markdown(_fake_result(rows, gpu=gpu))
+        header, row = [line for line in md.splitlines() if line.startswith("| ")][:2]
+        column = header.split(" | ").index("encoder MFU (bf16 peak)")
+        assert row.split(" | ")[column] == cell, gpu
+    assert "MFU" not in markdown(_fake_result(rows, gpu=None))
 
 
 @pytest.mark.parametrize(

@@ -432,7 +432,15 @@ def test_token_counters(base, strategy, budget, tmp_path):
     s = setup(opts, data)
     lengths = s.tokens.lengths
     want = {
-        k: [] for k in ("tokens_forward", "padded_forward", "tokens_backward", "padded_backward")
+        k: []
+        for k in (
+            "tokens_forward",
+            "padded_forward",
+            "tokens_backward",
+            "padded_backward",
+            "attention_pairs_forward",
+            "attention_pairs_backward",
+        )
     }
     seen_passes = []
     for batch in list(s.task.train_batches(0))[:3]:
@@ -440,6 +448,7 @@ def test_token_counters(base, strategy, budget, tmp_path):
         rows = valid if strategy == "e2e" else torch.unique(valid)
         cuts = s.tokens.cut(rows, opts.encoder_batch_size, budget)
         padded = sum(len(c) * int(lengths[rows[c]].max()) for c in cuts)
+        pairs = sum(len(c) * int(lengths[rows[c]].max()) ** 2 for c in cuts)
         passes = 2 if padded > budget and strategy == "single" else 1
         real = int(lengths[rows].sum())
         for key, value in (
@@ -447,6 +456,8 @@ def test_token_counters(base, strategy, budget, tmp_path):
             ("padded_forward", passes * padded),
             ("tokens_backward", real),
             ("padded_backward", padded),
+            ("attention_pairs_forward", passes * pairs),
+            ("attention_pairs_backward", pairs),
         ):
             want[key].append(value)
         seen_passes.append(passes)
@@ -455,6 +466,16 @@ def test_token_counters(base, strategy, budget, tmp_path):
         assert [h[key] for h in history] == values, key
         assert metrics["counters"][key] == sum(values), key
     assert want["padded_forward"][0] > want["tokens_forward"][0] > 0
+    # the encoder's seconds: each step's, within the step's, adding up to the run's
+    seconds = [h["encoder_seconds"] for h in history]
+    assert all(0 < e < h["seconds"] for e, h in zip(seconds, history))
+    assert metrics["encoder_seconds"] == pytest.approx(sum(seconds))
+    shape = metrics["encoder_flops_shape"]
+    assert shape["layers"] == s.encoder.model.config.num_hidden_layers and shape["hidden"] > 0
+    # BERT's word, position and token-type tables are lookups; their LayerNorm is not
+    tables = s.encoder.model.embeddings.named_parameters()
+    lookups = sum(p.numel() for name, p in tables if "LayerNorm" not in name)
+    assert shape["params"] == sum(p.numel() for p in s.encoder.parameters()) - lookups
     if strategy == "e2e":
         assert metrics["counters"]["tokens_forward"] == sum(
             int(lengths[b.items[b.items >= 0]].sum()) for b in list(s.task.train_batches(0))[:3]

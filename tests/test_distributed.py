@@ -67,8 +67,15 @@ ZERO_ARGS = ["--optimizer", "sgd", "--lr-encoder", "0.1", "--lr-cf", "0.1"]
 ZERO_PARAM_REL = 2**-20  # 8 float32 ulps of the model's largest parameter
 ZERO_VECTOR_REL = 1e-5
 TRAFFIC = ("comm_bytes_sent", "comm_bytes_received")
-# padded tokens follow each rank's own calls (its owned items, cut by the chunk rule)
-PER_LAYOUT = (*TRAFFIC, "padded_forward", "padded_backward")
+# padded tokens (and attention pairs) follow each rank's own calls (its owned items, cut by the
+# chunk rule)
+PER_LAYOUT = (
+    *TRAFFIC,
+    "padded_forward",
+    "padded_backward",
+    "attention_pairs_forward",
+    "attention_pairs_backward",
+)
 
 
 def common(data_dir, tiny_encoder, config: str, batch_size: int = 8, task: str = "kt") -> list[str]:

@@ -105,6 +105,22 @@ def test_single_equals_e2e(task_opts, dropout, case):
     assert single_vs_e2e(opts, data, n_steps) < TOL
 
 
+def test_single_equals_e2e_with_calls_in_the_given_order(task_opts):
+    """--chunk-order given (no sort by length): other calls, with more padding, and the same
+    result. The hardest case of the table above: dropout on, calls re-encoded."""
+    n_steps, rows, budget, again = STEPS_AND_CHUNKS["3-calls-re-encoded"]
+    opts, data, nodrop = task_opts
+    opts = with_dropout(opts, nodrop, True)
+    opts = replace(opts, encoder_batch_size=rows, encoder_tokens=budget, chunk_order="given")
+    s, _ = run_steps(replace(opts, strategy="single"), data, 1)
+    assert (s.runner.item_recomputes > 0) == again
+    batch = next(s.task.train_batches(0))
+    items = torch.unique(batch.items[batch.items >= 0])
+    given, by_length = s.runner.cut(items), s.tokens.cut(items, rows, budget)
+    assert s.runner.graph_tokens(given, items) > s.runner.graph_tokens(by_length, items)
+    assert single_vs_e2e(opts, data, n_steps) < TOL
+
+
 def test_guard_chunk_recompute_with_other_masks_is_caught(task_opts, monkeypatch):
     """Guard: a chunk re-encoded under another dropout key than its first pass fails the test."""
     from gram_scale.runner import EncoderRunner

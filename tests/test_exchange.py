@@ -99,3 +99,29 @@ def test_chunk_rule_sorts_by_length_and_caps_rows_and_padded_tokens():
     assert torch.equal(
         in_order(calls, [c.items.double()[:, None] for c in calls], 8)[:, 0], items.double()
     )
+
+
+def test_chunk_rule_in_the_given_order_keeps_the_order_and_the_caps():
+    """--chunk-order given: the calls take the items in their own order, no sort, under the same
+    caps (rows, and padded tokens of the call's longest text so far); on items already sorted
+    by length it cuts as the sorted rule does."""
+    from gram_scale.data.items import TokenCache
+
+    lengths = torch.tensor([5, 2, 9, 2, 7, 3, 30, 4])
+    cache = TokenCache(torch.zeros(8, 30, dtype=torch.long), lengths, 0)
+    items = torch.tensor([6, 0, 1, 2, 3, 4, 5, 7])  # lengths 30, 5, 2, 9, 2, 7, 3, 4
+    cuts = cache.cut(items, max_rows=3, order="given")
+    assert [items[c].tolist() for c in cuts] == [[6, 0, 1], [2, 3, 4], [5, 7]]
+    cuts = cache.cut(items, max_rows=100, max_tokens=20, order="given")
+    # 30 alone; 2 x 5; then 9 and 2 (2 x 9 = 18), 7 and 3 (14), 4: each call's padded tokens are
+    # rows x its longest, not x its last row
+    assert [items[c].tolist() for c in cuts] == [[6], [0, 1], [2, 3], [4, 5], [7]]
+    assert torch.cat(cuts).tolist() == list(range(8))  # the items' own order
+    assert all(len(c) * int(lengths[items[c]].max()) <= 20 for c in cuts[1:])
+    assert cache.attention_pairs(torch.tensor([1, 2])) == 2 * 9**2
+    ranked = items[torch.argsort(lengths[items], stable=True)]
+    for rows, budget in ((3, 0), (100, 20), (4, 16)):
+        same = [ranked[c].tolist() for c in cache.cut(ranked, rows, budget, order="given")]
+        assert same == [ranked[c].tolist() for c in cache.cut(ranked, rows, budget)]
+    with pytest.raises(ValueError, match="chunk order"):
+        cache.cut(items, 3, order="random")

@@ -25,6 +25,7 @@ class _Strategy:
 def test_train_state_round_trip_restores_every_field():
     saved = TrainState(_Strategy(table=[1, 2]))
     saved.step, saved.epoch, saved.batch_in_epoch, saved.train_seconds = 7, 1, 3, 2.5
+    saved.encoder_seconds = 1.5
     saved.counters["occurrences"], saved.counters["padded_forward"] = 40, 96
     saved.epochs.append({"epoch": 0, "step": 4})
     saved.skipped_steps, saved.bad_in_a_row = 2, 1
@@ -56,6 +57,7 @@ def test_train_state_round_trip_restores_every_field():
         "epoch": 1,
         "batch_in_epoch": 3,
         "train_seconds": 2.5,
+        "encoder_seconds": 1.5,
         "counters": {
             "occurrences": 40,
             "unique": 0,
@@ -65,6 +67,8 @@ def test_train_state_round_trip_restores_every_field():
             "padded_forward": 96,
             "tokens_backward": 0,
             "padded_backward": 0,
+            "attention_pairs_forward": 0,
+            "attention_pairs_backward": 0,
         },
         "epochs": [{"epoch": 0, "step": 4}],
         "skipped_steps": 2,

@@ -20,13 +20,15 @@ RECORD = "bench_record.json"  # beside a run's metrics.json: what the benchmark 
 
 
 def run_options(base: Options, run: Run, out_dir: Path, seed: int, max_steps: int = 0) -> Options:
-    """The options of one run: the shared ones plus strategy, window, frozen encoder, seed and
-    output folder (a rerun of the benchmark replaces the previous one's run there)."""
+    """The options of one run: the shared ones plus strategy, window, frozen encoder, chunk
+    order, seed and output folder (a rerun of the benchmark replaces the previous one's run
+    there)."""
     return dataclasses.replace(
         base,
         strategy=run.strategy,
         window=run.window or base.window,
         freeze_encoder=run.frozen,
+        chunk_order=run.chunk_order or base.chunk_order,
         seed=seed,
         output_dir=str(out_dir),
         max_steps=max_steps,

@@ -255,8 +255,14 @@ def bench(args: argparse.Namespace) -> dict:
     }
     for run in runs:
         row = rows[run.label]
-        row.update(strategy=run.strategy, window=run.window, frozen=run.frozen)
+        row.update(
+            strategy=run.strategy,
+            window=run.window,
+            frozen=run.frozen,
+            chunk_order=run.chunk_order or base.chunk_order,
+        )
         row["speedup"] = rows["e2e"]["time_per_epoch_s"] / row["time_per_epoch_s"]
+        row["mfu"] = report.mfu(row.get("encoder_tflops_per_s"), info["gpu"])
     measured = dataclasses.replace(base, output_dir=str(out / "runs"))
     try:
         cost = costs.measure_costs(measured)

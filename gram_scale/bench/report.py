@@ -9,10 +9,14 @@ import platform
 import statistics
 from pathlib import Path
 
+from gram_scale.bench.workloads import UNSORTED
 from gram_scale.errors import InputError
 
 METRIC = "auc"  # the main valid metric of both tasks (KTTask.main_metric, NewsTask.main_metric)
 MiB = 1024 * 1024
+# dense bf16 peak of one GPU (TFLOP/s, no sparsity), keyed by a substring of
+# torch.cuda.get_device_name(): the first key found in the name counts
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 # ---- the machine ----------------------------------------------------------------------------
@@ -55,6 +59,50 @@ def machine_line(m: dict) -> str:
     return f"{m['cpu']}, {m['cores']} cores, {gpu}"
 
 
+# ---- the encoder's model FLOPs -------------------------------------------------------------
+def encoder_flops(counters: dict, shape: dict | None) -> float | None:
+    """Model FLOPs of a run's encoder calls, counted on padded tokens (rows x each call's longest
+    text: what the hardware computes, padding included), with N = the encoder's weights outside
+    its embedding tables: forward 2 N per token plus 4 x layers x hidden per query-key pair of
+    attention (its two matrix products, QK^T and AV); backward twice the forward's (4 N and
+    8 x layers x hidden). Attention counts 0 where the shape or the pair counters are missing;
+    recomputed activations (gradient checkpointing) are not model FLOPs and are not counted.
+    None for a run from before the shape was recorded."""
+    if not shape or "padded_forward" not in counters:
+        return None
+    n, layers, hidden = shape["params"], shape.get("layers"), shape.get("hidden")
+    flops = 2 * n * counters["padded_forward"] + 4 * n * counters["padded_backward"]
+    if layers and hidden:
+        pairs_fwd = counters.get("attention_pairs_forward", 0)
+        pairs_bwd = counters.get("attention_pairs_backward", 0)
+        flops += 4 * layers * hidden * pairs_fwd + 8 * layers * hidden * pairs_bwd
+    return float(flops)
+
+
+def peak_tflops(gpu: str | None) -> float | None:
+    """The GPU's dense bf16 peak in TFLOP/s from ``PEAK_BF16_TFLOPS``; None for a CPU or a
+    GPU not in the table."""
+    if not gpu:
+        return None
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in gpu), None)
+
+
+def mfu(tflops_per_s: float | None, gpu: str | None) -> float | None:
+    """Model FLOPs utilisation: the encoder's model TFLOP/s per GPU over the card's dense bf16
+    peak (None on a CPU, an unknown GPU, or without a rate)."""
+    peak = peak_tflops(gpu)
+    return None if tflops_per_s is None or peak is None else tflops_per_s / peak
+
+
+def _encoder_rate(metrics: dict) -> float | None:
+    """The encoder's model TFLOP/s per process over its own seconds (None when not recorded)."""
+    flops = encoder_flops(metrics["counters"], metrics.get("encoder_flops_shape"))
+    seconds = metrics.get("encoder_seconds") or 0.0
+    if flops is None or seconds <= 0:
+        return None
+    return flops / (seconds * metrics.get("processes", 1)) / 1e12
+
+
 # ---- table rows ------------------------------------------------------------------------------
 def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dict:
     """One run's figures from its repeats and seeds (each a ``run_child`` record); accuracy is
@@ -73,6 +121,12 @@ def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dic
         for r in runs
     ]
     counters = first["counters"]
+    encoder_times = [
+        r["metrics"]["encoder_seconds"] * steps_per_epoch / max(r["metrics"]["steps"], 1)
+        for r in runs
+        if r["metrics"].get("encoder_seconds") is not None
+    ]
+    rates = [x for x in (_encoder_rate(r["metrics"]) for r in runs) if x is not None]
     row = {
         "extrapolated": extrapolated,
         "steps": steps,
@@ -96,6 +150,10 @@ def summarise(runs: list[dict], steps_per_epoch: int, extrapolated: bool) -> dic
             if counters.get("tokens_forward")
             else None
         ),
+        # the encoder's training calls (forward and backward), per epoch; its model TFLOP/s
+        # per process over those seconds (encoder_flops); both medians over the repeats
+        "encoder_seconds_per_epoch": statistics.median(encoder_times) if encoder_times else None,
+        "encoder_tflops_per_s": statistics.median(rates) if rates else None,
         "counters": counters,
         "occurrence_unique_ratio": first["occurrence_unique_ratio"],
         "occurrences_per_backward": (
@@ -169,6 +227,17 @@ def _mib(b: float | None) -> str:
 
 def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}" if value >= 100 else f"{value:.2g}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _mfu(row: dict, gpu: str | None) -> str:
+    if peak_tflops(gpu) is None:
+        return "n/a (peak unknown)"
+    share = mfu(row.get("encoder_tflops_per_s"), gpu)
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def _per_seed(values: list | None) -> str:
@@ -273,6 +342,101 @@ def _accuracy_targets(rows: dict) -> list[dict]:
     return out
 
 
+# the encoder time the sort by length must save: unsorted / sorted, per strategy
+MIN_SORT_SAVING = 1.3
+# sorted and unsorted runs differ only by float rounding; their AUCs must agree this closely
+SORT_AUC_LIMIT = 0.005
+
+
+def twins(result: dict) -> list[tuple[str, str]]:
+    """``(sorted, unsorted)`` row names of every run that also ran with its calls cut in the
+    items' own order, in run order."""
+    rows = result["strategies"]
+    return [
+        (name.removesuffix(UNSORTED), name)
+        for name, _ in rows_in_order(result)
+        if name.endswith(UNSORTED) and name.removesuffix(UNSORTED) in rows
+    ]
+
+
+def _ratio(over: float | None, under: float | None) -> float | None:
+    return None if over is None or not under else over / under
+
+
+def sort_saving(by_length: dict, given: dict) -> dict:
+    """What sorting by length saves a run: unsorted over sorted encoder seconds per epoch
+    (``encoder``) and padded per real token (``padded``); None where a run lacks the figure."""
+    seconds, padded = "encoder_seconds_per_epoch", "padded_per_real_token"
+    return {
+        "encoder": _ratio(given.get(seconds), by_length.get(seconds)),
+        "padded": _ratio(given.get(padded), by_length.get(padded)),
+    }
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _padded(row: dict) -> str:
+    value = row.get("padded_per_real_token")
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _chunk_order_targets(result: dict) -> list[dict]:
+    """Per strategy with an unsorted twin: the sort saves at least MIN_SORT_SAVING of the
+    encoder's time, and both runs reach the same AUC (within SORT_AUC_LIMIT)."""
+    rows, out = result["strategies"], []
+    for name, twin in twins(result):
+        saving = sort_saving(rows[name], rows[twin])["encoder"]
+        need = f"{MIN_SORT_SAVING:g}x"
+        title = f"{name}: sorting saves >= {need} of the encoder time"
+        text = f"{name}: encoder time unsorted / sorted {_times(saving)} (need {need})"
+        met = None if saving is None else saving >= MIN_SORT_SAVING
+        out.append({"name": title, "met": met, "text": text})
+        title = f"{name}: sorted and unsorted AUCs equal (valid and test)"
+        aucs = {s: (_auc(rows[name], s), _auc(rows[twin], s)) for s in ("valid", "test")}
+        if any(v is None for pair in aucs.values() for v in pair):
+            text = f"{name} sorted vs unsorted AUC: not measured (no accuracy)"
+            out.append({"name": title, "met": None, "text": text})
+            continue
+        gaps = {split: b - a for split, (a, b) in aucs.items()}
+        text = (
+            f"{name} unsorted vs sorted: valid {100 * gaps['valid']:+.3f}, test "
+            f"{100 * gaps['test']:+.3f} AUC points (limit {100 * SORT_AUC_LIMIT:g}: the order "
+            "changes float rounding only)"
+        )
+        met = all(abs(g) <= SORT_AUC_LIMIT for g in gaps.values())
+        out.append({"name": title, "met": met, "text": text})
+    return out
+
+
+def _chunk_order_lines(result: dict) -> list[str]:
+    """The sort's saving per strategy, side by side: encoder seconds per epoch and padded /
+    real tokens, unsorted over sorted, and both runs' AUCs."""
+    pairs = twins(result)
+    if not pairs:
+        return []
+    rows = result["strategies"]
+    lines = [
+        "",
+        "Chunk order: each strategy also ran with its encoder calls cut in the items' own order "
+        '(`--chunk-order given`, "unsorted") instead of sorted by token length; unsorted / '
+        "sorted, from the same benchmark:",
+    ]
+    for name, twin in pairs:
+        a, b = rows[name], rows[twin]
+        saving = sort_saving(a, b)
+        seconds = [_seconds(r.get("encoder_seconds_per_epoch")) for r in (b, a)]
+        lines.append(
+            f"- {name}: encoder {seconds[0]} s / epoch unsorted, {seconds[1]} sorted: "
+            f"{_times(saving['encoder'])}; padded / real tokens {_padded(b)} unsorted, "
+            f"{_padded(a)} sorted: {_times(saving['padded'])}; valid AUC {_metric(a['valid'])} "
+            f"sorted, {_metric(b['valid'])} unsorted; test AUC {_metric(a['test'])} sorted, "
+            f"{_metric(b['test'])} unsorted."
+        )
+    return lines
+
+
 def targets(result: dict) -> list[dict]:
     """The issue's targets, each ``{name, met, text}``; ``met`` is None where not measurable."""
     rows, pred = result["strategies"], result["predicted"]
@@ -317,6 +481,7 @@ def targets(result: dict) -> list[dict]:
             }
         )
     out += _accuracy_targets(rows)
+    out += _chunk_order_targets(result)
     key = "cuda_peak_bytes" if result["machine"]["gpu"] else "encoder_activation_bytes"
     what = "CUDA peak memory" if key == "cuda_peak_bytes" else "encoder activation memory"
     for name, row in rows_in_order(result):
@@ -382,6 +547,11 @@ def markdown(result: dict) -> str:
         "items / s",
         "encoder tokens / s",
         "padded / real tokens",
+        "encoder s / epoch",
+    ]
+    if cuda:
+        head.append("encoder MFU (bf16 peak)")
+    head += [
         "encoder fwd items / epoch",
         "encoder bwd items / epoch",
         "occurrences / encoder bwd",
@@ -430,6 +600,11 @@ def markdown(result: dict) -> str:
             _rate(r.get("items_per_s")),
             _rate(r.get("encoder_tokens_per_s")),
             "-" if r.get("padded_per_real_token") is None else f"{r['padded_per_real_token']:.2f}",
+            _seconds(r.get("encoder_seconds_per_epoch")),
+        ]
+        if cuda:
+            cells.append(_mfu(r, m["gpu"]))
+        cells += [
             f"{r['item_forwards_per_epoch']:,.0f}",
             f"{r['item_backwards_per_epoch']:,.0f}",
             "-"
@@ -461,6 +636,7 @@ def markdown(result: dict) -> str:
             + ", ".join(sorted({f"{name} on {date}" for name, date in reused}))
             + ".",
         ]
+    lines += _chunk_order_lines(result)
     lines += ["", "Targets:"]
     for t in result["targets"]:
         verdict = {True: "met", False: "not met", None: "not measured"}[t["met"]]

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gram_scale.config import CHUNK_ORDERS
+
 
 @dataclass
 class Catalogue:
@@ -60,22 +62,31 @@ class TokenCache:
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         return ids, mask
 
-    def cut(self, items: torch.Tensor, max_rows: int, max_tokens: int = 0) -> list[torch.Tensor]:
+    def cut(
+        self, items: torch.Tensor, max_rows: int, max_tokens: int = 0, order: str = "length"
+    ) -> list[torch.Tensor]:
         """The chunk rule of every encode: positions into ``items``, sorted by token length
-        (stable), cut where a chunk would pass ``max_rows`` rows or ``max_tokens`` padded tokens
-        (rows x its longest text; 0 = no cap). Sorting keeps short texts from being padded to
-        long ones; a text longer than the cap gets a chunk of its own."""
+        (stable; ``order="given"``: in the items' own order, no sort), cut where a chunk would
+        pass ``max_rows`` rows or ``max_tokens`` padded tokens (rows x its longest text; 0 = no
+        cap). Sorting keeps short texts from being padded to long ones; a text longer than the
+        cap gets a chunk of its own."""
+        if order not in CHUNK_ORDERS:
+            raise ValueError(f"chunk order must be one of {CHUNK_ORDERS}, got {order!r}")
         lengths = self.lengths[items.cpu()]
-        order = torch.argsort(lengths, stable=True)
-        sizes, rows = [], 0
-        for length in lengths[order].tolist():  # ascending: the newest row is the longest
-            if rows and (rows == max_rows or (max_tokens and (rows + 1) * length > max_tokens)):
+        if order == "length":
+            ranked = torch.argsort(lengths, stable=True)
+        else:
+            ranked = torch.arange(len(lengths))
+        sizes, rows, longest = [], 0, 0
+        for length in lengths[ranked].tolist():
+            wide = max(longest, length)  # the chunk's longest text with this row in it
+            if rows and (rows == max_rows or (max_tokens and (rows + 1) * wide > max_tokens)):
                 sizes.append(rows)
-                rows = 0
-            rows += 1
+                rows, wide = 0, length
+            rows, longest = rows + 1, wide
         if rows:
             sizes.append(rows)
-        return list(order.split(sizes))
+        return list(ranked.split(sizes))
 
     def padded_tokens(self, items: torch.Tensor) -> tuple[int, int]:
         """``(real, padded)`` tokens of one encoder call over ``items``: their lengths summed,
@@ -84,6 +95,12 @@ class TokenCache:
         if not len(lengths):
             return 0, 0
         return int(lengths.sum()), len(lengths) * int(lengths.max())
+
+    def attention_pairs(self, items: torch.Tensor) -> int:
+        """Query-key pairs each attention layer of one encoder call over ``items`` computes:
+        rows x the longest text squared (every row padded to it)."""
+        lengths = self.lengths[items.cpu()]
+        return len(lengths) * int(lengths.max()) ** 2 if len(lengths) else 0
 
     def mean_tokens(self) -> float:
         """Average tokens per item (drives the encoder cost per item)."""
