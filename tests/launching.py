@@ -20,6 +20,12 @@ TRAIN_MANY = ROOT / "tests" / "train_many.py"
 FAULT_TRAIN = ROOT / "tests" / "fault_train.py"  # launch/train.py with GRAM_FAULT_KILL
 
 
+def tiny_run_args(kt_dir, encoder) -> list[str]:
+    """The command line of a small one-epoch KT run without DeepSpeed, export or progress bar."""
+    fixed = "--max-tokens 16 --batch-size 8 --seq-len 20 --epochs 1 --no-progress --no-export"
+    return ["--data", str(kt_dir), "--encoder", str(encoder), *fixed.split(), "--config", "none"]
+
+
 def env() -> dict:
     """Environment for child runs: offline, one thread per rank."""
     e = dict(os.environ)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import run
+from launching import run, tiny_run_args
 
 from gram_scale.checkpoint import list_checkpoints, verify
 from gram_scale.cli import main
@@ -25,24 +25,7 @@ from gram_scale.history import read_history
 
 
 def common(kt_dir, encoder) -> list[str]:
-    return [
-        "--data",
-        str(kt_dir),
-        "--encoder",
-        str(encoder),
-        "--max-tokens",
-        "16",
-        "--batch-size",
-        "8",
-        "--seq-len",
-        "20",
-        "--epochs",
-        "1",
-        "--no-progress",
-        "--no-export",
-        "--config",
-        "none",
-    ]
+    return tiny_run_args(kt_dir, encoder)
 
 
 def snapshot(folder: Path) -> dict | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from faults import fault_callbacks
-from launching import ROOT, env, history, max_diff, metrics, outputs, run
+from launching import ROOT, env, history, max_diff, metrics, outputs, run, tiny_run_args
 from tiny import options, params
 
 from gram_scale.checkpoint import TrainState, find_resume, list_checkpoints, save, verify
@@ -21,26 +21,7 @@ from gram_scale.trainer import setup, train
 
 
 def common(kt_dir, encoder, out) -> list[str]:
-    return [
-        "--data",
-        str(kt_dir),
-        "--encoder",
-        str(encoder),
-        "--max-tokens",
-        "16",
-        "--batch-size",
-        "8",
-        "--seq-len",
-        "20",
-        "--epochs",
-        "1",
-        "--no-progress",
-        "--no-export",
-        "--config",
-        "none",
-        "--output-dir",
-        str(out),
-    ]
+    return [*tiny_run_args(kt_dir, encoder), "--output-dir", str(out)]
 
 
 def one_line(err: str) -> str:
