@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gram_scale.config import CHUNK_ORDERS
-
 
 @dataclass
 class Catalogue:
@@ -70,13 +68,13 @@ class TokenCache:
         pass ``max_rows`` rows or ``max_tokens`` padded tokens (rows x its longest text; 0 = no
         cap). Sorting keeps short texts from being padded to long ones; a text longer than the
         cap gets a chunk of its own."""
-        if order not in CHUNK_ORDERS:
-            raise ValueError(f"chunk order must be one of {CHUNK_ORDERS}, got {order!r}")
         lengths = self.lengths[items.cpu()]
         if order == "length":
             ranked = torch.argsort(lengths, stable=True)
-        else:
+        elif order == "given":
             ranked = torch.arange(len(lengths))
+        else:  # the options allow only these (config.CHUNK_ORDERS)
+            raise ValueError(f"chunk order must be 'length' or 'given', got {order!r}")
         sizes, rows, longest = [], 0, 0
         for length in lengths[ranked].tolist():
             wide = max(longest, length)  # the chunk's longest text with this row in it
