@@ -185,6 +185,7 @@ class EncoderRunner:
             "grad_accum": name(accum),
             "attention": getattr(self.encoder.model.config, "_attn_implementation", None),
             "built_partitioned": getattr(self.encoder, "built_partitioned", False),
+            "read_by_module": getattr(self.encoder, "read_by_module", False),
         }
 
     def _autocast(self):
