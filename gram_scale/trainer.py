@@ -29,7 +29,7 @@ from gram_scale.config import Options
 from gram_scale.data.items import TokenCache
 from gram_scale.data.load import data_fingerprint, load_data
 from gram_scale.encoder.checks import check_encoder_folder, check_tokenizer
-from gram_scale.encoder.dropout import enable_gradient_checkpointing
+from gram_scale.encoder.dropout import enable_gradient_checkpointing, inputs_without_grad
 from gram_scale.encoder.loading import load_encoder, resolve_attention
 from gram_scale.encoder.lora import apply_lora
 from gram_scale.engine import (
@@ -176,6 +176,8 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
         # on what ran before (launcher, back end, process count)
         torch.manual_seed(opts.seed)
         apply_lora(encoder, opts)
+    if opts.gradient_checkpointing and not opts.freeze_encoder:
+        inputs_without_grad(encoder)  # after LoRA: peft turns it on again
     torch.manual_seed(opts.seed)
     task = make_task(opts, data, encoder.dim)
     device = accelerator.device if accelerator is not None else in_process_device()
