@@ -36,11 +36,7 @@ def fill_ds_config(raw: dict, opts, world: int, hidden: int) -> dict:
     fill(cfg, "gradient_clipping", float(opts.max_grad_norm))
     if opts.optimizer == "sgd":  # refused up front with an optimizer section
         cfg["zero_allow_untested_optimizer"] = True  # ZeRO partitions any torch optimizer
-    for key in ("bf16", "fp16"):
-        if key in cfg:
-            fill(cfg[key], "enabled", key == "bf16" and opts.precision == "bf16")
-    if opts.precision == "bf16":
-        cfg.setdefault("bf16", {})["enabled"] = True
+    cfg = fill_precision(cfg, opts.precision)
     if cfg.get("bf16", {}).get("enabled") is True:
         # ZeRO skips a non-finite step in bf16 only when asked (in fp32 and fp16 always)
         cfg["bf16"].setdefault("check_grad_overflow", True)
@@ -56,6 +52,24 @@ def fill_ds_config(raw: dict, opts, world: int, hidden: int) -> dict:
     left = [k for k, v in _walk(cfg) if v == "auto"]
     if left:
         raise InputError(opts.config, None, f"cannot fill 'auto' for {', '.join(left)}")
+    return cfg
+
+
+def fill_precision(raw: dict, precision: str) -> dict:
+    """A copy of ``raw`` with its ``bf16`` / ``fp16`` ``"auto"`` settled by ``--precision``.
+
+    Needed before the Accelerator is made, not only when the engine is: under ZeRO-3 the encoder
+    is built inside ``deepspeed.zero.Init``, which creates its partitions in the config's dtype,
+    and accelerate would otherwise turn ``"auto"`` into disabled (its own mixed precision is
+    ``no``): the partitions would be float32, twice the memory, and stay so in the engine."""
+    import copy
+
+    cfg = copy.deepcopy(raw)
+    for key in ("bf16", "fp16"):
+        if key in cfg and cfg[key].get("enabled") == "auto":
+            cfg[key]["enabled"] = key == "bf16" and precision == "bf16"
+    if precision == "bf16":
+        cfg.setdefault("bf16", {})["enabled"] = True
     return cfg
 
 
@@ -353,7 +367,8 @@ def make_accelerator(opts, ds_raw: dict | None):
         _init_process_group(timeout)
     plugin = None
     if ds_raw is not None:
-        plugin = DeepSpeedPlugin(hf_ds_config=ds_raw)
+        precision = getattr(opts, "precision", "fp32")
+        plugin = DeepSpeedPlugin(hf_ds_config=fill_precision(ds_raw, precision))
     log_with = None if opts.report_to == "none" else opts.report_to
     # Launched on CPUs without DeepSpeed, accelerate takes the ranks for one process unless told
     # they are CPU ranks: its barriers (wait_for_everyone, main_process_first) would not wait.

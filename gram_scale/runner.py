@@ -34,6 +34,42 @@ TOKEN_COUNTERS = (
 )
 
 
+class SavedActivations:
+    """Bytes of what autograd keeps for a backward, as a ``saved_tensors_hooks`` pack hook counts
+    them: each distinct storage once (a tensor saved by several operations, or views of one
+    tensor, are one allocation), and no parameter nor view of one (a layer's weight, saved for
+    its backward, is memory the model holds anyway; under ZeRO-3 it is a gathered copy that
+    DeepSpeed frees after the layer and gathers again for the backward, not memory the graph
+    keeps). What remains are the tensors alive until the backward because the graph holds them:
+    activations, and bf16 copies of weights that autocast made for the graph."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: set[int] = set()
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if isinstance(base, torch.nn.Parameter):
+            return t
+        try:
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage (a subclass)
+            key, size = id(t), t.numel() * t.element_size()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += size
+        return t
+
+    def hooks(self):
+        """The context that counts what the graphs built inside it save."""
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class EncoderClock:
     """Seconds the encoder's training calls take, forward and backward (the optimizer step not
     included): the calls the token counters count. On CPU the wall clock around each call. On
@@ -149,7 +185,8 @@ class EncoderRunner:
             else FrozenCache(len(tokens.lengths), encoder.dim, self.dtype, self.device)
         )
         self._pending_backward = False
-        self.peak_activation_bytes = 0  # most encoder graph kept for backwards (activations)
+        # most encoder graph kept for backwards: activations alive until then (SavedActivations)
+        self.peak_activation_bytes = 0
         self._alive = 0  # bytes of the graphs encoded with gradient and not yet back-propagated
 
     @property
@@ -185,6 +222,7 @@ class EncoderRunner:
             "grad_accum": name(accum),
             "attention": getattr(self.encoder.model.config, "_attn_implementation", None),
             "built_partitioned": getattr(self.encoder, "built_partitioned", False),
+            "read_by_module": getattr(self.encoder, "read_by_module", False),
         }
 
     def _autocast(self):
@@ -201,25 +239,20 @@ class EncoderRunner:
         """Vectors of ``items`` in one forward call; train mode (keyed dropout by ``salt``);
         ``count`` overrides the rows counted (0 for a padding call)."""
         self.module.train()
-        saved = [0]
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            saved[0] += t.numel() * t.element_size()
-            return t
-
+        saved = SavedActivations()
         with self.clock():
             ids, mask = self.tokens.rows(items)
             ids, mask = ids.to(self.device), mask.to(self.device)
             keys = self._keys(items, salt)
             with torch.set_grad_enabled(grad and self.trainable), self._autocast():
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with saved.hooks():
                     out = (
                         self.module(ids, mask, keys=keys)
                         if keys is not None
                         else self.module(ids, mask)
                     )
         if grad and self.trainable:  # graphs kept together (Single-step's one pass, E2E) add up
-            self._alive += saved[0]
+            self._alive += saved.bytes
             self.peak_activation_bytes = max(self.peak_activation_bytes, self._alive)
         self._count_tokens("forward", items, count)
         self.item_forwards += len(items) if count is None else count

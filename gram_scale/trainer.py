@@ -29,7 +29,7 @@ from gram_scale.config import Options
 from gram_scale.data.items import TokenCache
 from gram_scale.data.load import data_fingerprint, load_data
 from gram_scale.encoder.checks import check_encoder_folder, check_tokenizer
-from gram_scale.encoder.dropout import enable_gradient_checkpointing
+from gram_scale.encoder.dropout import enable_gradient_checkpointing, inputs_without_grad
 from gram_scale.encoder.loading import load_encoder, resolve_attention
 from gram_scale.encoder.lora import apply_lora
 from gram_scale.engine import (
@@ -56,6 +56,7 @@ from gram_scale.export import (
     take_best,
 )
 from gram_scale.history import HISTORY_FILE, HistoryLog, resident_bytes
+from gram_scale.hostmem import map_large_allocations, offloads_to_host
 from gram_scale.nonfinite import BadSteps
 from gram_scale.optim import make_optimizer
 from gram_scale.runner import TOKEN_COUNTERS, EncoderRunner
@@ -175,6 +176,8 @@ def setup(opts: Options, data, accelerator=None, ds_raw: dict | None = None) -> 
         # on what ran before (launcher, back end, process count)
         torch.manual_seed(opts.seed)
         apply_lora(encoder, opts)
+    if opts.gradient_checkpointing and not opts.freeze_encoder:
+        inputs_without_grad(encoder)  # after LoRA: peft turns it on again
     torch.manual_seed(opts.seed)
     task = make_task(opts, data, encoder.dim)
     device = accelerator.device if accelerator is not None else in_process_device()
@@ -222,6 +225,8 @@ export is written. The tests inject faults through them."""
 def train(opts: Options, callbacks: Sequence[Callback] = ()) -> dict:
     """Run one training job; returns the metrics dict (also written to the output folder)."""
     checked = preflight(opts)
+    if offloads_to_host(checked.ds_raw, torch.cuda.is_available()):
+        map_large_allocations()  # freed weights and buffers go back to the system (hostmem.py)
     accelerator = make_accelerator(opts, checked.ds_raw)
     run = Run.start(opts, checked, accelerator, callbacks)
     with run.stop:

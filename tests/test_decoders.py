@@ -324,3 +324,35 @@ def test_llama_adapter_reloads_with_left_padding(tiny_llama, kt_dir, tmp_path):
         with torch.no_grad():
             vecs = ContentEncoder(model.eval(), "last")(enc["input_ids"], enc["attention_mask"])
         assert float((vecs - saved).abs().max()) < 1e-5
+
+
+def test_lora_with_checkpointing_needs_no_gradient_at_the_embeddings(tiny_llama, kt_dir):
+    """transformers and peft make the embedding output require a gradient when checkpointing
+    is on (reentrant checkpointing needs it; under ZeRO-3 it makes every backward gather the
+    embedding table again). It is turned off, and LoRA with non-reentrant checkpointing trains
+    the adapters as without checkpointing."""
+    opts = options(
+        data=str(kt_dir),
+        encoder=str(tiny_llama),
+        strategy="single",
+        lora=True,
+        lora_r=4,
+        cf_dropout=0.1,
+        optimizer="sgd",
+        lr_encoder=0.1,
+        lr_cf=0.1,
+        precision="fp64",
+    )
+    data = load_data(opts)
+    plain = params(run_steps(opts, data, 2)[0])
+    s, _ = run_steps(replace(opts, gradient_checkpointing=True), data, 2)
+    seen = []
+    embeddings = s.encoder.model.get_base_model().get_input_embeddings()
+    embeddings.register_forward_hook(lambda m, i, out: seen.append(out.requires_grad))
+    s.runner.encode(torch.arange(3), salt=0, grad=True)
+    s.runner.drop_graphs()
+    assert seen == [False]
+    checkpointed = params(s)
+    assert max_diff(plain, params(setup(opts, data))) > 1e-4  # the adapters moved
+    allowed = ZERO_PARAM_REL * max(float(v.abs().max()) for v in plain.values())
+    assert max_diff(plain, checkpointed) <= allowed

@@ -152,7 +152,7 @@ def test_single_step_memory_is_one_chunk(task_opts):
         kept = s.runner.peak_activation_bytes
         items = torch.unique(next(s.task.train_batches(0)).items)[1:]  # -1 first: padding
         assert len(items) == res[0].unique > 4 * rows
-        # each call's graph, measured alone (the weights a backward holds on to included)
+        # each call's graph, measured alone
         alone = []
         for pos in s.runner.cut(items):
             s.runner.peak_activation_bytes = 0

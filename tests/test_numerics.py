@@ -61,6 +61,7 @@ def test_bf16_without_deepspeed_autocasts_the_encoder(kt_dir, tiny_encoder):
         "grad_accum": "float32",
         "attention": "eager",
         "built_partitioned": False,
+        "read_by_module": False,
     }
     seen = set()
     for m in s.encoder.modules():

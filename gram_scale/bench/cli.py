@@ -25,12 +25,10 @@ from gram_scale.bench.children import (
     run_child,
     run_options,
 )
+from gram_scale.bench.llm import LLM_WORKLOADS  # memory workloads: train and measure
 from gram_scale.bench.workloads import WORKLOADS, prepare_data, prepare_encoder
 from gram_scale.config import Options, validate
 from gram_scale.errors import EXIT_INPUT_ERROR, InputError
-
-# the memory workload of gram_scale/bench/llm.py, which trains one run, not a comparison
-LLM_WORKLOAD = "llm-1b"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workload",
         required=True,
-        metavar="{" + ",".join((*WORKLOADS, LLM_WORKLOAD)) + "}",
-        help="what to train (see WORKLOADS in gram_scale/bench/workloads.py; llm-1b: "
-        "gram_scale/bench/llm.py)",
+        metavar="{" + ",".join((*WORKLOADS, *LLM_WORKLOADS)) + "}",
+        help="what to train (see WORKLOADS in gram_scale/bench/workloads.py; llm-1b and "
+        "llm-3b: gram_scale/bench/llm.py)",
     )
     p.add_argument("--out", default="", help="output folder; empty = outputs/bench/<workload>")
     p.add_argument("--encoder", default="", help="encoder folder instead of the workload's")
@@ -113,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse and check the flags; the first bad one raises InputError naming it."""
     args = build_parser().parse_args(argv)
-    if args.workload not in (*WORKLOADS, LLM_WORKLOAD):
-        choices = ", ".join((*WORKLOADS, LLM_WORKLOAD))
+    if args.workload not in (*WORKLOADS, *LLM_WORKLOADS):
+        choices = ", ".join((*WORKLOADS, *LLM_WORKLOADS))
         raise InputError("--workload", None, f"must be one of {choices}, got {args.workload!r}")
     if args.repeats < 1:
         raise InputError("--repeats", None, f"must be at least 1, got {args.repeats}")
@@ -323,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = parse_args(argv)
-        if args.workload == LLM_WORKLOAD:  # not a strategy comparison: its own module
+        if args.workload in LLM_WORKLOADS:  # not a strategy comparison: its own module
             from gram_scale.bench import llm
 
             return llm.run(args)

@@ -4,7 +4,8 @@ chunk.
 
 ``python -m gram_scale.bench.memory`` trains a few Single-step steps in this process for each
 setting and prints a table: unique items per step, the encoder activations kept for a backward
-(bytes saved by autograd, measured by a saved-tensor hook: the same figure on every device), the
+(the tensors autograd keeps alive for it, each storage once and no parameter, counted by a
+saved-tensor hook: the same figure on every device), the
 CUDA peak where there is a GPU, and the seconds per step. The first row encodes every item of
 the step in one chunk, as E2E-style training must; the others are bounded by the chunk.
 """

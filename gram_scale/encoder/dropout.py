@@ -146,6 +146,22 @@ def enable_gradient_checkpointing(encoder) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    inputs_without_grad(encoder)  # now: a second switch-on (peft's) would lose its handle
+
+
+def inputs_without_grad(encoder) -> None:
+    """Undo ``enable_input_require_grads``, which transformers' checkpointing switch (for any
+    ``input_ids`` model) and peft's LoRA wrapper (on a checkpointed model) turn on: it makes the
+    input embeddings' output require a gradient, which only reentrant checkpointing needs (its
+    segments see no gradient otherwise); ours is non-reentrant. Left on, the backward runs down
+    to the embedding output, and under ZeRO-3 DeepSpeed gathers the embedding table (the
+    largest single weight: 0.8 GB in bf16 for a 128k vocabulary at width 3072) again before
+    that backward, though a frozen table gets no gradient. Each switch-on keeps only its own
+    hooks' handles, so this is called after each (checkpointing, then LoRA)."""
+    model = encoder.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "disable_input_require_grads"):
+        base.disable_input_require_grads()
 
 
 def row_keys(items: torch.Tensor, salt: int) -> torch.Tensor:

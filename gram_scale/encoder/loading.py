@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from gram_scale.encoder.model import ContentEncoder, resolve_pooling
+from gram_scale.encoder.partitioned import load_partitioned, zero3_enabled
 from gram_scale.errors import InputError
 
 
@@ -101,15 +102,21 @@ def load_encoder(
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = _auto_model(str(folder), dtype, attention)
+        model = None
+        if zero3_enabled():  # built as partitions, read module by module
+            model = load_partitioned(folder, config, dtype, attention)
+        by_module = model is not None
+        if model is None:
+            model = _auto_model(str(folder), dtype, attention)
     except (OSError, ValueError) as exc:
         raise InputError(folder, None, f"cannot load encoder: {str(exc).splitlines()[0]}") from exc
     if len(tokenizer) < 100:  # a fallback built from special tokens alone, not a vocabulary
         raise InputError(folder, None, f"the tokenizer has only {len(tokenizer)} tokens")
     encoder = ContentEncoder(model, pooling)
-    # Under ZeRO-3 transformers builds the model inside deepspeed.zero.Init (accelerate's
-    # zero3_init_flag, on by default for a stage-3 config): each parameter is created as this
-    # rank's partition and the weights are scattered as they load, so no rank holds the whole
-    # model. Recorded for metrics.json.
+    # Under ZeRO-3 the model is built inside deepspeed.zero.Init (accelerate's zero3_init_flag,
+    # on by default for a stage-3 config): each parameter is created as this rank's partition
+    # and the weights are scattered module by module as they load (partitioned.py), so no rank
+    # holds the whole model. Recorded for metrics.json.
     encoder.built_partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    encoder.read_by_module = by_module
     return encoder, tokenizer
