@@ -13,7 +13,11 @@ def test_which_runs_map_large_allocations():
     on_gpu = {"zero_optimization": {"stage": 3}}
     assert offloads_to_host(offload, cuda=True)
     assert not offloads_to_host(on_gpu, cuda=True)
-    assert offloads_to_host(on_gpu, cuda=False)  # DeepSpeed on CPUs: all of it is host memory
+    assert offloads_to_host(on_gpu, cuda=False)  # ZeRO-3 on CPUs gathers in host memory
+    zero2 = {"zero_optimization": {"stage": 2}}
+    assert not offloads_to_host(zero2, cuda=False)  # weights stay put: left alone (speed)
+    zero2_offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert offloads_to_host(zero2_offload, cuda=False)
     assert not offloads_to_host(None, cuda=False)  # no DeepSpeed: left alone
 
 
