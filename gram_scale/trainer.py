@@ -725,17 +725,11 @@ class Run:
                 if staged:  # its encoder and vectors are in place already
                     take_best(opts.output_dir, tmp)
                 encoder = s.encoder if opts.export and not staged else None
-                export_run(
-                    tmp,
-                    encoder,
-                    s.tokenizer,
-                    encoder_state,
-                    s.task.model,
-                    s.data.catalogue.ids,
-                    None if staged else vectors,
-                    metrics,
-                    opts,
-                )
+                args = (s.tokenizer, encoder_state, s.task.model, s.data.catalogue.ids)
+                export_run(tmp, encoder, *args, None if staged else vectors, None, opts)
+                # the main process's peak with the gathered (under ZeRO-3) and written export
+                metrics["export_peak_rss_bytes"] = _own_peak_rss()
+                export_run(tmp, None, *args, None, metrics, opts)  # metrics.json, options.json
                 self._event("export")
 
             publish(opts.output_dir, write)
@@ -830,11 +824,16 @@ def _restore(accelerator, opts: Options, s: Session, state: TrainState, resume_f
         restore_best(opts.output_dir, resume_from)
 
 
-def _peak_rss_per_rank(comm) -> list[int]:
-    """Every rank's peak resident memory so far, in bytes, in rank order."""
+def _own_peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes."""
     import resource
 
-    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _peak_rss_per_rank(comm) -> list[int]:
+    """Every rank's peak resident memory so far, in bytes, in rank order."""
+    mine = torch.tensor([_own_peak_rss()])
     return [int(v) for v in comm.gather_rows(mine).tolist()]
 
 

@@ -97,3 +97,6 @@ def test_lora_trains_adapters_only_and_reloads(config, trained, kt_dir, tiny_enc
         metrics(folder)["test"]["auc"], abs=1e-6
     )
     assert json.loads((folder / "options.json").read_text())["lora"] is True
+    # the main process gathered (ZeRO-3) and merged the export: its peak with it is reported
+    m = metrics(folder)
+    assert m["export_peak_rss_bytes"] >= m["peak_rss_bytes_per_rank"][0] > 0
