@@ -493,12 +493,36 @@ def test_mfu_column_only_on_a_gpu():
         (["--workload", "tiny", "--reuse", "e2e,nope"], "--reuse"),
         (["--workload", "tiny", "--jobs", "0"], "--jobs"),
         (["--workload", "tiny", "--data-seed", "-1"], "--data-seed"),
+        (["--workload", "tiny", "--multi-options=--nope 1"], "--multi-options"),
+        (["--workload", "tiny", "--multi-options=--seed 3"], "--multi-options"),
+        (["--workload", "tiny", "--multi-options=--window 'x"], "--multi-options"),
+        (["--workload", "tiny", "--multi-options=--cf-refresh -2"], "--cf-refresh"),
     ],
 )
 def test_bad_flags_exit_2(args, flag):
     r = _bench(*args, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert flag in r.stderr
+
+
+def test_multi_options_change_only_the_multi_step_runs():
+    """--multi-options: the fields its flags change, applied to the Multi-step runs alone."""
+    from gram_scale.bench.children import run_options, to_argv
+    from gram_scale.bench.cli import multi_overrides
+    from gram_scale.bench.report import _multi_options
+    from gram_scale.bench.workloads import E2E, MULTI_1E
+
+    changed = multi_overrides("--cf-refresh 10 --target-distance 2 --no-keyed-dropout")
+    assert changed == {"cf_refresh": "10", "target_distance": 2.0, "keyed_dropout": False}
+    assert multi_overrides("") == {} == multi_overrides("--cf-refresh auto")  # the defaults
+    argv = {
+        run.label: to_argv(run_options(Options(), run, Path("o"), 0, 0, changed))
+        for run in (E2E, MULTI_1E)
+    }
+    assert "--cf-refresh" in argv["multi 1E"] and "--no-keyed-dropout" in argv["multi 1E"]
+    assert "--cf-refresh" not in argv["e2e"] and "--no-keyed-dropout" not in argv["e2e"]
+    assert "cf_refresh = 10" in "\n".join(_multi_options({"multi_options": changed}))
+    assert _multi_options({"multi_options": {}}) == [] == _multi_options({})
 
 
 def test_bench_modules_import_no_cycle():

@@ -19,10 +19,19 @@ TRAIN_SCRIPT = ROOT / "launch" / "train.py"
 RECORD = "bench_record.json"  # beside a run's metrics.json: what the benchmark measured of it
 
 
-def run_options(base: Options, run: Run, out_dir: Path, seed: int, max_steps: int = 0) -> Options:
+def run_options(
+    base: Options,
+    run: Run,
+    out_dir: Path,
+    seed: int,
+    max_steps: int = 0,
+    multi: dict | None = None,
+) -> Options:
     """The options of one run: the shared ones plus strategy, window, frozen encoder, chunk
     order, seed and output folder (a rerun of the benchmark replaces the previous one's run
-    there)."""
+    there), and for a Multi-step run the fields ``multi`` changes (--multi-options)."""
+    if run.strategy == "multi" and multi:
+        base = dataclasses.replace(base, **multi)
     return dataclasses.replace(
         base,
         strategy=run.strategy,

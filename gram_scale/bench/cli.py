@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import signal
 import sys
 import time
@@ -105,7 +106,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="train N runs at once, one thread each (for accuracy studies: the runs "
         "then share the CPU, so their timings are not comparable)",
     )
+    p.add_argument(
+        "--multi-options",
+        default="",
+        metavar="FLAGS",
+        help="training flags for every Multi-step run only, written with '=': "
+        "--multi-options='--cf-refresh 10' (an "
+        "ablation of the default rule: with --reuse e2e,frozen the other runs are taken from "
+        "an earlier benchmark in the same --out)",
+    )
     return p
+
+
+# what each run sets itself (run_options): not for --multi-options
+RUN_FIELDS = ("strategy", "window", "freeze_encoder", "seed", "output_dir", "max_steps")
+
+
+def multi_overrides(flags: str) -> dict:
+    """The Options fields that ``flags`` (training flags) set to other than their defaults; a
+    bad flag, value, or one that each run sets itself, raises InputError naming
+    --multi-options."""
+    from gram_scale.config import build_parser as train_parser
+
+    parser = train_parser("--multi-options")
+    defaults = vars(parser.parse_args([]))
+    try:
+        words = shlex.split(flags)
+    except ValueError as exc:
+        raise InputError("--multi-options", None, f"cannot split {flags!r}: {exc}") from None
+    given = vars(parser.parse_args(words))
+    out = {k: v for k, v in given.items() if v != defaults[k]}
+    fixed = sorted(k for k in out if k in RUN_FIELDS)
+    if fixed:
+        names = ", ".join("--" + k.replace("_", "-") for k in fixed)
+        raise InputError("--multi-options", None, f"{names} is set by each run itself")
+    validate(Options(**dict(given, strategy="multi")))  # a bad value fails now, not mid-way
+    return out
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -136,6 +172,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise InputError("--epochs", None, f"must be at least 1, got {args.epochs}")
     if args.jobs < 1:
         raise InputError("--jobs", None, f"must be at least 1, got {args.jobs}")
+    args.multi_overrides = multi_overrides(args.multi_options)
     if args.data_seed is not None and args.data_seed < 0:
         raise InputError("--data-seed", None, f"must be 0 or more, got {args.data_seed}")
     name = args.workload + ("" if args.data_seed is None else f"-data{args.data_seed}")
@@ -197,6 +234,7 @@ def bench(args: argparse.Namespace) -> dict:
     _say(
         f"bench {args.workload}: {spe} steps/epoch, R_batch {stats['R_batch']:.2f}, "
         f"R_epoch {stats['R_epoch']:.1f}; {mode}"
+        + (f"; Multi-step runs with {args.multi_options}" if args.multi_overrides else "")
     )
 
     out: Path = args.out
@@ -210,7 +248,7 @@ def bench(args: argparse.Namespace) -> dict:
         name = run.label
         run_dir = out / "runs" / f"{name.replace(' ', '-')}-s{seed}-r{rep + 1}"
         steps = k if name in capped else 0
-        opts = validate(run_options(base, run, run_dir, seed, steps))
+        opts = validate(run_options(base, run, run_dir, seed, steps, args.multi_overrides))
         started[0] += 1
         _say(
             f"[{started[0]}/{len(jobs)}] {name} (seed {seed}, repeat {rep + 1}/{args.repeats}) ..."
@@ -290,6 +328,7 @@ def bench(args: argparse.Namespace) -> dict:
         "capped": sorted(capped),
         "min_1e_speedup": workload.min_1e_speedup,
         "options": dataclasses.asdict(base),
+        "multi_options": args.multi_overrides,  # what every Multi-step run changed of them
         "stats": stats,
         "predicted": {"R_batch": stats["R_batch"], "R_epoch": stats["R_epoch"]},
         "order": list(rows),  # results.json sorts its keys; this keeps the table's row order

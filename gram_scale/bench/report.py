@@ -531,6 +531,16 @@ def _contention(result: dict) -> list[str]:
     return [text, ""]
 
 
+def _multi_options(result: dict) -> list[str]:
+    """The line naming what ``--multi-options`` changed of every Multi-step run (none: no
+    line)."""
+    changed = result.get("multi_options") or {}
+    if not changed:
+        return []
+    flags = ", ".join(f"{k} = {v}" for k, v in sorted(changed.items()))
+    return [f"Every Multi-step run changed these options from the others': {flags}.", ""]
+
+
 def markdown(result: dict) -> str:
     """``results.md``: header, one table row per strategy, the targets and the bound."""
     m, stats, pred = result["machine"], result["stats"], result["predicted"]
@@ -587,6 +597,7 @@ def markdown(result: dict) -> str:
         f"runs alternating; training time excludes evaluation. Whole benchmark: "
         f"{result['total_seconds']:.0f} s wall.",
         "",
+        *_multi_options(result),
         *_contention(result),
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
