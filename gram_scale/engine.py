@@ -367,8 +367,7 @@ def make_accelerator(opts, ds_raw: dict | None):
         _init_process_group(timeout)
     plugin = None
     if ds_raw is not None:
-        precision = getattr(opts, "precision", "fp32")
-        plugin = DeepSpeedPlugin(hf_ds_config=fill_precision(ds_raw, precision))
+        plugin = DeepSpeedPlugin(hf_ds_config=fill_precision(ds_raw, opts.precision))
     log_with = None if opts.report_to == "none" else opts.report_to
     # Launched on CPUs without DeepSpeed, accelerate takes the ranks for one process unless told
     # they are CPU ranks: its barriers (wait_for_everyone, main_process_first) would not wait.

@@ -17,7 +17,7 @@ LATE = 1.5
 
 
 def main(config: str) -> None:
-    opts = SimpleNamespace(dist_timeout=60, report_to="none", output_dir=None)
+    opts = SimpleNamespace(dist_timeout=60, report_to="none", output_dir=None, precision="fp32")
     ds_raw = (
         None
         if config == "none"
