@@ -20,7 +20,7 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 THRESHOLD = 1 << 20
 
 
-def offloads_to_host(ds_raw: dict | None, cuda: bool) -> bool:
+def gathers_in_host_memory(ds_raw: dict | None, cuda: bool) -> bool:
     """Whether a run's DeepSpeed config gathers and frees weights in host memory at every step:
     ZeRO-3 on CPUs (no GPU), or parameters or optimizer offloaded to the CPU. Not ZeRO-1/2
     on CPUs: their weights stay put, and a fixed threshold would only cost page faults (the

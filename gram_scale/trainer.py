@@ -56,7 +56,7 @@ from gram_scale.export import (
     take_best,
 )
 from gram_scale.history import HISTORY_FILE, HistoryLog, resident_bytes
-from gram_scale.hostmem import map_large_allocations, offloads_to_host
+from gram_scale.hostmem import gathers_in_host_memory, map_large_allocations
 from gram_scale.nonfinite import BadSteps
 from gram_scale.optim import make_optimizer
 from gram_scale.runner import TOKEN_COUNTERS, EncoderRunner
@@ -225,7 +225,7 @@ export is written. The tests inject faults through them."""
 def train(opts: Options, callbacks: Sequence[Callback] = ()) -> dict:
     """Run one training job; returns the metrics dict (also written to the output folder)."""
     checked = preflight(opts)
-    if offloads_to_host(checked.ds_raw, torch.cuda.is_available()):
+    if gathers_in_host_memory(checked.ds_raw, torch.cuda.is_available()):
         map_large_allocations()  # freed weights and buffers go back to the system (hostmem.py)
     accelerator = make_accelerator(opts, checked.ds_raw)
     run = Run.start(opts, checked, accelerator, callbacks)

@@ -5,20 +5,20 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from gram_scale.hostmem import offloads_to_host
+from gram_scale.hostmem import gathers_in_host_memory
 
 
 def test_which_runs_map_large_allocations():
     offload = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
     on_gpu = {"zero_optimization": {"stage": 3}}
-    assert offloads_to_host(offload, cuda=True)
-    assert not offloads_to_host(on_gpu, cuda=True)
-    assert offloads_to_host(on_gpu, cuda=False)  # ZeRO-3 on CPUs gathers in host memory
+    assert gathers_in_host_memory(offload, cuda=True)
+    assert not gathers_in_host_memory(on_gpu, cuda=True)
+    assert gathers_in_host_memory(on_gpu, cuda=False)  # ZeRO-3 on CPUs gathers in host memory
     zero2 = {"zero_optimization": {"stage": 2}}
-    assert not offloads_to_host(zero2, cuda=False)  # weights stay put: left alone (speed)
+    assert not gathers_in_host_memory(zero2, cuda=False)  # weights stay put: left alone (speed)
     zero2_offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
-    assert offloads_to_host(zero2_offload, cuda=False)
-    assert not offloads_to_host(None, cuda=False)  # no DeepSpeed: left alone
+    assert gathers_in_host_memory(zero2_offload, cuda=False)
+    assert not gathers_in_host_memory(None, cuda=False)  # no DeepSpeed: left alone
 
 
 PROBE = """
