@@ -327,6 +327,34 @@ def test_cf_refresh_replays_the_window_end_on_fresh_vectors(base):
     assert s.strategy.step(batches[3], 3).item_forwards == 0  # the next window is filled
 
 
+def test_cf_refresh_follows_a_partial_last_window(base):
+    """A last window cut short by the run's end is closed by ``finish``: the encoder takes its
+    update, then the CF model replays the window's last batches (at most --cf-refresh) on the
+    updated vectors, as after a full window, so the final model does not pair a CF model
+    trained on the old vectors with the new ones. There is no next window: every replayed item
+    is encoded for it."""
+    opts, data = base
+    s = setup(replace(opts, strategy="multi", window="3", cf_refresh=2, max_steps=5), data)
+    batches = list(s.task.train_batches(0))
+    for step in range(5):  # one full window, then 2 steps of the second
+        s.strategy.step(batches[step], step)
+    seen = []
+    step_cf = s.cf.step
+    s.cf.step = lambda **k: seen.append(1) or step_cf(**k)
+    encoder_steps = []
+    runner_step = s.runner.step
+    s.runner.step = lambda *a: encoder_steps.append(len(seen)) or runner_step(*a)
+    res = s.strategy.finish(5)
+
+    def items(bs):
+        return set(torch.cat([b.items[b.items >= 0] for b in bs]).tolist())
+
+    assert encoder_steps and max(encoder_steps) == 0  # the update came first
+    assert len(seen) == 2  # then both of the partial window's batches were replayed
+    assert res.item_backwards == len(items(batches[3:5]))
+    assert res.item_forwards == 2 * len(items(batches[3:5]))  # regression, then the replay
+
+
 def test_target_distance_sets_the_window_end_rate(base):
     """--target-distance K: at each window end the targets' rate is K x the mean |cached
     vector| / the mean |accumulated gradient| of the window's items, so the targets lie K mean

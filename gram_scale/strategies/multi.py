@@ -325,7 +325,8 @@ class MultiStep:
             self.encoder_skips += 1
 
     def finish(self, step: int) -> StepResult | None:
-        """Close a partly filled last window so its gradients reach the encoder."""
+        """Close a partly filled last window so its gradients reach the encoder, then refresh
+        the CF model on the updated vectors (its last batches, at most ``--cf-refresh``)."""
         if self.comm.sum_int(len(self.table)) == 0:
             return None
         f0, b0 = self.runner.item_forwards, self.runner.item_backwards
@@ -333,7 +334,13 @@ class MultiStep:
         # makes about as many encoder steps as it took CF steps, with mini-batches the size of
         # the full windows' (its configured length would cut its few items into as many
         # mini-batches as a full window has).
-        self.end_window(step // self.window, step % self.window or self.window)
+        window = step // self.window
+        self.end_window(window, step % self.window or self.window)
+        # and the CF model meets the updated vectors, as after a full window: without the
+        # refresh the final model pairs a CF model trained on the old vectors with new ones
+        replay, extra, _ = self.refresh_plan(window)
+        if replay:
+            self.refresh_cf(replay, extra, window)
         return StepResult(
             0.0, 0, 0, self.runner.item_forwards - f0, self.runner.item_backwards - b0, True
         )
