@@ -111,7 +111,7 @@ class Options:
         "auto",
         "multi: after each encoder update, the CF model replays the window's last N batches on "
         "the updated encoder's vectors (CF-only steps), so it meets the vectors it is evaluated "
-        "on (N, 0 = off, or auto: half the window, at most 20)",
+        "on (N, 0 = off, or auto: the whole window, at most 20 batches)",
         metavar="N|auto",
     )
     regress_lr: str = _opt(
@@ -253,7 +253,7 @@ class Options:
     def refresh_steps(self, window: int) -> int:
         """``--cf-refresh`` as a number of batches, for a window of ``window`` steps."""
         n = parse_count("--cf-refresh", self.cf_refresh, minimum=0)
-        return min(20, -(-window // 2)) if n is None else n
+        return min(20, window) if n is None else n
 
     def regress_batch(self) -> int | None:
         """``--regress-batch-size`` as a number of items, None for auto."""

@@ -189,7 +189,7 @@ def _check_multi(window: str, spe: int, steps: list, hist: list[dict], c: dict) 
     it touched is re-encoded and back-propagated once, and the replay encodes the items of its
     batches that the next window lacks; a partial last window closes at finish."""
     w = window_steps(parse_window(window), spe)
-    refresh = min(20, -(-w // 2))  # --cf-refresh auto
+    refresh = min(20, w)  # --cf-refresh auto
     windows = [steps[k : k + w] for k in range(0, len(steps), w)]
     items = [set(torch.cat(ws).tolist()) for ws in windows]
     expected = []
