@@ -297,6 +297,21 @@ def test_adam_rows_equal_torch_adam_per_row():
     assert torch.equal(copy.rows(items), t.rows(items))
 
 
+def _record_cf_and_encoder_steps(s):
+    """Wrap the CF model's and the encoder's optimizer steps: ``seen`` gains an entry per CF
+    step, ``encoder_steps`` the number of CF steps taken before each encoder step."""
+    seen, encoder_steps = [], []
+    step_cf, runner_step = s.cf.step, s.runner.step
+    s.cf.step = lambda **k: seen.append(1) or step_cf(**k)
+    s.runner.step = lambda *a: encoder_steps.append(len(seen)) or runner_step(*a)
+    return seen, encoder_steps
+
+
+def _items(batches) -> set[int]:
+    """The catalogue rows the batches hold, as a set."""
+    return set(_touched(batches).tolist())
+
+
 def test_cf_refresh_replays_the_window_end_on_fresh_vectors(base):
     """--cf-refresh N: after the window's encoder update the CF model takes N more steps, on
     the updated encoder's vectors of the window's last N batches. The next window's cache is
@@ -307,22 +322,14 @@ def test_cf_refresh_replays_the_window_end_on_fresh_vectors(base):
     batches = list(s.task.train_batches(0))
     for step in range(2):
         s.strategy.step(batches[step], step)
-    seen = []
-    step_cf = s.cf.step
-    s.cf.step = lambda **k: seen.append(1) or step_cf(**k)
-    encoder_steps = []
-    runner_step = s.runner.step
-    s.runner.step = lambda *a: encoder_steps.append(len(seen)) or runner_step(*a)
+    seen, encoder_steps = _record_cf_and_encoder_steps(s)
     res = s.strategy.step(batches[2], 2)
 
-    def items(bs):
-        return set(torch.cat([b.items[b.items >= 0] for b in bs]).tolist())
-
-    replayed, following = items(batches[1:3]), items(batches[3:6])
+    replayed, following = _items(batches[1:3]), _items(batches[3:6])
     assert replayed - following  # some replayed items are not in the next window
     assert len(seen) == 1 + 2  # the window's own step, then the two replayed batches
     assert encoder_steps and max(encoder_steps) == 1  # every encoder step came before them
-    table_rows = len(items(batches[:3]))
+    table_rows = len(_items(batches[:3]))
     assert res.item_forwards == table_rows + len(following) + len(replayed - following)
     assert s.strategy.step(batches[3], 3).item_forwards == 0  # the next window is filled
 
@@ -338,21 +345,13 @@ def test_cf_refresh_follows_a_partial_last_window(base):
     batches = list(s.task.train_batches(0))
     for step in range(5):  # one full window, then 2 steps of the second
         s.strategy.step(batches[step], step)
-    seen = []
-    step_cf = s.cf.step
-    s.cf.step = lambda **k: seen.append(1) or step_cf(**k)
-    encoder_steps = []
-    runner_step = s.runner.step
-    s.runner.step = lambda *a: encoder_steps.append(len(seen)) or runner_step(*a)
+    seen, encoder_steps = _record_cf_and_encoder_steps(s)
     res = s.strategy.finish(5)
-
-    def items(bs):
-        return set(torch.cat([b.items[b.items >= 0] for b in bs]).tolist())
 
     assert encoder_steps and max(encoder_steps) == 0  # the update came first
     assert len(seen) == 2  # then both of the partial window's batches were replayed
-    assert res.item_backwards == len(items(batches[3:5]))
-    assert res.item_forwards == 2 * len(items(batches[3:5]))  # regression, then the replay
+    assert res.item_backwards == len(_items(batches[3:5]))
+    assert res.item_forwards == 2 * len(_items(batches[3:5]))  # regression, then the replay
 
 
 def test_target_distance_sets_the_window_end_rate(base):
