@@ -145,10 +145,17 @@ class ItemTable:
         """Steps of the window that touched each held item."""
         return self.steps[self.slots(items).to(self.device)]
 
-    def norms(self) -> tuple[float, float]:
-        """Sums over the held rows of |cached vector| and |summed gradient|."""
+    def norms(self) -> tuple[float, float, float]:
+        """Sums over the held rows of |cached vector|, |summed gradient| and |cached vector| x
+        sqrt(steps that touched the row)."""
         n = len(self._items)
-        return float(self.base[:n].norm(dim=1).sum()), float(self.grads[:n].norm(dim=1).sum())
+        base = self.base[:n].norm(dim=1)
+        touches = self.steps[:n].to(base.dtype).sqrt()
+        return (
+            float(base.sum()),
+            float(self.grads[:n].norm(dim=1).sum()),
+            float((base * touches).sum()),
+        )
 
     def regression_grad(
         self, items: torch.Tensor, h: torch.Tensor, weights: torch.Tensor | None = None

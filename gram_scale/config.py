@@ -115,12 +115,15 @@ class Options:
         metavar="N|auto",
     )
     regress_lr: str = _opt(
-        "sqrt",
-        "multi: the window-end regression's learning rate: sqrt (--lr-encoder x sqrt(window "
-        "steps / regression steps), between 1x and 2x: each regression step carries the "
-        "gradients of that many CF steps, and Adam's rate scales with the square root of the "
-        "batch) or same (--lr-encoder)",
-        choices=("sqrt", "same"),
+        "auto",
+        "multi: the window-end regression's learning rate, --lr-encoder x a factor from the "
+        "window's steps over its regression steps (each regression step carries that many CF "
+        "steps' gradients): sqrt (its square root, 1x to 2x: Adam's rule for a larger batch), "
+        "linear (the ratio itself, 1x to 4x), same (1x), or auto (linear when the first "
+        "window's accumulated CF gradients are at least 0.006 of their rows' vector norms x "
+        "sqrt(steps that touched the row), summed over the rows; else sqrt; chosen once, kept "
+        "for the run)",
+        choices=("auto", "sqrt", "linear", "same"),
     )
     target_lr: float = _opt(
         0.0,

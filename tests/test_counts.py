@@ -190,6 +190,75 @@ def test_multi_auto_regress_batch_holds_at_least_16_items():
     assert regress_batch(68, 30, 5) == 5  # a set size is kept
 
 
+def test_regress_lr_scale_rules():
+    """The window-end rate factor from the window's steps over its regression steps: the
+    square root (capped at 2x), the ratio (capped at 4x), or 1; never under 1."""
+    from gram_scale.strategies.multi import regress_lr_scale
+
+    assert regress_lr_scale("sqrt", 48, 17) == pytest.approx((48 / 17) ** 0.5)
+    assert regress_lr_scale("linear", 48, 17) == pytest.approx(48 / 17)
+    assert regress_lr_scale("sqrt", 129, 30) == 2.0  # sqrt(4.3), capped
+    assert regress_lr_scale("linear", 129, 30) == 4.0  # 4.3, capped
+    assert regress_lr_scale("same", 129, 30) == 1.0
+    assert regress_lr_scale("linear", 10, 12) == regress_lr_scale("sqrt", 10, 12) == 1.0
+
+
+def test_auto_rate_rule_threshold():
+    """auto takes the linear rule when the summed accumulated gradients are at least 0.006 of
+    the summed |vector| x sqrt(touches) of the same rows."""
+    from gram_scale.strategies.multi import AUTO_LINEAR_GRAD_RATIO, auto_rate_rule
+
+    assert AUTO_LINEAR_GRAD_RATIO == 0.006
+    assert auto_rate_rule(1000.0, 6.0) == "linear"
+    assert auto_rate_rule(1000.0, 5.99) == "sqrt"
+    assert auto_rate_rule(1000.0, 12.9) == "linear"  # news-finetune's first 1E window
+    assert auto_rate_rule(1000.0, 3.4) == "sqrt"  # toeic-like's, the highest of the KT ones
+
+
+def test_table_norms_weigh_vectors_by_sqrt_touches():
+    """The table's sums for auto: |cached vector|, |summed gradient|, and |cached vector| x
+    sqrt(steps that touched the row)."""
+    t = ItemTable(2)
+    t.insert(torch.tensor([4, 9]), torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+    for _ in range(4):
+        t.apply(torch.tensor([4]), torch.tensor([[1.0, 0.0]]))
+    t.apply(torch.tensor([9]), torch.tensor([[0.0, -3.0]]))
+    base, grad, touch = t.norms()
+    assert (base, grad, touch) == (7.0, 7.0, 5.0 * 2 + 2.0 * 1)
+
+
+@pytest.mark.parametrize("threshold, rule", [(0.0, "linear"), (float("inf"), "sqrt")])
+def test_multi_auto_rate_rule_is_chosen_once_and_kept(base, monkeypatch, threshold, rule):
+    """--regress-lr auto picks its rule at the first window end and keeps it: every window's
+    regression steps at that rule's factor (3-step windows regressed in one mini-batch: linear
+    3x, sqrt 1.73x), the window records name it, and a checkpoint carries it."""
+    import gram_scale.strategies.multi as multi
+
+    monkeypatch.setattr(multi, "AUTO_LINEAR_GRAD_RATIO", threshold)
+    opts, data = base
+    opts = replace(
+        opts,
+        strategy="multi",
+        window="3",
+        regress_batch_size="100000",
+        regress_lr="auto",
+        cf_refresh="0",
+    )
+    s = setup(opts, data)
+    scales = []
+    step = s.runner.step
+    s.runner.step = lambda lr_scale=1.0: scales.append(lr_scale) or step(lr_scale)
+    batches = s.task.train_batches(0)
+    ends = [s.strategy.step(next(batches), i).window_stats for i in range(6)]
+    ends = [w for w in ends if w]
+    assert [w["rate_rule"] for w in ends] == [rule, rule]
+    assert scales == pytest.approx([3.0 if rule == "linear" else 3**0.5] * 2)
+    fresh = setup(opts, data).strategy
+    assert fresh.rate_rule is None  # undecided until a window end
+    fresh.load_state_dict(s.strategy.state_dict())
+    assert fresh.rate_rule == rule
+
+
 def test_multi_regress_batch_covering_the_window_steps_once_per_pass(base):
     opts, data = base
     opts = replace(opts, encoder_epochs=3, regress_batch_size="100000")

@@ -143,7 +143,7 @@ def test_cli_help_lists_every_flag_with_default():
         (["--target-distance", "inf"], "--target-distance: must be 0 or more (and finite)"),
         (["--cf-refresh", "some"], "--cf-refresh: expected a number >= 0 or auto, got 'some'"),
         (["--table-optimizer", "lion"], "--table-optimizer: must be one of sgd, adam"),
-        (["--regress-lr", "x"], "--regress-lr: must be one of sqrt, same"),
+        (["--regress-lr", "x"], "--regress-lr: must be one of auto, sqrt, linear, same"),
         (["--regress-batch-size", "abc"], "--regress-batch-size: expected a positive number"),
         (["--eval-every", "-1"], "--eval-every: must be 0 or more, got -1"),
         (["--eval-every", "abc"], "--eval-every: invalid int value: 'abc'"),
