@@ -8,6 +8,7 @@ from test_equivalence import run_steps
 from tiny import options, replace
 
 from gram_scale.accumulator import ItemTable
+from gram_scale.data.batches import Batch, gather, merge_batches
 from gram_scale.data.load import load_data
 from gram_scale.trainer import setup
 
@@ -366,6 +367,33 @@ def test_adam_rows_equal_torch_adam_per_row():
     assert torch.equal(copy.rows(items), t.rows(items))
 
 
+def test_refresh_merges_batches_into_one_of_their_loss_terms(base):
+    """--cf-refresh-merge: the replayed batches merged into one (padded to the widest with the
+    tasks' own padding) hold exactly their loss terms: the merged batch's summed loss and term
+    count are the batches' sums, and its item rows are theirs in order."""
+    opts, data = base
+    s = setup(replace(opts, strategy="multi", window="3"), data)
+    batches = list(s.task.train_batches(0))[:3]
+    narrow = batches[1]  # a narrower batch, as the end of the sequences gives
+    batches[1] = Batch(narrow.items[:, :-2], {k: v[:, :-2] for k, v in narrow.fields.items()})
+    merged = merge_batches(batches)
+    assert merged.items.shape[1] == max(b.items.shape[1] for b in batches)
+    assert merged.occurrences() == sum(b.occurrences() for b in batches)
+    assert merge_batches(batches[:1]) is batches[0]
+    vectors = torch.randn(len(data.catalogue), s.runner.encoder.dim, dtype=s.runner.dtype)
+    s.task.model.eval()  # no dropout: the same function on both sides
+    parts = [s.task.loss(b, gather(vectors, b.items)) for b in batches]
+    whole = s.task.loss(merged, gather(vectors, merged.items))
+    assert whole[1] == sum(n for _, n in parts)
+    assert abs(float(whole[0]) - sum(float(x) for x, _ in parts)) < 1e-5 * abs(float(whole[0]))
+    row = 0
+    for b in batches:
+        n, w = b.items.shape
+        assert torch.equal(merged.items[row : row + n, :w], b.items)
+        assert bool((merged.items[row : row + n, w:] == -1).all())
+        row += n
+
+
 def _record_cf_and_encoder_steps(s):
     """Wrap the CF model's and the encoder's optimizer steps: ``seen`` gains an entry per CF
     step, ``encoder_steps`` the number of CF steps taken before each encoder step."""
@@ -381,13 +409,17 @@ def _items(batches) -> set[int]:
     return set(_touched(batches).tolist())
 
 
-def test_cf_refresh_replays_the_window_end_on_fresh_vectors(base):
-    """--cf-refresh N: after the window's encoder update the CF model takes N more steps, on
-    the updated encoder's vectors of the window's last N batches. The next window's cache is
-    filled then (those vectors serve both), only replayed items it lacks are encoded besides,
-    and every encode is counted; the encoder itself does not move in the replay."""
+@pytest.mark.parametrize("merge, cf_steps", [(1, 2), (2, 1)])
+def test_cf_refresh_replays_the_window_end_on_fresh_vectors(base, merge, cf_steps):
+    """--cf-refresh N: after the window's encoder update the CF model replays the window's last
+    N batches on the updated encoder's vectors, --cf-refresh-merge K of them a CF step (N / K
+    steps). The next window's cache is filled then (those vectors serve both), only replayed
+    items it lacks are encoded besides, and every encode is counted; the encoder itself does
+    not move in the replay."""
     opts, data = base
-    s = setup(replace(opts, strategy="multi", window="3", cf_refresh=2), data)
+    s = setup(
+        replace(opts, strategy="multi", window="3", cf_refresh=2, cf_refresh_merge=merge), data
+    )
     batches = list(s.task.train_batches(0))
     for step in range(2):
         s.strategy.step(batches[step], step)
@@ -396,7 +428,7 @@ def test_cf_refresh_replays_the_window_end_on_fresh_vectors(base):
 
     replayed, following = _items(batches[1:3]), _items(batches[3:6])
     assert replayed - following  # some replayed items are not in the next window
-    assert len(seen) == 1 + 2  # the window's own step, then the two replayed batches
+    assert len(seen) == 1 + cf_steps  # the window's own step, then the replay's
     assert encoder_steps and max(encoder_steps) == 1  # every encoder step came before them
     table_rows = len(_items(batches[:3]))
     assert res.item_forwards == table_rows + len(following) + len(replayed - following)
@@ -410,7 +442,10 @@ def test_cf_refresh_follows_a_partial_last_window(base):
     trained on the old vectors with the new ones. There is no next window: every replayed item
     is encoded for it."""
     opts, data = base
-    s = setup(replace(opts, strategy="multi", window="3", cf_refresh=2, max_steps=5), data)
+    s = setup(
+        replace(opts, strategy="multi", window="3", cf_refresh=2, cf_refresh_merge=1, max_steps=5),
+        data,
+    )
     batches = list(s.task.train_batches(0))
     for step in range(5):  # one full window, then 2 steps of the second
         s.strategy.step(batches[step], step)

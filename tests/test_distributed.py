@@ -20,7 +20,9 @@ from gram_scale.tasks import make_task
 # each rank's share of a mini-batch in chunks of 4 (several, and padding calls where a rank owns
 # fewer), and a 1-step last window closed by ``finish``: the mini-batch sequence must not depend
 # on the number of ranks.
-# multi-adam: the same with table rows moved by per-row Adam (its state sharded with the rows).
+# multi-adam: the same with table rows moved by per-row Adam (its state sharded with the rows),
+# and the refresh's two replayed batches merged into one CF step (global batches merged before
+# each rank takes its slice).
 STRATEGY_ARGS = {
     "e2e": ["--strategy", "e2e"],
     "single": ["--strategy", "single"],
@@ -41,6 +43,8 @@ STRATEGY_ARGS["multi-adam"] = [
     "adam",
     "--table-lr",
     "0.05",
+    "--cf-refresh-merge",
+    "2",
 ]
 # Under ZeRO-3 one mini-batch a window, one pass (the older form; the chunks of 4 stay). ZeRO-3
 # adds each chunk's gradient partition into a float32 buffer, so a rank's chunking (which follows

@@ -34,6 +34,22 @@ class Batch:
         return int((self.items >= 0).sum())
 
 
+def merge_batches(batches: list[Batch]) -> Batch:
+    """One batch of the rows of several, in order: each tensor padded at the end of its second
+    dimension to the widest (items with -1, the task's other tensors with 0, what both tasks
+    pad with), so every loss term of the batches is a loss term of the merged batch."""
+    if len(batches) == 1:
+        return batches[0]
+    width = max(b.items.shape[1] for b in batches)
+
+    def padded(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    items = torch.cat([padded(b.items, -1) for b in batches])
+    fields = {k: torch.cat([padded(b.fields[k], 0) for b in batches]) for k in batches[0].fields}
+    return Batch(items, fields)
+
+
 def unique_index(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(unique rows, index)``: index has items' shape and points into unique rows; padding
     points one past the end (a zero row is appended there)."""

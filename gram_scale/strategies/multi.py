@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from gram_scale.accumulator import ItemTable
-from gram_scale.data.batches import Batch, unique_index
+from gram_scale.data.batches import Batch, merge_batches, unique_index
 from gram_scale.exchange import ItemExchange, owned, shard_rows
 from gram_scale.schedule import run_steps
 from gram_scale.strategies.base import CFUpdate, Plan, StepResult, check_counts
@@ -165,6 +165,7 @@ class MultiStep:
         self.target_distance = opts.target_distance
         self.weights = opts.regress_weights
         self.cf_refresh = opts.refresh_steps(self.window)
+        self.refresh_merge = opts.cf_refresh_merge
         # the rate rule in force: auto's is chosen at the first window end (None until then)
         self.auto_rate = opts.regress_lr == "auto"
         self.rate_rule: str | None = None if self.auto_rate else opts.regress_lr
@@ -195,10 +196,11 @@ class MultiStep:
         return _items_of(self.window_batches(window))
 
     def refresh_cf(self, batches: list[Batch], extra: torch.Tensor, window: int) -> None:
-        """CF-only steps on ``batches`` (global) with the updated encoder's vectors, so the CF
-        model meets the vectors it will be evaluated on: the next window's cache, filled now,
-        and ``extra`` (this rank's owned items of the batches that the next window does not
-        hold), encoded here. Every rank calls it."""
+        """CF-only steps on ``batches`` (global, merged ``--cf-refresh-merge`` at a time before
+        each rank takes its slice) with the updated encoder's vectors, so the CF model meets the
+        vectors it will be evaluated on: the next window's cache, filled now, and ``extra``
+        (this rank's owned items of the batches that the next window does not hold), encoded
+        here. Every rank calls it."""
         rank, world = self.comm.rank, self.comm.world
         if window + 1 < self.windows_total:
             self.prefill(window + 1)
@@ -207,7 +209,8 @@ class MultiStep:
             keys, vecs = torch.zeros(0, dtype=torch.long), self.runner.empty()
         keys, order = torch.sort(torch.cat([keys, extra]))
         vecs = torch.cat([vecs, self.runner.vectors(extra, window + 1)])[order.to(vecs.device)]
-        for batch in batches:
+        k = self.refresh_merge
+        for batch in [merge_batches(batches[i : i + k]) for i in range(0, len(batches), k)]:
             mine = batch.slice(rank, world)
             local, index = unique_index(mine.items)
             ex = ItemExchange(self.comm, local)
