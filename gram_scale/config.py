@@ -117,8 +117,9 @@ class Options:
     cf_refresh_merge: int = _opt(
         1,
         "multi: the refresh's replayed batches merged K at a time into one CF step (1 = a step "
-        "per batch). 2 trades accuracy for speed: kt-small's 1E window 12.1x e2e instead of "
-        "10.6x, at 0.1-0.4 AUC point on the fine-tuning workloads (docs/multistep.md)",
+        "per batch). 2 trades accuracy for some speed: kt-small's 1E window 10.7x e2e instead "
+        "of 9.9x (medians of 3), at 0.1-0.4 AUC point on the fine-tuning workloads "
+        "(docs/multistep.md)",
         metavar="K",
     )
     regress_lr: str = _opt(
