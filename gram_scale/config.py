@@ -345,10 +345,6 @@ def validate(opts: Options) -> Options:
     parse_window(opts.window)
     parse_regress_batch(opts.regress_batch_size)
     parse_count("--cf-refresh", opts.cf_refresh, minimum=0)
-    if opts.cf_refresh_merge < 1:
-        raise InputError(
-            "--cf-refresh-merge", None, f"must be 1 or more, got {opts.cf_refresh_merge}"
-        )
     _check_paths(opts)
     _check_conflicts(opts)
     return opts
@@ -379,6 +375,7 @@ def _check_counts(opts: Options) -> None:
         "cf_heads",
         "eval_batch_size",
         "log_every",
+        "cf_refresh_merge",
     ]
     for name in positive:
         if getattr(opts, name) < 1:

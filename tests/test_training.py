@@ -142,7 +142,7 @@ def test_cli_help_lists_every_flag_with_default():
         (["--target-lr", "-2"], "--target-lr: must be 0 or more, got -2.0"),
         (["--target-distance", "inf"], "--target-distance: must be 0 or more (and finite)"),
         (["--cf-refresh", "some"], "--cf-refresh: expected a number >= 0 or auto, got 'some'"),
-        (["--cf-refresh-merge", "0"], "--cf-refresh-merge: must be 1 or more, got 0"),
+        (["--cf-refresh-merge", "0"], "--cf-refresh-merge: must be at least 1, got 0"),
         (["--table-optimizer", "lion"], "--table-optimizer: must be one of sgd, adam"),
         (["--regress-lr", "x"], "--regress-lr: must be one of auto, sqrt, linear, same"),
         (["--regress-batch-size", "abc"], "--regress-batch-size: expected a positive number"),
