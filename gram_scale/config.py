@@ -117,10 +117,18 @@ class Options:
     cf_refresh_merge: int = _opt(
         1,
         "multi: the refresh's replayed batches merged K at a time into one CF step (1 = a step "
-        "per batch). 2 trades accuracy for some speed: kt-small's 1E window 10.7x e2e instead "
-        "of 9.9x (medians of 3), at 0.1-0.4 AUC point on the fine-tuning workloads "
-        "(docs/multistep.md)",
+        "per batch). 2 trades accuracy for fewer CF steps: 0.1-0.3 AUC point on the "
+        "fine-tuning workloads' selection seeds (docs/multistep.md)",
         metavar="K",
+    )
+    last_window: str = _opt(
+        "cf",
+        "multi: the run's last window, in a run of two or more windows: cf (the CF model trains "
+        "on the previous update's vectors and the run ends without an encoder update: no CF "
+        "window would follow it, and a last update lowered valid AUC on every fine-tuning "
+        "workload) or update (an encoder update and the refresh, as after every window: the "
+        "paper's rule)",
+        choices=("cf", "update"),
     )
     regress_lr: str = _opt(
         "auto",

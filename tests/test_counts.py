@@ -436,14 +436,22 @@ def test_cf_refresh_replays_the_window_end_on_fresh_vectors(base, merge, cf_step
 
 
 def test_cf_refresh_follows_a_partial_last_window(base):
-    """A last window cut short by the run's end is closed by ``finish``: the encoder takes its
-    update, then the CF model replays the window's last batches (at most --cf-refresh) on the
-    updated vectors, as after a full window, so the final model does not pair a CF model
-    trained on the old vectors with the new ones. There is no next window: every replayed item
-    is encoded for it."""
+    """Under --last-window update, a last window cut short by the run's end is closed by
+    ``finish``: the encoder takes its update, then the CF model replays the window's last
+    batches (at most --cf-refresh) on the updated vectors, as after a full window, so the final
+    model does not pair a CF model trained on the old vectors with the new ones. There is no
+    next window: every replayed item is encoded for it."""
     opts, data = base
     s = setup(
-        replace(opts, strategy="multi", window="3", cf_refresh=2, cf_refresh_merge=1, max_steps=5),
+        replace(
+            opts,
+            strategy="multi",
+            window="3",
+            cf_refresh=2,
+            cf_refresh_merge=1,
+            max_steps=5,
+            last_window="update",
+        ),
         data,
     )
     batches = list(s.task.train_batches(0))
@@ -456,6 +464,57 @@ def test_cf_refresh_follows_a_partial_last_window(base):
     assert len(seen) == 2  # then both of the partial window's batches were replayed
     assert res.item_backwards == len(_items(batches[3:5]))
     assert res.item_forwards == 2 * len(_items(batches[3:5]))  # regression, then the replay
+
+
+def _encoder_state(s) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in s.runner.encoder.parameters()]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("steps", [6, 5], ids=["full", "partial"])
+def test_last_window_trains_the_cf_model_only(base, steps):
+    """--last-window cf (the default): in a run of two or more windows, the last one (full, or
+    cut short and closed by ``finish``) trains the CF model on the previous update's vectors
+    and makes no encoder call at all: the encoder ends as the first window's update left it.
+    Under --last-window update the same run's last window updates it."""
+    opts, data = base
+    opts = replace(opts, strategy="multi", window="3", cf_refresh=2, max_steps=steps)
+    assert opts.last_window == "cf"
+    runs = {}
+    for rule in ("cf", "update"):
+        s = setup(replace(opts, last_window=rule), data)
+        batches = list(s.task.train_batches(0))
+        res = [s.strategy.step(batches[k], k) for k in range(steps)]
+        after_first = _encoder_state(s) if rule == "cf" else None
+        tail = s.strategy.finish(steps)
+        runs[rule] = res, tail, _encoder_state(s), after_first
+    res, tail, end, after_first = runs["cf"]
+    assert res[2].encoder_updated and res[2].item_backwards > 0  # the first window's update
+    assert not any(r.encoder_updated for r in res[3:]) and tail is None
+    assert sum(r.item_forwards + r.item_backwards for r in res[3:]) == 0  # filled by the refresh
+    assert _same(end, after_first)
+    res, tail, end_update, _ = runs["update"]
+    updated = res[-1].encoder_updated if steps == 6 else tail is not None and tail.item_backwards
+    assert updated and not _same(end_update, end)
+
+
+def test_a_run_of_one_window_updates_the_encoder_under_last_window_cf(base):
+    """--last-window cf never leaves a run without encoder training: a run that is one window
+    long updates the encoder at its end, as --last-window update would, bit for bit."""
+    opts, data = base
+    opts = replace(opts, strategy="multi", window="3", cf_refresh=2, max_steps=3)
+    ends = []
+    for rule in ("cf", "update"):
+        s = setup(replace(opts, last_window=rule), data)
+        batches = list(s.task.train_batches(0))
+        before = _encoder_state(s)
+        res = [s.strategy.step(batches[k], k) for k in range(3)]
+        assert res[2].encoder_updated and not _same(_encoder_state(s), before)
+        ends.append(_encoder_state(s))
+    assert _same(*ends)
 
 
 def test_target_distance_sets_the_window_end_rate(base):

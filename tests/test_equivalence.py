@@ -178,7 +178,8 @@ def test_dropout_masks_matter(task_opts):
 
 # The targets' rate: fixed (rows at 1000, targets at 37: the regression loss is scaled by 1 /
 # the target rate, so equality holds at any rates), or set at each window end from the vectors'
-# and gradients' scale (--target-distance). No CF refresh: its replayed steps are extra CF steps.
+# and gradients' scale (--target-distance). No CF refresh: its replayed steps are extra CF steps;
+# every window updates the encoder (--last-window update), the last one too.
 RULES = {
     "fixed-rates": dict(table_lr=1000.0, target_lr=37.0, target_distance=0.0),
     "target-distance": dict(target_distance=4.0),
@@ -197,6 +198,7 @@ def multi_vs_single(
         encoder_batch_size=16,
         regress_batch_size="auto",
         cf_refresh=0,
+        last_window="update",
         **RULES[rule],
     )
     single, _ = run_steps(replace(opts, strategy="single"), data, 3, scale_one_item)

@@ -34,8 +34,9 @@ def test_steps_past_the_total_keep_the_last_rate(kind):
 
 
 def test_total_steps_per_optimizer():
-    """30 CF steps in windows of 4 (7 windows and a 2-step tail), 2 regression passes."""
-    opts = options(epochs=3, strategy="multi", window="4", encoder_epochs=2)
+    """30 CF steps in windows of 4 (7 windows and a 2-step tail), 2 regression passes; every
+    window updates the encoder (--last-window update)."""
+    opts = options(epochs=3, strategy="multi", window="4", encoder_epochs=2, last_window="update")
     assert run_steps(opts, 10) == 30
     assert SingleStep.encoder_steps(replace(opts, strategy="single"), 10, None) == 30
     # auto: 60 items in mini-batches of max(16, 60 / 4): 4 per window, 2 in the 2-step tail
@@ -49,6 +50,12 @@ def test_total_steps_per_optimizer():
     assert encoder_steps(replace(opts, regress_batch_size="25"), 10, 1000, 50) == (7 * 8 + 4) * 2
     # a mini-batch that holds every touched item: one step per window and pass
     assert encoder_steps(replace(opts, regress_batch_size="100000"), 10, 1000, 50) == 8 * 2
+    # --last-window cf: the run's last window (the tail, or a full one) makes none; a run of
+    # one window keeps its update
+    cf = replace(opts, last_window="cf")
+    assert encoder_steps(cf, 10, 60, 50) == (30 - 2) * 2
+    assert encoder_steps(replace(cf, max_steps=8), 10, 60, 50) == 4 * 2
+    assert encoder_steps(replace(cf, max_steps=4), 10, 60, 50) == 4 * 2
 
 
 def _lrs_per_step(opts, data, n_steps: int):
@@ -72,6 +79,7 @@ def test_multi_step_encoder_schedule_counts_windows(kt_dir, tiny_encoder):
         lr_schedule="linear",
         warmup_steps=1,
         regress_batch_size="100000",
+        last_window="update",
     )
     _, seen = _lrs_per_step(opts, load_data(opts), 6)
     enc = Schedule("linear", 1, 3)
@@ -81,9 +89,11 @@ def test_multi_step_encoder_schedule_counts_windows(kt_dir, tiny_encoder):
 
 
 def test_multi_step_encoder_schedule_counts_mini_batches(kt_dir, tiny_encoder):
-    """Auto mini-batches: 7 steps in windows of 3 make 3 + 3 + 1 encoder steps (each window
-    touches more items than it has steps), as estimated, so the linear decay ends on the last
-    one; the encoder's rate at each window start is the schedule's after the steps so far."""
+    """Auto mini-batches: 7 steps in windows of 3 make 3 + 3 + 1 encoder steps under
+    --last-window update (each window touches more items than it has steps), as estimated, so
+    the linear decay ends on the last one; the encoder's rate at each window start is the
+    schedule's after the steps so far. Under --last-window cf the tail makes none: 6, as
+    estimated."""
     opts = options(
         data=str(kt_dir),
         encoder=str(tiny_encoder),
@@ -92,6 +102,7 @@ def test_multi_step_encoder_schedule_counts_mini_batches(kt_dir, tiny_encoder):
         max_steps=7,
         lr_schedule="linear",
         warmup_steps=2,
+        last_window="update",
     )
     s, seen = _lrs_per_step(opts, load_data(opts), 7)
     assert s.runner.scheduler.last_epoch == 6  # 2 windows so far; the tail waits for finish
@@ -100,6 +111,12 @@ def test_multi_step_encoder_schedule_counts_mini_batches(kt_dir, tiny_encoder):
     assert [e for e, _ in seen] == pytest.approx([1e-3 * enc(k // 3 * 3) for k in range(7)])
     assert s.runner.scheduler.last_epoch == 7
     assert s.runner.lr() == pytest.approx(1e-3 * enc(6))  # the last step's rate, kept
+
+    s, seen = _lrs_per_step(replace(opts, last_window="cf"), load_data(opts), 7)
+    s.strategy.finish(7)
+    enc = Schedule("linear", 2, 6)
+    assert [e for e, _ in seen] == pytest.approx([1e-3 * enc(k // 3 * 3) for k in range(7)])
+    assert s.runner.scheduler.last_epoch == 6
 
 
 def test_max_grad_norm_clips_both_optimizers(kt_dir, tiny_encoder):

@@ -145,6 +145,7 @@ def test_cli_help_lists_every_flag_with_default():
         (["--cf-refresh-merge", "0"], "--cf-refresh-merge: must be at least 1, got 0"),
         (["--table-optimizer", "lion"], "--table-optimizer: must be one of sgd, adam"),
         (["--regress-lr", "x"], "--regress-lr: must be one of auto, sqrt, linear, same"),
+        (["--last-window", "none"], "--last-window: must be one of cf, update"),
         (["--regress-batch-size", "abc"], "--regress-batch-size: expected a positive number"),
         (["--eval-every", "-1"], "--eval-every: must be 0 or more, got -1"),
         (["--eval-every", "abc"], "--eval-every: invalid int value: 'abc'"),

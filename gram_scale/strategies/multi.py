@@ -12,7 +12,10 @@ one optimizer step on 0.5 / r x squared error to the targets, summed, a target b
 vector moved by r x its accumulated gradient (r: ``--target-lr``, by default ``--table-lr``, so
 the targets are the rows): at the cached vectors its gradient is the accumulated CF gradient, so
 a 1-step window equals Single-step at any rates. ``--encoder-epochs`` passes. The targets stay
-fixed through the catch-up.
+fixed through the catch-up. After the update the CF model replays the window's last batches on
+the new vectors (``--cf-refresh``). Under ``--last-window cf`` (the default) a run of two or
+more windows ends with a window that trains the CF model only, on the previous update's
+vectors: no update at its end, whose vectors the CF model would meet only in the refresh.
 
 The table is sharded by item owner: each rank holds, fills, updates and regresses onto the rows
 it owns; rows reach the ranks that read them, and gradients come back, through the step's item
@@ -106,6 +109,12 @@ def auto_rate_rule(sum_touch_norms: float, sum_grad_norms: float) -> str:
     return "linear" if sum_grad_norms >= AUTO_LINEAR_GRAD_RATIO * sum_touch_norms else "sqrt"
 
 
+def cf_only_last(opts, windows: int) -> bool:
+    """Whether a run of ``windows`` windows ends with a window that trains the CF model only
+    (``--last-window cf``; a run of one window always updates the encoder)."""
+    return opts.last_window == "cf" and windows > 1
+
+
 def _items_of(batches: list[Batch]) -> torch.Tensor:
     """The catalogue rows of the batches (sorted, unique)."""
     found = [b.items[b.items >= 0] for b in batches]
@@ -121,8 +130,9 @@ def window_encoder_steps(opts, steps_per_epoch: int, n_items: int, step_items: i
     (``step_items``, e.g. the first batch's). It makes ceil(T / batch) mini-batches: with auto
     at most min(w, ceil(T / 16)), so about the run's steps when a window's items outnumber its
     steps 16 to 1, and fewer when they do not (a long window over a small catalogue). The last
-    partial window counts with the steps it takes. A short estimate is harmless (later steps
-    keep the last rate), a long one leaves the decay unfinished."""
+    partial window counts with the steps it takes, and under ``--last-window cf`` the run's
+    last window (of two or more) counts none. A short estimate is harmless (later steps keep
+    the last rate), a long one leaves the decay unfinished."""
     steps = run_steps(opts, steps_per_epoch)
     window = window_steps(opts.window_spec(), steps_per_epoch)
     size = opts.regress_batch()
@@ -131,6 +141,8 @@ def window_encoder_steps(opts, steps_per_epoch: int, n_items: int, step_items: i
         return regress_batches(min(n_items, w * step_items), w, size) if w else 0
 
     per_pass = (steps // window) * batches(window) + batches(steps % window)
+    if cf_only_last(opts, -(-steps // window)):
+        per_pass -= batches(steps % window or window)
     return per_pass * opts.encoder_epochs
 
 
@@ -175,9 +187,15 @@ class MultiStep:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = run_steps(opts, steps_per_epoch)
         self.windows_total = -(-self.total_steps // self.window)
+        self.cf_only_last = cf_only_last(opts, self.windows_total)
         self.cache: tuple[torch.Tensor, torch.Tensor] | None = None  # the window's (items, vectors)
         self.cache_window: int | None = None
         self.encoder_skips = 0  # mini-batch updates dropped for a non-finite encoder gradient
+
+    def updates_encoder(self, window: int) -> bool:
+        """Whether ``window``'s end updates the encoder (a trainable one): every window's but,
+        under ``--last-window cf``, the last of a run of two or more."""
+        return not (self.cf_only_last and window == self.windows_total - 1)
 
     def window_batches(self, window: int) -> list[Batch]:
         """The global batches of a window: batches are fixed by (seed, epoch), so a window's
@@ -268,8 +286,9 @@ class MultiStep:
             batch, ex.fetch(self.table.rows(ex.served)), index
         )
         updated = (step + 1) % self.window == 0
-        regress = self.encoder_epochs if updated and self.runner.trainable else 0
-        replay, extra, refilled = self.refresh_plan(window) if updated else ([], None, 0)
+        update = updated and self.updates_encoder(window)
+        regress = self.encoder_epochs if update and self.runner.trainable else 0
+        replay, extra, refilled = self.refresh_plan(window) if update else ([], None, 0)
         filled += refilled
         plan = Plan(
             filled + regress * len(self.table),
@@ -287,7 +306,10 @@ class MultiStep:
             self.cf.step()
         skips = self.encoder_skips
         self.window_stats = None
-        if updated:
+        if updated and not update:  # the run's last window trains the CF model only
+            self.table.clear()
+            self.windows_done += 1
+        elif updated:
             self.end_window(window, self.window)
             if replay:
                 self.refresh_cf(replay, extra, window)
@@ -298,7 +320,7 @@ class MultiStep:
             unique=len(local),
             item_forwards=self.runner.item_forwards - f0,
             item_backwards=self.runner.item_backwards - b0,
-            encoder_updated=updated and self.runner.trainable and self.encoder_skips == skips,
+            encoder_updated=update and self.runner.trainable and self.encoder_skips == skips,
             skipped=not totals.ok,
             encoder_skipped=self.encoder_skips > skips,
             totals=totals,
@@ -375,6 +397,10 @@ class MultiStep:
         # the full windows' (its configured length would cut its few items into as many
         # mini-batches as a full window has).
         window = step // self.window
+        if not self.updates_encoder(window):  # the run's last window trains the CF model only
+            self.table.clear()
+            self.windows_done += 1
+            return None
         self.end_window(window, step % self.window or self.window)
         # and the CF model meets the updated vectors, as after a full window: without the
         # refresh the final model pairs a CF model trained on the old vectors with new ones
