@@ -125,9 +125,9 @@ class Options:
         "cf",
         "multi: the run's last window, in a run of two or more windows: cf (the CF model trains "
         "on the previous update's vectors and the run ends without an encoder update: no CF "
-        "window would follow it, and a last update lowered valid AUC on every fine-tuning "
-        "workload) or update (an encoder update and the refresh, as after every window: the "
-        "paper's rule)",
+        "window would follow it, and on average a last update lowered the final valid AUC of "
+        "every fine-tuning workload; it saves one window end) or update (an encoder update and "
+        "the refresh, as after every window: the paper's rule)",
         choices=("cf", "update"),
     )
     regress_lr: str = _opt(
