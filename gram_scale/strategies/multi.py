@@ -306,10 +306,7 @@ class MultiStep:
             self.cf.step()
         skips = self.encoder_skips
         self.window_stats = None
-        if updated and not update:  # the run's last window trains the CF model only
-            self.table.clear()
-            self.windows_done += 1
-        elif updated:
+        if updated:
             self.end_window(window, self.window)
             if replay:
                 self.refresh_cf(replay, extra, window)
@@ -329,8 +326,9 @@ class MultiStep:
 
     def end_window(self, window: int, steps: int) -> None:
         """Regress the encoder onto the window's touched rows (``steps``: the window's length,
-        for the auto mini-batch size), then clear the table; every rank calls it."""
-        if self.runner.trainable:
+        for the auto mini-batch size; no regression for a frozen encoder or the run's CF-only
+        last window), then clear the table; every rank calls it."""
+        if self.runner.trainable and self.updates_encoder(window):
             # Sorted: the gathered order follows the ranks, the shuffle must not. (These ids, 8
             # bytes a touched item once a window, are not in the item-traffic counters.)
             touched = torch.sort(self.comm.gather_rows(self.table.items())).values
@@ -397,11 +395,9 @@ class MultiStep:
         # the full windows' (its configured length would cut its few items into as many
         # mini-batches as a full window has).
         window = step // self.window
-        if not self.updates_encoder(window):  # the run's last window trains the CF model only
-            self.table.clear()
-            self.windows_done += 1
-            return None
         self.end_window(window, step % self.window or self.window)
+        if not self.updates_encoder(window):  # the run's last window trains the CF model only
+            return None
         # and the CF model meets the updated vectors, as after a full window: without the
         # refresh the final model pairs a CF model trained on the old vectors with new ones
         replay, extra, _ = self.refresh_plan(window)
