@@ -234,9 +234,10 @@ WORKLOADS: dict[str, Workload] = {
         seed=0): about 5,600 training interactions a epoch, 47 steps of batch 8 x seq 20; 25% of
         the users each for valid and test (about 3,000 interactions each); 6 epochs, lr encoder
         2e-4, lr CF 1e-3, encoder chunks of 16, 32 max tokens, best valid model of evaluations
-        every 15 steps. 6 epochs, not 3, because a 1E run of 3 epochs has only 2 encoder updates
-        followed by CF training: E2E's and the frozen encoder's best valid models come within 3
-        epochs on most seeds, Multi-step 1E's in its 5th (docs/multistep.md).""",
+        every 15 steps. 6 epochs, not 3, because a 1E run of 3 epochs makes only 2 encoder
+        updates: E2E's and the frozen encoder's best valid models come within 3 epochs on most
+        seeds, Multi-step 1E's later (median step 180 against E2E's 120, about 48 steps an epoch;
+        docs/multistep.md).""",
         task="kt",
         writer="write_kt_finetune",
         generator=dict(n_users=400, n_items=300, mean_len=30, n_unused_items=4, zipf=1.0, seed=0),
